@@ -1,0 +1,1 @@
+"""Load tests, benchmarks and synthetic phantoms; talk to the console over HTTP."""

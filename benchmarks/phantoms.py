@@ -1,0 +1,101 @@
+"""Synthetic head-CT phantoms in Hounsfield units, written as valid DICOM.
+
+For load, fault and format tests, never for accuracy claims: a phantom is an
+ellipse of skull (about 1000 HU) around brain (30 HU) with two ventricles
+(5 HU) and, optionally, a hyperdense lesion (70 HU, fresh blood).
+
+    hu = head_phantom(512, lesion=Lesion(0.2, -0.1, 0.08))
+    dataset = phantom_dicom(hu, series=SeriesIds.new(), instance_number=1)
+    dataset.save_as("slice.dcm", enforce_file_format=True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+AIR_HU, SKULL_HU, BRAIN_HU, CSF_HU, BLOOD_HU = -1000.0, 1000.0, 30.0, 5.0, 70.0
+#: Stored value = HU - intercept; the usual CT intercept.
+RESCALE_INTERCEPT = -1024.0
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """A hyperdense lesion: centre (x, y) and radius as fractions of the image (centre = 0)."""
+
+    x: float
+    y: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class SeriesIds:
+    """The UIDs that group slices into one study and one series."""
+
+    study_uid: str
+    series_uid: str
+
+    @classmethod
+    def new(cls) -> SeriesIds:
+        """Fresh, globally unique UIDs."""
+        return cls(generate_uid(), generate_uid())
+
+
+def head_phantom(size: int = 512, lesion: Lesion | None = None, scale: float = 1.0) -> np.ndarray:
+    """An axial head slice in HU, float32 (size, size); ``scale`` shrinks the head (vertex)."""
+    yy, xx = np.mgrid[-1 : 1 : complex(size), -1 : 1 : complex(size)]
+    image = np.full((size, size), AIR_HU, dtype=np.float32)
+
+    def ellipse(a: float, b: float, cx: float = 0.0, cy: float = 0.0) -> np.ndarray:
+        return ((xx - cx) / (a * scale)) ** 2 + ((yy - cy) / (b * scale)) ** 2 <= 1.0
+
+    image[ellipse(0.72, 0.86)] = SKULL_HU
+    image[ellipse(0.66, 0.80)] = BRAIN_HU
+    image[ellipse(0.07, 0.22, -0.12, -0.05)] = CSF_HU
+    image[ellipse(0.07, 0.22, 0.12, -0.05)] = CSF_HU
+    if lesion is not None:
+        image[ellipse(lesion.radius, lesion.radius, lesion.x, lesion.y)] = BLOOD_HU
+    return image
+
+
+def phantom_dicom(
+    hu: np.ndarray,
+    series: SeriesIds,
+    instance_number: int = 1,
+    slice_position_mm: float = 0.0,
+    modality: str = "CT",
+) -> Dataset:
+    """A CT Image Storage dataset (uncompressed, int16) holding ``hu``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = series.study_uid
+    ds.SeriesInstanceUID = series.series_uid
+    ds.Modality = modality
+    ds.PatientID = "PHANTOM"
+    ds.StudyDate = datetime.now(UTC).strftime("%Y%m%d")
+    ds.SeriesDescription = "synthetic head phantom"
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [0.0, 0.0, float(slice_position_mm)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [0.45, 0.45]
+    ds.SliceThickness = 5.0
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    ds.WindowCenter, ds.WindowWidth = 40, 80
+    ds.PixelData = np.round(hu - RESCALE_INTERCEPT).astype(np.int16).tobytes()
+    return ds

@@ -1,0 +1,1 @@
+"""Training, evaluation, ONNX export and engine builds; imports client, never console."""

@@ -1,0 +1,92 @@
+"""Command line for everything that builds models and engines.
+
+python -m build_engines train --model resnet18          # CV + final weights + figures
+python -m build_engines evaluate --model resnet18       # figures again, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from client.constants import REPO_ROOT, WEIGHTS_DIR
+from client.errors import HemoTriageError
+from client.registry import get_model, list_models
+
+REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from build_engines.crossval import run_training
+    from build_engines.data import data_dir_from_env
+    from build_engines.train import TrainConfig
+
+    spec = get_model(args.model)
+    config = TrainConfig(pretrained=args.pretrained, seed=args.seed)
+    report_dir = args.report_dir or REPORTS_DIR / (
+        spec.name + ("_pretrained" if args.pretrained else "")
+    )
+    weights_dir = args.weights_dir or WEIGHTS_DIR
+    report = run_training(spec, config, data_dir_from_env(), report_dir, weights_dir, args.folds)
+    logging.getLogger(__name__).info("pooled ROC-AUC %.4f", report["pooled"]["roc_auc"]["value"])
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from build_engines.report import write_report
+
+    spec = get_model(args.model)
+    write_report(spec, args.report_dir or REPORTS_DIR / spec.name)
+    return 0
+
+
+def _model_card(args: argparse.Namespace) -> int:
+    from build_engines.model_card import write_card
+
+    logging.getLogger(__name__).info("wrote %s", write_card())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m build_engines", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    base_models = [s.name for s in list_models(precision="fp32")]
+
+    train = sub.add_parser("train", help="5-fold CV, evaluation, final weights and figures")
+    train.add_argument("--model", required=True, choices=base_models)
+    train.add_argument("--folds", type=int, default=5)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start mobilenet_v2 from the dequantized ImageNet TFLite weights",
+    )
+    train.add_argument("--report-dir", type=Path)
+    train.add_argument("--weights-dir", type=Path)
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics and figures from a run's oof.csv")
+    evaluate.add_argument("--model", required=True, choices=base_models)
+    evaluate.add_argument("--report-dir", type=Path)
+    evaluate.set_defaults(run=_evaluate)
+
+    card = sub.add_parser("model-card", help="render MODEL_CARD.md from the reports")
+    card.set_defaults(run=_model_card)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.run(args)
+    except HemoTriageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""CT-aware augmentation of cached model views (uint8, (S, S)).
+
+Geometry stays plausible for an axial head slice (small rotations and scales,
+left-right flips, shifts that keep the head in frame); intensity jitter mimics
+other scanners' reconstruction kernels and exports (gamma, contrast, noise,
+resolution loss). The output goes through the client's ``normalize``, the same
+call serving uses.
+
+    rng = np.random.default_rng(0)
+    batch = augment_batch(views[idx], rng, out_size=160)   # float32 (N, S', S') in [0, 1]
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def augment_view(view: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
+    """One random, plausible variant of a view, resized to ``out_size``, float32 in [0, 1]."""
+    size = view.shape[0]
+    image = view.astype(np.float32) / 255.0
+    angle = rng.uniform(-15, 15)
+    scale = rng.uniform(0.88, 1.12)
+    shift = rng.uniform(-0.06, 0.06, size=2) * size
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+    matrix[:, 2] += shift
+    if rng.random() < 0.5:  # left-right flip: bleeds occur on either side
+        matrix[0] = -matrix[0]
+        matrix[0, 2] += size
+    # Resample straight to the training size in one interpolation.
+    matrix *= out_size / size
+    image = cv2.warpAffine(
+        image, matrix, (out_size, out_size), flags=cv2.INTER_LINEAR, borderValue=0.0
+    )
+    if rng.random() < 0.3:  # resolution loss: thicker slices, smoother kernels, video exports
+        low = int(out_size * rng.uniform(0.5, 0.85))
+        image = cv2.resize(
+            cv2.resize(image, (low, low), interpolation=cv2.INTER_AREA),
+            (out_size, out_size),
+            interpolation=cv2.INTER_LINEAR,
+        )
+    gamma = np.exp(rng.uniform(-0.25, 0.25))
+    image = np.clip(image, 0.0, 1.0) ** gamma
+    image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05)
+    if rng.random() < 0.5:
+        image = image + rng.normal(0.0, rng.uniform(0.005, 0.03), image.shape).astype(np.float32)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def augment_batch(views: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
+    """Augment each view of a (N, S, S) uint8 batch; returns (N, 1, out, out) float32."""
+    return np.stack([augment_view(v, rng, out_size) for v in views])[:, None]
+
+
+def resize_batch(views: np.ndarray, out_size: int) -> np.ndarray:
+    """Plain (evaluation) views as (N, 1, out, out) float32 in [0, 1]."""
+    images = views.astype(np.float32) / 255.0
+    if views.shape[1] != out_size:
+        images = np.stack(
+            [cv2.resize(v, (out_size, out_size), interpolation=cv2.INTER_AREA) for v in images]
+        )
+    return images[:, None]

@@ -1,0 +1,163 @@
+"""The whole training run for one model: 5-fold CV, evaluation, final model, weights.
+
+Folds are patient-grouped and stratified by source and label
+(``StratifiedGroupKFold``), so no patient is ever in two folds. Inside each
+fold, 10% of the training patients are held out for early stopping. The final
+model trains on every patient for the median best-epoch count of the folds.
+Out-of-fold predictions are written to ``oof.csv`` so evaluation and figures
+can be regenerated without retraining (``python -m build_engines evaluate``).
+
+    run_training(get_model("resnet18"), TrainConfig(), data_dir, report_dir, WEIGHTS_DIR)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+
+from build_engines.data import SOURCES, Dataset, SliceRecord, load_dataset
+from build_engines.reference import reference_predictions
+from build_engines.report import write_report
+from build_engines.train import TrainConfig, predict_views, train_model
+from client.registry import PREPROCESSING_VERSION, ModelSpec
+from client.torch_models import save_weights
+
+logger = logging.getLogger(__name__)
+
+OOF_COLUMNS = (
+    "path",
+    "source",
+    "patient",
+    "order",
+    "label",
+    "fold",
+    "probability",
+    "head_fraction",
+)
+
+
+def patient_folds(dataset: Dataset, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-grouped folds, stratified by (source, label)."""
+    strata = np.array([SOURCES.index(r.source) * 2 + r.label for r in dataset.records])
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(strata)), strata, dataset.patients))
+
+
+def _stopping_split(
+    dataset: Dataset, train_idx: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ~10% of the training patients for early stopping."""
+    sub = Dataset(
+        [dataset.records[i] for i in train_idx], dataset.views[:0], dataset.head_fractions[:0]
+    )
+    n_splits = min(10, len(np.unique(sub.patients)))
+    fit, stop = patient_folds(sub, n_splits, seed)[0]
+    return train_idx[fit], train_idx[stop]
+
+
+def run_training(
+    spec: ModelSpec,
+    config: TrainConfig,
+    data_dir: Path,
+    report_dir: Path,
+    weights_dir: Path,
+    n_folds: int = 5,
+    records: list[SliceRecord] | None = None,
+) -> dict:
+    """Cross-validate, evaluate, train the final model and write weights, facts and figures.
+
+    Returns:
+        The evaluation report (also written to ``report_dir / "metrics.json"``).
+    """
+    report_dir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(data_dir, spec, records)
+    oof = np.full(len(dataset.records), np.nan)
+    fold_of = np.full(len(dataset.records), -1)
+    histories, best_epochs = [], []
+    for fold, (train_idx, test_idx) in enumerate(patient_folds(dataset, n_folds, config.seed)):
+        fit_idx, stop_idx = _stopping_split(dataset, train_idx, config.seed + fold)
+        result = train_model(
+            spec, dataset, fit_idx, stop_idx, config, desc=f"{spec.name} fold {fold + 1}/{n_folds}"
+        )
+        oof[test_idx] = predict_views(result.model, dataset.views[test_idx], spec)
+        fold_of[test_idx] = fold
+        histories.append(result.history)
+        best_epochs.append(result.best_epoch)
+        logger.info("fold %d best epoch %d", fold + 1, result.best_epoch)
+    _write_oof(report_dir / "oof.csv", dataset, fold_of, oof)
+
+    final_epochs = max(1, int(np.median(best_epochs)))
+    all_idx = np.arange(len(dataset.records))
+    final = train_model(
+        spec, dataset, all_idx, None, config.truncated(final_epochs), desc=f"{spec.name} final"
+    )
+    weights_path = weights_dir / f"{spec.name}.safetensors"
+    sha256 = save_weights(final.model, weights_path)
+
+    training = {
+        "config": asdict(config),
+        "folds": n_folds,
+        "best_epochs": best_epochs,
+        "final_epochs": final_epochs,
+        "histories": histories,
+        "final_history": final.history,
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu_inference_ms_per_image": _cpu_latency_ms(final.model, spec),
+    }
+    (report_dir / "training.json").write_text(json.dumps(training, indent=1))
+    report = write_report(spec, report_dir)
+    facts = {
+        "threshold": report["threshold"],
+        "series_threshold": report["series_threshold"],
+        "weights_sha256": sha256,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "trained_at": training["trained_at"],
+        "pretrained": config.pretrained,
+        "reference_predictions": reference_predictions(spec, weights_path, data_dir),
+    }
+    (weights_dir / f"{spec.name}.json").write_text(json.dumps(facts, indent=1) + "\n")
+    return report
+
+
+def _write_oof(path: Path, dataset: Dataset, fold_of: np.ndarray, oof: np.ndarray) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(OOF_COLUMNS)
+        for record, fold, p, head in zip(
+            dataset.records, fold_of, oof, dataset.head_fractions, strict=True
+        ):
+            writer.writerow(
+                [
+                    record.path.relative_to(record.path.parents[2]),
+                    record.source,
+                    record.patient,
+                    record.order,
+                    record.label,
+                    int(fold),
+                    f"{p:.6f}",
+                    f"{head:.4f}",
+                ]
+            )
+
+
+def _cpu_latency_ms(model: torch.nn.Module, spec: ModelSpec, repeats: int = 20) -> float:
+    """Median batch-1 forward time on this CPU, in milliseconds."""
+    x = torch.zeros(1, 3, spec.input_size, spec.input_size).to(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))

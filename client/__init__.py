@@ -1,0 +1,1 @@
+"""HemoTriage thin client: decoding, preprocessing, registry, inference and Grad-CAM."""

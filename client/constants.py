@@ -1,0 +1,31 @@
+"""Constants shared by every layer, kept here so no module has to import upward.
+
+from client.constants import ENV_PREFIX, DEFAULT_GRPC_PORT
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Prefix of every environment variable the project reads (``HEMOTRIAGE_...``).
+ENV_PREFIX = "HEMOTRIAGE_"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+WEIGHTS_DIR = REPO_ROOT / "weights"
+#: Labelled data lives beside the checkout and is read in place, never copied.
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+DEFAULT_CONSOLE_PORT = 5000
+
+#: Triton tensor names, identical for every model in the repository.
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+
+#: Triton request priorities (1 is served first; see the dynamic_batching
+#: priority_levels in each config.pbtxt).
+PRIORITY_URGENT = 1
+PRIORITY_ROUTINE = 2

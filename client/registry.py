@@ -1,0 +1,197 @@
+"""The one model registry: every fact about a served model lives here.
+
+Static facts (architecture, input size, window, normalization) are code; facts
+that training produces (operating threshold, weight checksum) are read from the
+model's ``weights/<base>.json`` sidecar, which ``python -m build_engines train``
+writes. Client, build_engines, console, benchmarks and tests all read this.
+
+    from client.registry import get_model, list_models
+    spec = get_model("mobilenet_v2")
+    spec.input_size, spec.threshold
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from client.constants import MODEL_REPOSITORY, WEIGHTS_DIR
+from client.errors import MissingWeightsError, UnknownModelError
+
+#: Bumped whenever client/preprocess.py changes what a model sees; a weight
+#: file trained under another version is refused.
+PREPROCESSING_VERSION = "2"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT display window in Hounsfield units (level/centre and width)."""
+
+    level_hu: float
+    width_hu: float
+
+    @property
+    def low_hu(self) -> float:
+        """Lowest HU shown (maps to black)."""
+        return self.level_hu - self.width_hu / 2
+
+    @property
+    def high_hu(self) -> float:
+        """Highest HU shown (maps to white)."""
+        return self.level_hu + self.width_hu / 2
+
+
+#: Brain window L40/W80: blood (60-80 HU) stands out against brain (20-40 HU).
+BRAIN_WINDOW = Window(40, 80)
+#: Subdural window L80/W200: thin extra-axial collections against the skull.
+SUBDURAL_WINDOW = Window(80, 200)
+#: Soft-tissue window L40/W380.
+SOFT_TISSUE_WINDOW = Window(40, 380)
+
+
+@dataclass(frozen=True)
+class TrainedFacts:
+    """What training decided for a model, read from its weights sidecar."""
+
+    threshold: float
+    series_threshold: float
+    weights_sha256: str
+    preprocessing_version: str
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to preprocess for, serve and explain one model.
+
+    Attributes:
+        name: Registry key, Triton model folder and CLI value.
+        arch: torchvision architecture name.
+        input_size: Square input side in pixels.
+        window: HU window for DICOM input (8-bit images are already windowed).
+        mean: Per-channel normalization mean, applied after windowing to [0, 1].
+        std: Per-channel normalization standard deviation.
+        labels_file: Class names, one a line, index order of the output.
+        max_batch_size: Largest batch Triton accepts for this model.
+        precision: ``fp32`` or ``int8`` (ONNX Runtime static quantization).
+        cam_target_layer: Dotted path of the Grad-CAM target layer in the torch model.
+        weights_name: Base model whose trained weights this entry serves.
+    """
+
+    name: str
+    arch: str
+    input_size: int = 224
+    window: Window = BRAIN_WINDOW
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    labels_file: str = "labels.txt"
+    max_batch_size: int = 32
+    precision: str = "fp32"
+    cam_target_layer: str = ""
+    weights_name: str = ""
+
+    @property
+    def weights_path(self) -> Path:
+        """fp16 safetensors file with the trained torch weights."""
+        return WEIGHTS_DIR / f"{self.weights_name or self.name}.safetensors"
+
+    @property
+    def facts_path(self) -> Path:
+        """JSON sidecar with the trained threshold and checksum."""
+        return WEIGHTS_DIR / f"{self.weights_name or self.name}.json"
+
+    @property
+    def repository_dir(self) -> Path:
+        """This model's folder in the Triton model repository."""
+        return MODEL_REPOSITORY / self.name
+
+    @property
+    def onnx_path(self) -> Path:
+        """ONNX file that Triton's CPU config serves (built, never committed)."""
+        return self.repository_dir / "1" / "model.onnx"
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names in output order."""
+        return (self.repository_dir / self.labels_file).read_text().split()
+
+    @property
+    def trained(self) -> TrainedFacts:
+        """Threshold and checksum that training recorded for these weights."""
+        return _load_facts(self.facts_path)
+
+    @property
+    def threshold(self) -> float:
+        """Slice-level operating threshold on P(hemorrhage)."""
+        return self.trained.threshold
+
+    @property
+    def series_threshold(self) -> float:
+        """Series-level operating threshold on the aggregated series score."""
+        return self.trained.series_threshold
+
+
+@cache
+def _load_facts(path: Path) -> TrainedFacts:
+    if not path.exists():
+        raise MissingWeightsError(
+            f"no trained facts at {path}; run 'make train' or check out the committed weights"
+        )
+    data = json.loads(path.read_text())
+    if data["preprocessing_version"] != PREPROCESSING_VERSION:
+        raise MissingWeightsError(
+            f"{path.name} was trained with preprocessing v{data['preprocessing_version']}, "
+            f"this code is v{PREPROCESSING_VERSION}; retrain with 'make train'"
+        )
+    known = {"threshold", "series_threshold", "weights_sha256", "preprocessing_version"}
+    return TrainedFacts(
+        threshold=float(data["threshold"]),
+        series_threshold=float(data["series_threshold"]),
+        weights_sha256=data["weights_sha256"],
+        preprocessing_version=data["preprocessing_version"],
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(name="mobilenet_v2", arch="mobilenet_v2", cam_target_layer="features.18"),
+        ModelSpec(name="resnet18", arch="resnet18", cam_target_layer="layer4"),
+        ModelSpec(
+            name="mobilenet_v2_int8",
+            arch="mobilenet_v2",
+            precision="int8",
+            cam_target_layer="features.18",
+            weights_name="mobilenet_v2",
+        ),
+        ModelSpec(
+            name="resnet18_int8",
+            arch="resnet18",
+            precision="int8",
+            cam_target_layer="layer4",
+            weights_name="resnet18",
+        ),
+    )
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    """Return the spec registered under ``name``.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+    """
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; choose one of {', '.join(_MODELS)}"
+        ) from None
+
+
+def list_models(precision: str | None = None) -> list[ModelSpec]:
+    """All registered specs, optionally only those of one precision."""
+    return [s for s in _MODELS.values() if precision is None or s.precision == precision]

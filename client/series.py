@@ -1,0 +1,71 @@
+"""Study-level triage score from slice scores, robust to one busy slice.
+
+A whole head series from skull base to vertex has many slices with no bleed,
+and skull-base slices are bright and busy, so the maximum slice score turns a
+single bone-artefact slice into a false alarm. The series score therefore asks
+for agreement between neighbouring slices: it is the highest value of
+``min(p[i], p[i+1])`` over adjacent pairs of slices that show enough head (a
+bleed 5 mm thick or more spans two 5 mm slices; an artefact rarely repeats).
+Near-blank slices (vertex caps, table-only frames) are ignored. A single-slice
+"series" scores its only slice.
+
+    result = series_score([0.1, 0.8, 0.9, 0.2], [0.4, 0.5, 0.5, 0.4])
+    result.score, result.key_index          # 0.8, 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Slices whose head covers less of the model view than this are not scored.
+MIN_HEAD_FRACTION = 0.12
+
+
+@dataclass(frozen=True)
+class SeriesScore:
+    """Aggregated score of one series.
+
+    Attributes:
+        score: Series-level score in [0, 1], compared with the series threshold.
+        key_index: Index (in the given order) of the slice that carries the score.
+        max_slice: The plain maximum over scored slices, for display.
+        scored_slices: How many slices counted (enough head in view).
+    """
+
+    score: float
+    key_index: int
+    max_slice: float
+    scored_slices: int
+
+
+def series_score(probabilities: Sequence[float], head_fractions: Sequence[float]) -> SeriesScore:
+    """Aggregate slice probabilities of one series, ordered along the body axis.
+
+    Args:
+        probabilities: P(hemorrhage) per slice, in anatomical order.
+        head_fractions: Share of each slice's model view covered by head.
+
+    Returns:
+        The series score and its key slice.
+
+    Raises:
+        ValueError: no slices, or the two sequences differ in length.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    head = np.asarray(head_fractions, dtype=np.float64)
+    if p.size == 0 or p.shape != head.shape:
+        raise ValueError("series_score needs one head fraction per slice, and at least one slice")
+    scored = np.flatnonzero(head >= MIN_HEAD_FRACTION)
+    if scored.size == 0:  # nothing but blanks: fall back to every slice
+        scored = np.arange(p.size)
+    sp = p[scored]
+    max_index = int(scored[np.argmax(sp)])
+    if sp.size == 1:
+        return SeriesScore(float(sp[0]), max_index, float(sp[0]), 1)
+    pair = np.minimum(sp[:-1], sp[1:])
+    best = int(np.argmax(pair))
+    key = int(scored[best] if sp[best] >= sp[best + 1] else scored[best + 1])
+    return SeriesScore(float(pair[best]), key, float(sp.max()), int(sp.size))

@@ -1,0 +1,69 @@
+"""The PyTorch companion path: torchvision architectures with our trained weights.
+
+Used in-process by ``classify --local``, by Grad-CAM (TensorRT and ONNX have no
+gradients) and by build_engines. torch is imported lazily by callers of this
+module only, so the console runs without it.
+
+    model = load_model(get_model("resnet18"))      # eval mode, float32, CPU
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+from client.errors import MissingWeightsError
+from client.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+NUM_CLASSES = 2
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """A freshly initialized torchvision ``spec.arch`` with a 2-class head."""
+    return getattr(torchvision.models, spec.arch)(weights=None, num_classes=NUM_CLASSES)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, to pin weights to the facts recorded with them."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
+    """Build ``spec.arch`` and load its committed fp16 weights as float32.
+
+    Raises:
+        MissingWeightsError: the weight file is absent or fails its checksum.
+    """
+    path = spec.weights_path
+    if not path.exists():
+        raise MissingWeightsError(f"{path} is missing; run 'make train'")
+    expected = spec.trained.weights_sha256
+    actual = file_sha256(path)
+    if actual != expected:
+        raise MissingWeightsError(
+            f"{path.name} checksum {actual[:12]} does not match {expected[:12]}"
+            f" recorded in {spec.facts_path.name}"
+        )
+    model = build_model(spec)
+    state = {k: v.float() for k, v in load_file(path).items()}
+    model.load_state_dict(state)
+    logger.info("loaded %s (%s)", spec.name, actual[:12])
+    return model.to(device).eval()
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> str:
+    """Save float tensors as fp16 safetensors (integer buffers kept); return the SHA-256."""
+    state = {
+        k: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return file_sha256(path)

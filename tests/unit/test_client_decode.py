@@ -1,0 +1,174 @@
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGLossless
+
+from benchmarks.phantoms import SeriesIds, head_phantom, phantom_dicom
+from client import errors
+from client.decode import decode_bytes, decode_file
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dicom_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_decode_gray_png_scales_to_unit_range():
+    image = decode_bytes(_png(np.full((80, 90), 255, np.uint8)), "gray.png")
+    assert image.pixels.shape == (80, 90)
+    assert not image.is_hu
+    assert image.pixels.max() == pytest.approx(1.0)
+
+
+def test_decode_rgb_and_rgba_png_become_one_gray_channel():
+    rgb = np.zeros((70, 70, 3), np.uint8)
+    rgb[..., 0] = 255
+    assert decode_bytes(_png(rgb), "rgb.png").pixels.shape == (70, 70)
+    rgba = np.full((70, 70, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    rgba[:35, :, 3] = 0  # transparent half is composited on black
+    pixels = decode_bytes(_png(rgba), "rgba.png").pixels
+    assert pixels[:35].max() == 0.0
+    assert pixels[35:].min() == pytest.approx(200 / 255, abs=1e-3)
+
+
+def test_decode_16_bit_png_uses_full_range():
+    array = np.full((64, 64), 65535, np.uint16)
+    array[0, 0] = 0
+    pixels = decode_bytes(_png(array), "deep.png").pixels
+    assert pixels.max() == pytest.approx(1.0)
+    assert pixels.min() == 0.0
+
+
+def test_decode_jpeg():
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((100, 120), 128, np.uint8)).save(buffer, format="JPEG")
+    pixels = decode_bytes(buffer.getvalue(), "slice.jpg").pixels
+    assert pixels.shape == (100, 120)
+    assert pixels.mean() == pytest.approx(128 / 255, abs=0.02)
+
+
+def test_decode_dicom_applies_rescale_to_hounsfield_units():
+    hu = head_phantom(128)
+    image = decode_bytes(_dicom_bytes(phantom_dicom(hu, SeriesIds.new())), "phantom.dcm")
+    assert image.is_hu
+    np.testing.assert_allclose(image.pixels, np.round(hu), atol=0.5)
+    assert image.dicom.series_uid
+
+
+def test_decode_jpeg_lossless_dicom_from_a_real_scanner(data_dir: Path):
+    path = sorted((data_dir / "cq500_ct1" / "series_thin_every8").iterdir())[0]
+    image = decode_file(path)
+    assert image.pixels.shape == (512, 512)
+    # Air outside the head is about -1000 HU; skull reaches well above 500 HU.
+    assert image.pixels.min() < -900
+    assert image.pixels.max() > 500
+
+
+def test_decode_real_uncompressed_dicom(data_dir: Path):
+    image = decode_file(data_dir / "cq500_ct1" / "single_5mm" / "CT000000.dcm")
+    assert image.is_hu and image.dicom.study_uid
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", errors.EmptyFileError),
+        (b"patient notes, not an image", errors.InvalidImageError),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, errors.TruncatedFileError),
+    ],
+)
+def test_decode_rejects_bad_bytes_with_typed_error(data, error):
+    with pytest.raises(error) as caught:
+        decode_bytes(data, "upload.bin")
+    assert "upload.bin" in str(caught.value)
+
+
+def test_decode_rejects_truncated_png_and_jpeg():
+    png = _png(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8))
+    with pytest.raises(errors.TruncatedFileError):
+        decode_bytes(png[: len(png) // 2], "cut.png")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 200), dtype=np.uint8)).save(
+        buffer, format="JPEG"
+    )
+    with pytest.raises(errors.TruncatedFileError):
+        decode_bytes(buffer.getvalue()[:300], "cut.jpg")
+
+
+def test_decode_rejects_too_small_image():
+    with pytest.raises(errors.ImageTooSmallError):
+        decode_bytes(_png(np.zeros((40, 200), np.uint8)), "thumb.png")
+
+
+def test_decode_rejects_decompression_bomb_before_decoding():
+    # A valid PNG header claiming 20000 x 20000 pixels: refused from the header alone.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+    )
+    with pytest.raises(errors.ImageTooLargeError):
+        decode_bytes(bomb + chunk(b"IEND", b""), "bomb.png")
+
+
+def test_decode_rejects_dicom_without_pixel_data():
+    ds = phantom_dicom(head_phantom(64), SeriesIds.new())
+    del ds.PixelData
+    with pytest.raises(errors.MissingPixelDataError):
+        decode_bytes(_dicom_bytes(ds), "report.dcm")
+
+
+def test_decode_rejects_non_ct_modality():
+    ds = phantom_dicom(head_phantom(64), SeriesIds.new(), modality="MR")
+    with pytest.raises(errors.UnsupportedModalityError, match="MR"):
+        decode_bytes(_dicom_bytes(ds), "mri.dcm")
+
+
+def test_decode_rejects_multi_frame_dicom():
+    ds = phantom_dicom(head_phantom(64), SeriesIds.new())
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    with pytest.raises(errors.MultiFrameDicomError):
+        decode_bytes(_dicom_bytes(ds), "cine.dcm")
+
+
+def test_decode_rejects_truncated_dicom_pixel_data(data_dir: Path):
+    data = (data_dir / "cq500_ct1" / "single_5mm" / "CT000000.dcm").read_bytes()
+    with pytest.raises(errors.TruncatedFileError):
+        decode_bytes(data[: len(data) - 200_000], "cut.dcm")
+
+
+def test_jpeg_lossless_transfer_syntax_is_really_compressed(data_dir: Path):
+    import pydicom
+
+    path = sorted((data_dir / "cq500_ct1" / "series_thin_every8").iterdir())[0]
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax.is_compressed
+    assert syntax in (JPEGLossless, "1.2.840.10008.1.2.4.70")  # JPEG Lossless (Process 14 / SV1)
+
+
+def test_every_decode_error_is_a_hemotriage_error_with_a_message():
+    for data in (b"", b"text", b"\xff\xd8\xff" + b"\x00" * 10):
+        with pytest.raises(errors.HemoTriageError) as caught:
+            decode_bytes(data, "x")
+        assert str(caught.value)

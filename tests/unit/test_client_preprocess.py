@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.phantoms import BLOOD_HU, BRAIN_HU, Lesion, head_phantom
+from client.decode import DecodedImage
+from client.preprocess import apply_window, head_fraction, model_view, preprocess, preprocess_file
+from client.registry import BRAIN_WINDOW, get_model
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SPEC = get_model("mobilenet_v2")
+
+
+def _phantom_image() -> DecodedImage:
+    return DecodedImage(head_phantom(256, Lesion(0.25, -0.2, 0.1)), is_hu=True, name="phantom")
+
+
+def test_brain_window_maps_level_to_middle_gray_and_clips():
+    hu = np.array([-1000.0, 0.0, 40.0, 80.0, 1000.0])
+    np.testing.assert_allclose(apply_window(hu, BRAIN_WINDOW), [0, 0, 0.5, 1, 1])
+
+
+def test_preprocess_gives_normalized_nchw_float32_of_the_spec_size():
+    tensor = preprocess(_phantom_image(), SPEC)
+    assert tensor.shape == (3, SPEC.input_size, SPEC.input_size)
+    assert tensor.dtype == np.float32
+    low = (0 - SPEC.mean[0]) / SPEC.std[0]
+    high = (1 - SPEC.mean[0]) / SPEC.std[0]
+    assert tensor.min() >= low - 1e-6 and tensor.max() <= high + 1e-6
+
+
+def test_blood_is_brighter_than_brain_after_windowing():
+    image = DecodedImage(np.array([[BRAIN_HU, BLOOD_HU]]), is_hu=True, name="x")
+    windowed = apply_window(image.pixels, BRAIN_WINDOW)
+    assert windowed[0, 1] > windowed[0, 0] + 0.4
+
+
+def test_preprocess_keeps_aspect_ratio_by_padding():
+    # A wide head-like ellipse (2.5 : 1) must keep its shape: padded, not stretched.
+    yy, xx = np.mgrid[0:300, 0:700]
+    frame = (((xx - 350) / 250.0) ** 2 + ((yy - 150) / 100.0) ** 2 <= 1).astype(np.float32) * 0.6
+    view = model_view(DecodedImage(frame, is_hu=False, name="wide"), SPEC)[0]
+    rows = np.flatnonzero((view > 0.3).any(axis=1))
+    cols = np.flatnonzero((view > 0.3).any(axis=0))
+    aspect = (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
+    assert aspect == pytest.approx(2.5, rel=0.05)
+
+
+def test_window_stack_gives_three_distinct_channels_for_dicom():
+    view = model_view(_phantom_image(), SPEC, window_stack=True)
+    assert view.shape == (3, SPEC.input_size, SPEC.input_size)
+    assert not np.allclose(view[0], view[1])
+    assert preprocess(_phantom_image(), SPEC, window_stack=True).shape == (3, 224, 224)
+
+
+def test_head_crop_ignores_small_far_blobs_like_panel_letters():
+    image = head_phantom(300)
+    unit = apply_window(image, BRAIN_WINDOW)
+    with_letter = unit.copy()
+    with_letter[5:25, 5:20] = 1.0  # a figure-panel letter in the corner
+    a = model_view(DecodedImage(unit, is_hu=False, name="a"), SPEC)
+    b = model_view(DecodedImage(with_letter, is_hu=False, name="b"), SPEC)
+    assert np.abs(a - b).mean() < 0.01
+
+
+def test_head_fraction_is_low_for_a_vertex_cap_and_high_mid_brain():
+    big = model_view(DecodedImage(head_phantom(256), is_hu=True, name="mid"), SPEC)
+    blank = model_view(
+        DecodedImage(np.full((256, 256), -1000.0, np.float32), is_hu=True, name="air"), SPEC
+    )
+    assert head_fraction(big) > 0.4
+    assert head_fraction(blank) == 0.0
+
+
+def test_preprocess_matches_golden_array_for_synthetic_dicom(tmp_path):
+    # Golden file written once from this phantom; any change to the preprocessing
+    # path shows up here and must come with a PREPROCESSING_VERSION bump.
+    golden = np.load(ASSETS / "golden_phantom_view.npz")
+    view = model_view(_phantom_image(), SPEC)
+    np.testing.assert_allclose(view, golden["view"].astype(np.float32), atol=2e-3)
+
+
+def test_preprocess_file_reads_real_images_from_every_source(data_dir: Path):
+    for path in (
+        data_dir / "kaggle_head_ct/head_ct/000.png",
+        data_dir / "phe_sich/images/0001_10.png",
+        data_dir / "ct_ich_dev/brain/049_15.jpg",
+        data_dir / "cq500_ct1/single_5mm/CT000000.dcm",
+    ):
+        tensor = preprocess_file(path, SPEC)
+        assert tensor.shape == (3, 224, 224)
+        assert np.isfinite(tensor).all()
+        assert tensor.std() > 0.1

@@ -1,0 +1,31 @@
+import pytest
+
+from client.series import series_score
+
+
+def test_single_bright_slice_does_not_flag_a_series():
+    # One busy skull-base slice scores high; its neighbours do not agree.
+    result = series_score([0.05, 0.95, 0.1, 0.05, 0.04], [0.5] * 5)
+    assert result.score == pytest.approx(0.1)
+    assert result.max_slice == pytest.approx(0.95)
+
+
+def test_two_neighbouring_high_slices_flag_the_series_and_name_the_key_slice():
+    result = series_score([0.1, 0.2, 0.8, 0.9, 0.1], [0.5] * 5)
+    assert result.score == pytest.approx(0.8)
+    assert result.key_index == 3
+
+
+def test_near_blank_slices_are_ignored():
+    result = series_score([0.9, 0.9, 0.1, 0.1], [0.01, 0.02, 0.5, 0.5])
+    assert result.score == pytest.approx(0.1)
+    assert result.scored_slices == 2
+
+
+def test_single_slice_series_scores_its_slice():
+    assert series_score([0.7], [0.5]).score == pytest.approx(0.7)
+
+
+def test_series_score_rejects_mismatched_inputs():
+    with pytest.raises(ValueError):
+        series_score([0.1, 0.2], [0.5])
