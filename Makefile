@@ -26,8 +26,9 @@ test: venv
 
 ## Retrain both models: 5-fold CV, evaluation, figures, final weights (hours on 2 cores).
 train: venv
-	$(BIN)/python -m build_engines train --model mobilenet_v2
+	$(BIN)/python -m build_engines train --model mobilenet_v2 --pretrained
 	$(BIN)/python -m build_engines train --model resnet18
+	$(BIN)/python -m build_engines model-card
 
 clean:
 	rm -rf $(VENV) .cache

@@ -25,20 +25,26 @@ def _train(args: argparse.Namespace) -> int:
 
     spec = get_model(args.model)
     config = TrainConfig(pretrained=args.pretrained, seed=args.seed)
-    report_dir = args.report_dir or REPORTS_DIR / (
-        spec.name + ("_pretrained" if args.pretrained else "")
-    )
+    report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
     report = run_training(spec, config, data_dir_from_env(), report_dir, weights_dir, args.folds)
     logging.getLogger(__name__).info("pooled ROC-AUC %.4f", report["pooled"]["roc_auc"]["value"])
+    if weights_dir == WEIGHTS_DIR:
+        from build_engines.series_check import check_cq500
+
+        check_cq500(spec, data_dir_from_env(), report_dir)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from build_engines.data import data_dir_from_env
     from build_engines.report import write_report
+    from build_engines.series_check import check_cq500
 
     spec = get_model(args.model)
-    write_report(spec, args.report_dir or REPORTS_DIR / spec.name)
+    report_dir = args.report_dir or REPORTS_DIR / spec.name
+    write_report(spec, report_dir)
+    check_cq500(spec, data_dir_from_env(), report_dir)
     return 0
 
 

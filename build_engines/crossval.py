@@ -16,7 +16,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -98,7 +98,12 @@ def run_training(
     final_epochs = max(1, int(np.median(best_epochs)))
     all_idx = np.arange(len(dataset.records))
     final = train_model(
-        spec, dataset, all_idx, None, config.truncated(final_epochs), desc=f"{spec.name} final"
+        spec,
+        dataset,
+        all_idx,
+        None,
+        replace(config, epochs=final_epochs),
+        desc=f"{spec.name} final",
     )
     weights_path = weights_dir / f"{spec.name}.safetensors"
     sha256 = save_weights(final.model, weights_path)

@@ -31,6 +31,7 @@ from build_engines.evaluate import (
     with_ci,
 )
 from client.registry import ModelSpec
+from client.series import series_score
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,36 @@ def write_report(spec: ModelSpec, report_dir: Path, n_boot: int = 1000) -> dict:
         f"{spec.name}: all slices, out of fold (threshold {threshold:.3f})",
     )
     return report
+
+
+def _skull_base_check(
+    oof: dict[str, np.ndarray], threshold: float, series_threshold: float
+) -> dict:
+    """False alarms on normal trauma series, skull base (lowest quarter of slices) vs the rest.
+
+    Bright, busy skull-base slices are where a slice model raises false alarms;
+    this measures how often, and whether any normal series is flagged because of them.
+    """
+    mask = (oof["source"] == SERIES_SOURCE) & (oof["label"] == 0)
+    base, rest, flagged, normal_series = [], [], 0, 0
+    for patient in np.unique(oof["patient"][mask]):
+        members = np.flatnonzero(oof["patient"] == patient)
+        if oof["label"][members].any():
+            continue  # a bleeding patient's normal slices are not a clean negative
+        members = members[np.argsort(oof["order"][members])]
+        cut = max(1, len(members) // 4)
+        base.extend(oof["p"][members[:cut]] >= threshold)
+        rest.extend(oof["p"][members[cut:]] >= threshold)
+        normal_series += 1
+        flagged += int(
+            series_score(oof["p"][members], oof["head"][members]).score >= series_threshold
+        )
+    return {
+        "normal_series": normal_series,
+        "normal_series_flagged": flagged,
+        "slice_false_alarm_rate_skull_base": float(np.mean(base)) if base else float("nan"),
+        "slice_false_alarm_rate_above": float(np.mean(rest)) if rest else float("nan"),
+    }
 
 
 def _plot_curves(histories: list[list[dict]], path: Path, name: str) -> None:

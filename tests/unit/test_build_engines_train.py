@@ -13,7 +13,7 @@ def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tm
     kaggle = [r for r in records if r.source == "kaggle_head_ct"]
     trauma = {"ct_ich_dev/049", "ct_ich_dev/050", "ct_ich_dev/070", "ct_ich_dev/071"}
     subset = kaggle[:6] + kaggle[-6:] + [r for r in records if r.patient in trauma]
-    config = TrainConfig(sizes=(64, 96), samples_per_epoch=32, batch_size=16)
+    config = TrainConfig(epochs=2, low_res=64, samples_per_epoch=32, batch_size=16)
     report = run_training(
         get_model("mobilenet_v2"),
         config,
