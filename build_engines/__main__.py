@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from build_engines.train import TrainConfig
 from client.constants import REPO_ROOT, WEIGHTS_DIR
 from client.errors import HemoTriageError
 from client.registry import get_model, list_models
@@ -21,10 +22,14 @@ REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
 def _train(args: argparse.Namespace) -> int:
     from build_engines.crossval import run_training
     from build_engines.data import data_dir_from_env
-    from build_engines.train import TrainConfig
 
     spec = get_model(args.model)
-    config = TrainConfig(pretrained=args.pretrained, seed=args.seed)
+    config = TrainConfig(
+        pretrained=args.pretrained,
+        seed=args.seed,
+        epochs=args.epochs,
+        samples_per_epoch=args.samples_per_epoch,
+    )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
     report = run_training(spec, config, data_dir_from_env(), report_dir, weights_dir, args.folds)
@@ -66,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--model", required=True, choices=base_models)
     train.add_argument("--folds", type=int, default=5)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--epochs", type=int, default=TrainConfig.epochs, help="low-resolution epochs (max)"
+    )
+    train.add_argument(
+        "--samples-per-epoch",
+        type=int,
+        default=TrainConfig.samples_per_epoch,
+        help="slices sampled per epoch (raise it on a GPU)",
+    )
     train.add_argument(
         "--pretrained",
         action="store_true",

@@ -116,8 +116,10 @@ class _EpochRunner:
         losses, correct = [], 0
         for batch in tqdm(chosen.reshape(self.steps, -1), desc=desc, leave=False):
             views = augment_batch(self.dataset.views[batch], self.rng, size)
-            x = torch.from_numpy(normalize(views, self.spec)).to(memory_format=torch.channels_last)
-            y = torch.from_numpy(labels[batch])
+            x = torch.from_numpy(normalize(views, self.spec)).to(
+                _device(), memory_format=torch.channels_last
+            )
+            y = torch.from_numpy(labels[batch]).to(_device())
             logits = model(x)
             loss = self.loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -155,7 +157,7 @@ def train_model(
     """Train on ``train_idx``; early-stop on ``stop_idx`` (None: all ``config.epochs``)."""
     torch.manual_seed(config.seed)
     runner = _EpochRunner(spec, dataset, train_idx, config)
-    model = new_model(spec, config).to(memory_format=torch.channels_last)
+    model = new_model(spec, config).to(_device(), memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -201,8 +203,12 @@ def train_model(
             record |= runner.validate(model, stop_idx, spec.input_size)
         history.append(record)
         logger.info("%s %s", desc, record)
-    model.eval()
-    return TrainResult(model, best_epoch, history)
+    return TrainResult(model.cpu().eval(), best_epoch, history)
+
+
+def _device() -> torch.device:
+    """CUDA when present (a lent GPU trains the same code in minutes), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def predict_views(
@@ -222,6 +228,7 @@ def predict_views(
                     resize_batch(views[start : start + batch_size], size or spec.input_size), spec
                 )
             )
-            logits = model(x.to(memory_format=torch.channels_last))
-            out.append(torch.softmax(logits, 1)[:, 1].numpy())
+            device = next(model.parameters()).device
+            logits = model(x.to(device, memory_format=torch.channels_last))
+            out.append(torch.softmax(logits.float(), 1)[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.empty(0)
