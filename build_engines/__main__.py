@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from build_engines.commands import add_engine_commands
 from build_engines.train import TrainConfig
 from client.constants import REPO_ROOT, WEIGHTS_DIR
 from client.errors import HemoTriageError
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     card = sub.add_parser("model-card", help="render MODEL_CARD.md from the reports")
     card.set_defaults(run=_model_card)
+    add_engine_commands(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

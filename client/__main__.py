@@ -1,7 +1,9 @@
-"""Command line: classify files or series, in-process or through Triton.
+"""Command line: classify files or series (in-process or through Triton), server health, Grad-CAM.
 
 python -m client classify --local --model mobilenet_v2 scans/ --csv out.csv
 python -m client classify --url localhost:8001 --protocol grpc --model resnet18 --series study/
+python -m client health --url localhost:8000
+python -m client gradcam --model resnet18 slice.png --out cam.png
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from client.classify import (
     classify_series,
     find_image_files,
 )
+from client.cli_gradcam import add_gradcam_command
+from client.cli_health import add_health_command
 from client.errors import HemoTriageError
 from client.registry import ModelSpec, get_model, list_models
 
@@ -39,6 +43,7 @@ def _add_classify(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=30.0, help="Triton request timeout")
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders (PNG/JPEG/DICOM)")
+    parser.set_defaults(run=_run_classify)
 
 
 def _make_classifier(args: argparse.Namespace, spec: ModelSpec) -> Classifier:
@@ -47,6 +52,13 @@ def _make_classifier(args: argparse.Namespace, spec: ModelSpec) -> Classifier:
     from client.triton_client import TritonClassifier
 
     return TritonClassifier(spec, url=args.url, protocol=args.protocol, timeout_s=args.timeout_s)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    spec = get_model(args.model)
+    classifier = _make_classifier(args, spec)
+    run = _run_series if args.series else _run_slices
+    return run(args, spec, classifier)
 
 
 def _label(probability: float, threshold: float) -> str:
@@ -129,13 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_classify(subparsers)
+    add_health_command(subparsers)
+    add_gradcam_command(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        spec = get_model(args.model)
-        classifier = _make_classifier(args, spec)
-        run = _run_series if args.series else _run_slices
-        return run(args, spec, classifier)
+        return args.run(args)
     except HemoTriageError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -1,0 +1,130 @@
+"""Engine subcommands of ``python -m build_engines``: export, quantize, build-trt, serve, cam-eval.
+
+``build_engines/__main__.py`` registers them all with one call:
+
+    add_engine_commands(sub)      # sub = parser.add_subparsers(...)
+
+    python -m build_engines export                       # fp32 ONNX + parity, every model
+    python -m build_engines quantize                     # INT8 QDQ ONNX + accuracy/speed table
+    python -m build_engines build-trt --model resnet18   # TensorRT plan (GPU only)
+    python -m build_engines serve --http-port 8000       # embedded CPU Triton until Ctrl-C
+    python -m build_engines cam-eval --model resnet18    # Grad-CAM pointing game
+
+Each handler takes the parsed arguments and returns the exit status; typed
+errors propagate to ``__main__``, which prints them and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from client.cli_gradcam import METHODS
+from client.constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from client.registry import get_model, list_models
+
+
+def add_engine_commands(sub) -> None:
+    """Register export, quantize, build-trt, serve and cam-eval on ``sub`` (add_subparsers)."""
+    fp32 = [s.name for s in list_models(precision="fp32")]
+    int8 = [s.name for s in list_models(precision="int8")]
+    every = [s.name for s in list_models()]
+
+    export = sub.add_parser("export", help="ONNX export with softmax, checker and parity")
+    export.add_argument("--model", action="append", choices=fp32, help="repeatable; default all")
+    export.add_argument("--parity-images", type=int, default=32, help="real slices compared")
+    export.set_defaults(run=_export)
+
+    quantize = sub.add_parser("quantize", help="INT8 static quantization (QDQ, per-channel)")
+    quantize.add_argument("--model", action="append", choices=int8, help="repeatable; default all")
+    quantize.add_argument("--calibration-size", type=int, default=128, help="calibration slices")
+    quantize.add_argument("--evaluation-size", type=int, default=256, help="held-out slices")
+    quantize.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for timing")
+    quantize.add_argument(
+        "--target", choices=["cpu", "tensorrt"], default="cpu", help="runtime of the INT8 file"
+    )
+    quantize.add_argument("--skip-compare", action="store_true", help="no fp32-vs-int8 table")
+    quantize.set_defaults(run=_quantize)
+
+    trt = sub.add_parser("build-trt", help="TensorRT FP16/INT8 plan for this GPU")
+    trt.add_argument("--model", action="append", choices=every, help="repeatable; default all")
+    trt.add_argument("--builder", choices=["tensorrt", "torch2trt"], default="tensorrt")
+    trt.add_argument("--max-batch-size", type=int, help="profile max; default the registry's")
+    trt.set_defaults(run=_build_trt)
+
+    serve = sub.add_parser("serve", help="run the embedded CPU Triton until Ctrl-C")
+    serve.add_argument("--http-port", type=int, help=f"default {DEFAULT_HTTP_PORT}")
+    serve.add_argument("--grpc-port", type=int, help=f"default {DEFAULT_GRPC_PORT}")
+    serve.add_argument("--metrics-port", type=int, help=f"default {DEFAULT_METRICS_PORT}")
+    serve.add_argument("--model-config-name", help="configs/<name>.pbtxt; default cpu")
+    serve.add_argument("--model", action="append", choices=every, help="repeatable; default all")
+    serve.add_argument("--startup-timeout-s", type=float, help="default 180")
+    serve.set_defaults(run=_serve)
+
+    cam = sub.add_parser("cam-eval", help="Grad-CAM pointing game on boxed phe_sich slices")
+    cam.add_argument("--model", action="append", choices=every, help="repeatable; default fp32")
+    cam.add_argument("--method", choices=list(METHODS), default="gradcam")
+    cam.add_argument("--limit", type=int, help="only the first N boxed slices")
+    cam.add_argument("--device", default="cpu")
+    cam.set_defaults(run=_cam_eval)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from build_engines.export_onnx import export_and_verify
+
+    for name in args.model or [s.name for s in list_models(precision="fp32")]:
+        result = export_and_verify(get_model(name), args.parity_images)
+        sys.stdout.write(
+            f"{result.model:<14} {result.onnx_path}  max |Δprob| vs torch on "
+            f"{result.n_images} slices: {result.max_abs_diff:.2e}\n"
+        )
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from build_engines.quantize import compare_int8, format_comparisons, quantize_model
+
+    rows = []
+    for name in args.model or [s.name for s in list_models(precision="int8")]:
+        spec = get_model(name)
+        quantize_model(spec, args.calibration_size, target=args.target)
+        if not args.skip_compare:
+            rows.append(compare_int8(spec, args.evaluation_size, threads=args.threads))
+    if rows:
+        sys.stdout.write(format_comparisons(rows) + "\n")
+    return 0
+
+
+def _build_trt(args: argparse.Namespace) -> int:
+    from build_engines.tensorrt import build
+
+    for name in args.model or [s.name for s in list_models()]:
+        sys.stdout.write(f"{build(name, args.builder, args.max_batch_size)}\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from build_engines.serve import ServeSettings, serve
+
+    settings = ServeSettings.from_env(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_config_name=args.model_config_name,
+        models=tuple(args.model) if args.model else None,
+        startup_timeout_s=args.startup_timeout_s,
+    )
+    return serve(settings)
+
+
+def _cam_eval(args: argparse.Namespace) -> int:
+    from build_engines.cam_eval import localization_score
+
+    explainer = METHODS[args.method]
+    for name in args.model or [s.name for s in list_models(precision="fp32")]:
+        r = localization_score(get_model(name), explainer, args.limit, device=args.device)
+        sys.stdout.write(
+            f"{r.model:<14} {args.method}: peak inside a box on {r.hits}/{r.n_slices} slices "
+            f"= {r.hit_rate:.3f} (chance {r.chance_rate:.3f})\n"
+        )
+    return 0

@@ -1,0 +1,150 @@
+"""ONNX export of the trained torch weights, with the softmax inside the graph.
+
+Each fp32 model in the registry is loaded from ``weights/<name>.safetensors``,
+wrapped so the graph ends in a softmax (Triton then returns probabilities
+``[normal, hemorrhage]``), exported with a dynamic batch axis, checked with
+``onnx.checker`` and compared against PyTorch on real slices from the data
+folder. The file lands at ``spec.onnx_path`` in the model repository.
+
+    python -m build_engines export                 # every fp32 model
+    python -m build_engines export --model resnet18
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from client.constants import INPUT_NAME, OUTPUT_NAME
+from client.errors import HemoTriageError
+from client.registry import ModelSpec
+from client.torch_models import load_model
+
+logger = logging.getLogger(__name__)
+
+#: Lowest opset we export; 17 is the first with LayerNormalization and what TensorRT 8.6+ reads.
+OPSET = 17
+#: Largest |Δ probability| accepted between ONNX Runtime and PyTorch in fp32.
+PARITY_TOLERANCE = 1e-4
+
+
+class ParityError(HemoTriageError):
+    """The exported graph disagrees with PyTorch beyond the tolerance."""
+
+
+class WithSoftmax(torch.nn.Module):
+    """A two-logit classifier followed by a softmax, so the graph outputs probabilities."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalized slices to (N, 2) probabilities [normal, hemorrhage]."""
+        return torch.softmax(self.backbone(x), dim=1)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What one export produced and how close it came to PyTorch."""
+
+    model: str
+    onnx_path: Path
+    max_abs_diff: float
+    n_images: int
+
+
+def export_onnx(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSET) -> Path:
+    """Export ``spec``'s torch weights to ONNX (softmax included, dynamic batch).
+
+    Args:
+        spec: An fp32 model of the registry.
+        out_path: Where to write; ``spec.onnx_path`` by default.
+        opset: ONNX opset, at least :data:`OPSET`.
+
+    Returns:
+        The path written, after ``onnx.checker`` accepted it.
+
+    Raises:
+        MissingWeightsError: the torch weights are absent or fail their checksum.
+        ValueError: ``spec`` is not an fp32 model or ``opset`` is too old.
+    """
+    if spec.precision != "fp32":
+        raise ValueError(f"{spec.name} is {spec.precision}; export its fp32 base model instead")
+    if opset < OPSET:
+        raise ValueError(f"opset {opset} < {OPSET}")
+    out_path = Path(out_path or spec.onnx_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = WithSoftmax(load_model(spec)).eval()
+    dummy = torch.zeros(2, 3, spec.input_size, spec.input_size)
+    # The TorchScript exporter (dynamo=False) needs no onnxscript and gives a
+    # plain single-file graph that TensorRT and ONNX Runtime quantization both read.
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(out_path),
+        dynamo=False,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+    )
+    check_onnx(out_path)
+    logger.info("exported %s to %s", spec.name, out_path)
+    return out_path
+
+
+def check_onnx(path: Path) -> onnx.ModelProto:
+    """Run the full ``onnx.checker`` (with shape inference) and return the model."""
+    onnx.checker.check_model(str(path), full_check=True)
+    return onnx.load(str(path))
+
+
+def onnx_probabilities(path: Path, batch: np.ndarray) -> np.ndarray:
+    """ONNX Runtime CPU output for a float32 (N, 3, S, S) batch: (N, 2) probabilities."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+def torch_probabilities(spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
+    """PyTorch fp32 output of the same wrapped model: (N, 2) probabilities."""
+    model = WithSoftmax(load_model(spec)).eval()
+    with torch.inference_mode():
+        return model(torch.from_numpy(batch)).numpy()
+
+
+def check_parity(
+    spec: ModelSpec, path: Path, batch: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> float:
+    """Compare ONNX Runtime with PyTorch on ``batch``; return the largest |Δ probability|.
+
+    Raises:
+        ParityError: the difference exceeds ``tolerance``.
+    """
+    diff = float(np.abs(onnx_probabilities(path, batch) - torch_probabilities(spec, batch)).max())
+    if diff > tolerance:
+        raise ParityError(f"{spec.name}: ONNX vs PyTorch max |Δprob| {diff:.2e} > {tolerance:.0e}")
+    return diff
+
+
+def export_and_verify(spec: ModelSpec, n_images: int = 32) -> ExportResult:
+    """Export ``spec`` and check parity on ``n_images`` real labelled slices.
+
+    Raises:
+        ParityError: ONNX Runtime and PyTorch disagree beyond the tolerance.
+    """
+    from build_engines.samples import labelled_sample
+
+    path = export_onnx(spec)
+    batch, _ = labelled_sample(spec, n_images)
+    diff = check_parity(spec, path, batch)
+    logger.info("%s parity on %d slices: max |Δprob| %.2e", spec.name, n_images, diff)
+    return ExportResult(spec.name, path, diff, n_images)

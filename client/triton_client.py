@@ -1,0 +1,362 @@
+"""Triton over HTTP or gRPC as a :class:`client.classify.Classifier`.
+
+:class:`TritonClassifier` checks on construction that the server answers, that
+the model is loaded and that its input and output match the registry, so a
+misconfigured deployment fails at start-up with one clear message instead of
+at the first patient. Each ``predict`` call sends the whole batch, split into
+requests of at most ``spec.max_batch_size`` slices, with the caller's priority
+(``PRIORITY_URGENT`` jumps Triton's queue), a timeout, and retries with
+exponential backoff on transient failures. tritonclient's exceptions are
+wrapped into :mod:`client.errors` where they enter our code.
+
+    with TritonClassifier(get_model("resnet18"), url="localhost:8001", protocol="grpc") as c:
+        probabilities = c.predict(batch, priority=PRIORITY_URGENT)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from client.constants import INPUT_NAME, OUTPUT_NAME, PRIORITY_ROUTINE
+from client.errors import (
+    InferenceTimeoutError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+)
+from client.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+Protocol = Literal["http", "grpc"]
+PROTOCOLS: tuple[Protocol, ...] = ("http", "grpc")
+
+#: Column of the hemorrhage class in the model output [normal, hemorrhage].
+_HEMORRHAGE = 1
+#: gRPC status codes (and HTTP statuses) worth another try: the server is restarting or busy.
+_TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+_TRANSIENT_HTTP = ("502", "503")
+
+
+@dataclass(frozen=True)
+class ModelHealth:
+    """Readiness of one model on a server."""
+
+    name: str
+    ready: bool
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServerHealth:
+    """What a server reports about itself and its models."""
+
+    url: str
+    protocol: Protocol
+    live: bool
+    ready: bool
+    version: str
+    models: tuple[ModelHealth, ...]
+
+
+class TritonClassifier:
+    """Scores preprocessed batches on a Triton server; see the module docstring.
+
+    Args:
+        spec: The registry entry; its name is the Triton model name.
+        url: ``host:port`` of Triton's HTTP (default 8000) or gRPC (8001) endpoint.
+        protocol: ``http`` or ``grpc``.
+        timeout_s: Limit for connecting and for each request, in seconds.
+        retries: Further attempts after a transient failure (connection refused,
+            503/UNAVAILABLE). Timeouts are not retried: the deadline is the caller's.
+        backoff_s: Wait before the first retry; doubled before each next one.
+
+    Raises:
+        ServerUnavailableError: the server does not answer or is not ready.
+        ModelNotReadyError: the model is missing, not ready, or its input or
+            output do not match ``spec``.
+        ValueError: a bad protocol or a negative limit.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        url: str,
+        protocol: Protocol = "http",
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+            raise ValueError("timeout_s must be positive, retries and backoff_s not negative")
+        self.spec = spec
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._local = threading.local()
+        self._clients: list = []
+        self._clients_lock = threading.Lock()
+        try:
+            self._check_server()
+            self._check_model()
+        except BaseException:
+            self.close()
+            raise
+
+    def predict(self, batch: np.ndarray, priority: int = PRIORITY_ROUTINE) -> np.ndarray:
+        """Score a float32 (N, 3, S, S) batch; return N probabilities of hemorrhage.
+
+        Args:
+            batch: Preprocessed slices from :mod:`client.preprocess`.
+            priority: Triton queue priority, ``PRIORITY_URGENT`` (1) or ``PRIORITY_ROUTINE`` (2).
+
+        Returns:
+            float32 (N,) P(hemorrhage).
+
+        Raises:
+            ValueError: ``batch`` has the wrong shape or dtype.
+            InferenceTimeoutError: a request exceeded ``timeout_s``.
+            ServerUnavailableError: the server stopped answering (after the retries).
+            ModelNotReadyError: the server rejected the request.
+        """
+        expected = (3, self.spec.input_size, self.spec.input_size)
+        if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.float32:
+            raise ValueError(
+                f"{self.spec.name} takes float32 (N, {', '.join(map(str, expected))}); "
+                f"got {batch.dtype} {batch.shape}"
+            )
+        if len(batch) == 0:
+            return np.empty(0, dtype=np.float32)
+        step = self.spec.max_batch_size
+        parts = [
+            self._infer_with_retries(np.ascontiguousarray(batch[i : i + step]), priority)
+            for i in range(0, len(batch), step)
+        ]
+        return np.concatenate(parts)[:, _HEMORRHAGE].astype(np.float32)
+
+    def statistics(self) -> dict:
+        """Triton's inference statistics for this model (batch counts, queue times), as JSON."""
+        timeout = _grpc_timeout(self.protocol, self.timeout_s)
+        return self._call(lambda c: _as_json(c.get_inference_statistics(self.spec.name, **timeout)))
+
+    def close(self) -> None:
+        """Close every connection this classifier opened (one per calling thread)."""
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> TritonClassifier:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _client(self):
+        """This thread's client: tritonclient's clients are not safe to share across threads."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = _make_client(self.url, self.protocol, self.timeout_s)
+            self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _infer_with_retries(self, chunk: np.ndarray, priority: int) -> np.ndarray:
+        attempt = 0
+        while True:
+            try:
+                return self._infer(chunk, priority)
+            except ServerUnavailableError:
+                if attempt == self.retries:
+                    raise
+                delay_s = self.backoff_s * 2**attempt
+                logger.warning(
+                    "%s on %s unavailable (attempt %d/%d); retrying in %.2f s",
+                    self.spec.name,
+                    self.url,
+                    attempt + 1,
+                    self.retries + 1,
+                    delay_s,
+                )
+                time.sleep(delay_s)
+                attempt += 1
+
+    def _infer(self, chunk: np.ndarray, priority: int) -> np.ndarray:
+        module = _module(self.protocol)
+        tensor = module.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
+        tensor.set_data_from_numpy(chunk)
+        output = module.InferRequestedOutput(OUTPUT_NAME)
+        timeout = _grpc_timeout(self.protocol, self.timeout_s)
+        result = self._call(
+            lambda c: c.infer(
+                self.spec.name, [tensor], outputs=[output], priority=priority, **timeout
+            )
+        )
+        return result.as_numpy(OUTPUT_NAME)
+
+    def _call(self, request):
+        """Run ``request(client)`` and translate tritonclient's failures into ours."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return request(self._client())
+        except InferenceServerException as e:
+            raise self._translate(e) from e
+        except TimeoutError as e:  # HTTP (geventhttpclient) network timeout
+            raise InferenceTimeoutError(
+                f"{self.spec.name} on {self.url}: no answer within {self.timeout_s:g} s"
+            ) from e
+        except OSError as e:  # connection refused or reset: the server went away
+            self._drop_client()
+            raise ServerUnavailableError(f"Triton at {self.url} ({self.protocol}): {e}") from e
+
+    def _translate(self, e) -> Exception:
+        status = str(e.status() or "")
+        message = f"{self.spec.name} on {self.url} ({self.protocol}): {e.message()}"
+        if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in (e.message() or "").lower():
+            return InferenceTimeoutError(message)
+        if status in _TRANSIENT_GRPC or status in _TRANSIENT_HTTP:
+            return ServerUnavailableError(message)
+        return ModelNotReadyError(message)
+
+    def _drop_client(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            self._local.client = None
+            with self._clients_lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            client.close()
+
+    def _check_server(self) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            ready = self._client().is_server_ready(**_grpc_timeout(self.protocol, self.timeout_s))
+        except (InferenceServerException, OSError) as e:
+            raise ServerUnavailableError(
+                f"no Triton server answers at {self.url} ({self.protocol}): {e}; "
+                "start one with 'python -m build_engines serve'"
+            ) from e
+        if not ready:
+            raise ServerUnavailableError(f"Triton at {self.url} is up but not ready")
+
+    def _check_model(self) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        name = self.spec.name
+        timeout = _grpc_timeout(self.protocol, self.timeout_s)
+        client = self._client()
+        try:
+            if not client.is_model_ready(name, **timeout):
+                index = _as_json(client.get_model_repository_index(**timeout))
+                known = {m["name"]: m for m in _index_models(index)}
+                if name not in known:
+                    raise ModelNotReadyError(
+                        f"model {name!r} is not in the repository of {self.url}; "
+                        f"it serves {', '.join(sorted(known)) or 'nothing'}"
+                    )
+                state = known[name].get("state", "UNKNOWN")
+                reason = known[name].get("reason", "")
+                raise ModelNotReadyError(
+                    f"model {name!r} on {self.url} is {state} {reason}".strip()
+                )
+            metadata = _as_json(client.get_model_metadata(name, **timeout))
+        except InferenceServerException as e:
+            raise ModelNotReadyError(f"model {name!r} on {self.url}: {e.message()}") from e
+        except OSError as e:
+            raise ServerUnavailableError(f"Triton at {self.url}: {e}") from e
+        self._check_tensors(metadata)
+
+    def _check_tensors(self, metadata: dict) -> None:
+        size = self.spec.input_size
+        expected_in = {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, size, size]}
+        expected_out = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 2]}
+        for role, expected, tensors in (
+            ("input", expected_in, metadata.get("inputs", [])),
+            ("output", expected_out, metadata.get("outputs", [])),
+        ):
+            found = [
+                {"name": t["name"], "datatype": t["datatype"], "shape": list(map(int, t["shape"]))}
+                for t in tensors
+            ]
+            if found != [expected]:
+                raise ModelNotReadyError(
+                    f"model {self.spec.name!r} on {self.url} has {role} {found}, "
+                    f"the registry expects {expected}; rebuild the model repository"
+                )
+
+
+def server_health(url: str, protocol: Protocol = "http", timeout_s: float = 5.0) -> ServerHealth:
+    """Ask a server whether it is live and ready, and the state of every model it knows.
+
+    Raises:
+        ServerUnavailableError: nothing answers at ``url``.
+    """
+    from tritonclient.utils import InferenceServerException
+
+    client = _make_client(url, protocol, timeout_s)
+    timeout = _grpc_timeout(protocol, timeout_s)
+    try:
+        live = client.is_server_live(**timeout)
+        ready = client.is_server_ready(**timeout)
+        version = _as_json(client.get_server_metadata(**timeout)).get("version", "")
+        index = _index_models(_as_json(client.get_model_repository_index(**timeout)))
+    except (InferenceServerException, OSError) as e:
+        raise ServerUnavailableError(f"no Triton server answers at {url} ({protocol}): {e}") from e
+    finally:
+        client.close()
+    models = tuple(
+        ModelHealth(
+            m["name"], m.get("state") == "READY", m.get("state", "UNKNOWN"), m.get("reason", "")
+        )
+        for m in index
+    )
+    return ServerHealth(url, protocol, live, ready, version, models)
+
+
+def _module(protocol: Protocol):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    return module
+
+
+def _make_client(url: str, protocol: Protocol, timeout_s: float):
+    module = _module(protocol)
+    if protocol == "grpc":
+        return module.InferenceServerClient(url)
+    return module.InferenceServerClient(
+        url, connection_timeout=timeout_s, network_timeout=timeout_s
+    )
+
+
+def _grpc_timeout(protocol: Protocol, timeout_s: float) -> dict[str, float]:
+    """Per-call deadline keyword: gRPC takes one per call, HTTP set it on the connection."""
+    return {"client_timeout": timeout_s} if protocol == "grpc" else {}
+
+
+def _as_json(response) -> dict | list:
+    """HTTP answers dicts already; gRPC answers protobuf messages."""
+    if isinstance(response, (dict, list)):
+        return response
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(response, preserving_proto_field_name=True)
+
+
+def _index_models(index: dict | list) -> list[dict]:
+    """The repository index as a list of {name, version, state, reason} for both protocols."""
+    return index if isinstance(index, list) else index.get("models", [])

@@ -1,0 +1,66 @@
+"""Fixtures shared by unit and integration tests.
+
+``triton_server`` starts the real embedded tritonserver (the nvidia-pytriton
+binary, python backend running ONNX Runtime) once per session on free ports.
+It skips, with the command to run, when the ONNX files have not been built:
+``make test`` builds them first with ``python -m build_engines export`` and
+``python -m build_engines quantize``.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines.data import data_dir_from_env
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = data_dir_from_env()
+    if not (path / "kaggle_head_ct").exists():
+        pytest.skip(f"labelled data not found at {path} (set HEMOTRIAGE_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_slice_paths(data_dir: Path) -> list[Path]:
+    """A dozen real slices from every source: hemorrhage and normal, PNG, JPEG and DICOM."""
+    return [
+        data_dir / "kaggle_head_ct/head_ct/000.png",
+        data_dir / "kaggle_head_ct/head_ct/042.png",
+        data_dir / "kaggle_head_ct/head_ct/150.png",
+        data_dir / "kaggle_head_ct/head_ct/199.png",
+        data_dir / "phe_sich/images/0001_05.png",
+        data_dir / "phe_sich/images/0002_10.png",
+        data_dir / "phe_sich/images/0070_08.jpg",
+        *sorted((data_dir / "ct_ich_dev").rglob("*.jpg"))[:2],
+        *sorted((data_dir / "cq500_ct1/series_thin_every8").iterdir())[10:12],
+        data_dir / "cq500_ct1/single_5mm/CT000000.dcm",
+    ]
+
+
+@pytest.fixture(scope="session")
+def real_batch(real_slice_paths: list[Path]) -> np.ndarray:
+    """``real_slice_paths`` through the one preprocessing path, float32 (N, 3, 224, 224)."""
+    from client.preprocess import preprocess_file
+    from client.registry import get_model
+
+    spec = get_model("mobilenet_v2")
+    return np.stack([preprocess_file(p, spec) for p in real_slice_paths])
+
+
+@pytest.fixture(scope="session")
+def triton_server():
+    """The embedded tritonserver with every registered model, on free ports."""
+    from build_engines.serve import EmbeddedTriton, ServeSettings, missing_model_files
+
+    settings = ServeSettings.from_env().with_free_ports()
+    missing = missing_model_files(settings)
+    if missing:
+        pytest.skip(
+            f"{len(missing)} model files not built ({missing[0]} ...); run "
+            "'python -m build_engines export' and 'python -m build_engines quantize'"
+        )
+    with EmbeddedTriton(settings) as server:
+        yield server

@@ -1,0 +1,63 @@
+"""ONNX export: checker-clean, dynamic batch, softmax inside, same answers as PyTorch."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from build_engines.export_onnx import (
+    OPSET,
+    PARITY_TOLERANCE,
+    ParityError,
+    check_onnx,
+    check_parity,
+    export_onnx,
+)
+from client.constants import INPUT_NAME, OUTPUT_NAME
+from client.registry import get_model
+
+
+@pytest.fixture(scope="module", params=["mobilenet_v2", "resnet18"])
+def exported(request, tmp_path_factory):
+    spec = get_model(request.param)
+    return spec, export_onnx(spec, tmp_path_factory.mktemp(spec.name) / "model.onnx")
+
+
+def test_export_is_checker_clean_with_dynamic_batch_and_named_tensors(exported):
+    _, path = exported
+    model = check_onnx(path)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= OPSET
+    [tensor_in] = model.graph.input
+    [tensor_out] = model.graph.output
+    assert tensor_in.name == INPUT_NAME and tensor_out.name == OUTPUT_NAME
+    assert tensor_in.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.graph.node[-1].op_type == "Softmax"
+
+
+def test_onnx_matches_pytorch_on_real_slices(exported, real_batch):
+    spec, path = exported
+    assert check_parity(spec, path, real_batch) <= PARITY_TOLERANCE
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_any_batch_size_gives_probabilities(exported, real_batch, batch_size):
+    _, path = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run([OUTPUT_NAME], {INPUT_NAME: real_batch[:batch_size]})[0]
+    assert out.shape == (batch_size, 2)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_parity_failure_is_a_typed_error(exported, real_batch, tmp_path):
+    spec, path = exported
+    model = onnx.load(str(path))
+    other = "resnet18" if spec.name == "mobilenet_v2" else "mobilenet_v2"
+    wrong = export_onnx(get_model(other), tmp_path / "other.onnx")
+    with pytest.raises(ParityError, match="max"):
+        check_parity(spec, wrong, real_batch, tolerance=0.0)
+    assert model.graph.input[0].name == INPUT_NAME
+
+
+def test_int8_entries_are_not_exported_directly():
+    with pytest.raises(ValueError, match="export its fp32 base"):
+        export_onnx(get_model("resnet18_int8"))
