@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
+CONSOLE_URL ?= http://127.0.0.1:5000
 
-.PHONY: venv test lint train evaluate engines serve clean
+.PHONY: venv browser engines test lint train serve demo clean
 
 venv: $(STAMP)
 
@@ -15,20 +17,50 @@ $(STAMP): requirements.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+## Debian chromium + chromedriver for the real-browser UI test.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
+## ONNX fp32 (parity-checked against PyTorch) and INT8 models from the committed weights.
+engines: $(ENGINES)
+
+$(ENGINES) &: $(STAMP) weights/mobilenet_v2.safetensors weights/resnet18.safetensors
+	$(BIN)/python -m build_engines export
+	$(BIN)/python -m build_engines quantize
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## The CI command: lint, then the whole pytest suite (CPU only).
-test: venv
+## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium).
+test: venv browser engines
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-## Retrain both models: 5-fold CV, evaluation, figures, final weights (hours on 2 cores).
+## Retrain both models: 5-fold CV, evaluation, figures, final weights, MODEL_CARD.md.
 train: venv
 	$(BIN)/python -m build_engines train --model mobilenet_v2 --pretrained
 	$(BIN)/python -m build_engines train --model resnet18
 	$(BIN)/python -m build_engines model-card
+
+## The embedded Triton server alone (HTTP 8000, gRPC 8001, metrics 8002).
+serve: venv engines
+	$(BIN)/python -m build_engines serve
+
+## The main job: embedded Triton + the triage console; Ctrl-C stops both.
+demo: venv engines
+	$(BIN)/python -m console init-db
+	@$(BIN)/python -m console create-admin --username admin --if-missing --generate-password
+	@trap 'kill $$triton $$console 2>/dev/null; wait' INT TERM EXIT; \
+	$(BIN)/python -m build_engines serve & triton=$$!; \
+	$(BIN)/gunicorn -c console/gunicorn.conf.py & console=$$!; \
+	until $(BIN)/python -c "import urllib.request as u; u.urlopen('$(CONSOLE_URL)/readyz', timeout=2)" 2>/dev/null; do \
+	  kill -0 $$triton 2>/dev/null && kill -0 $$console 2>/dev/null || exit 1; sleep 1; done; \
+	echo; echo "HemoTriage console ready: $(CONSOLE_URL)"; \
+	echo "Log in as admin (password printed above on the first run; more users: $(BIN)/python -m console create-admin --username NAME)."; \
+	echo "Ctrl-C stops the console and Triton."; \
+	wait $$console
 
 clean:
 	rm -rf $(VENV) .cache

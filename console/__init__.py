@@ -1,1 +1,155 @@
-"""The Flask triage console."""
+"""The Flask triage console: upload, queue, worklist, alerts, study view.
+
+Configuration: the defaults below, then ``HEMOTRIAGE_*`` environment variables
+(``HEMOTRIAGE_TRITON_URL=triton:8001``; values are parsed as JSON when they
+can be, so ``HEMOTRIAGE_BATCH_SIZE=8`` is a number), then ``test_config``.
+
+    python -m console init-db && python -m console create-admin
+    gunicorn -c console/gunicorn.conf.py          # starts the worker thread once
+    # or, in-process classifier, no Triton:
+    HEMOTRIAGE_CLASSIFIER=local gunicorn -c console/gunicorn.conf.py
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from client.constants import DEFAULT_GRPC_PORT
+from client.errors import HemoTriageError
+from client.registry import get_model
+from client.triton_client import PROTOCOLS
+
+logger = logging.getLogger(__name__)
+
+#: Documented defaults; every key can be overridden as ``HEMOTRIAGE_<KEY>``.
+DEFAULTS = {
+    # Where uploads, the database, the inbox and the session key live (default: instance/).
+    "STORAGE_DIR": None,
+    # SQLite file (default: <STORAGE_DIR>/hemotriage.sqlite).
+    "DATABASE": None,
+    # Watched folder (default: <STORAGE_DIR>/inbox); set to "" to disable the watcher.
+    "INBOX_DIR": None,
+    "INBOX_POLL_S": 2.0,
+    "INBOX_SETTLE_S": 2.0,
+    # Session signing key (default: random, kept in <STORAGE_DIR>/secret_key with mode 0600).
+    "SECRET_KEY": None,
+    # "triton" (TRITON_URL + TRITON_PROTOCOL) or "local" (in-process PyTorch).
+    "CLASSIFIER": "triton",
+    "TRITON_URL": f"localhost:{DEFAULT_GRPC_PORT}",
+    "TRITON_PROTOCOL": "grpc",
+    "TRITON_TIMEOUT_S": 30.0,
+    "MODEL_NAME": "mobilenet_v2",
+    # Queue worker: slices per predict call, idle poll, backoff while Triton is down.
+    "BATCH_SIZE": 16,
+    "WORKER_POLL_S": 1.0,
+    "BACKOFF_INITIAL_S": 0.5,
+    "BACKOFF_MAX_S": 30.0,
+    "MAX_INFERENCE_ATTEMPTS": 5,
+    # Worklist order (see console/priority.py).
+    "PRIORITY_WEIGHT_FLAGGED": 1000.0,
+    "PRIORITY_WEIGHT_FAILED": 500.0,
+    "PRIORITY_WEIGHT_SCORE": 100.0,
+    "PRIORITY_WEIGHT_WAIT_PER_MIN": 1.0,
+    # Upload limits: whole request, files per upload, uncompressed bytes per zip.
+    "MAX_CONTENT_LENGTH": 512 * 1024 * 1024,
+    "MAX_UPLOAD_FILES": 1000,
+    "MAX_ZIP_UNCOMPRESSED_BYTES": 1024 * 1024 * 1024,
+    "SSE_KEEPALIVE_S": 15.0,
+    # Session cookie: HttpOnly, SameSite=Lax, Secure (browsers allow it on http://localhost).
+    "SESSION_COOKIE_NAME": "hemotriage_session",
+    "SESSION_COOKIE_HTTPONLY": True,
+    "SESSION_COOKIE_SAMESITE": "Lax",
+    "SESSION_COOKIE_SECURE": True,
+    "PERMANENT_SESSION_LIFETIME": timedelta(hours=12),
+}
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the console app: config, database, blueprints, error handlers, services.
+
+    Args:
+        test_config: Overrides applied last (tests point ``STORAGE_DIR`` at tmp_path).
+
+    Returns:
+        The app; its background threads are not started (see
+        :meth:`console.services.Services.start`, called by gunicorn's hook).
+
+    Raises:
+        ValueError: an invalid setting (classifier kind, protocol).
+        UnknownModelError: ``MODEL_NAME`` is not registered.
+    """
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("HEMOTRIAGE")
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    _resolve_paths(app)
+
+    from console import alerts, api, auth, db, ops, security, worklist
+    from console.services import EXTENSION_KEY, Services
+
+    db.init_app(app)
+    auth.init_app(app)
+    security.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(worklist.bp)
+    app.register_blueprint(alerts.bp)
+    app.register_blueprint(ops.bp)
+    app.after_request(ops.count_request)
+    app.register_error_handler(HemoTriageError, _typed_error)
+    app.register_error_handler(RequestEntityTooLarge, _too_large)
+    app.extensions[EXTENSION_KEY] = Services.from_app(app)
+    db.init_db(app.config["DATABASE"])
+    return app
+
+
+def _resolve_paths(app: Flask) -> None:
+    """Fill the path defaults, check the choices, and load or create the session key."""
+    config = app.config
+    if config["CLASSIFIER"] not in ("triton", "local"):
+        raise ValueError(
+            f"HEMOTRIAGE_CLASSIFIER must be triton or local, not {config['CLASSIFIER']!r}"
+        )
+    if config["TRITON_PROTOCOL"] not in PROTOCOLS:
+        raise ValueError(f"HEMOTRIAGE_TRITON_PROTOCOL must be one of {PROTOCOLS}")
+    get_model(config["MODEL_NAME"])
+    storage_dir = Path(config["STORAGE_DIR"] or app.instance_path)
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    config["STORAGE_DIR"] = str(storage_dir)
+    config["DATABASE"] = str(config["DATABASE"] or storage_dir / "hemotriage.sqlite")
+    if config["INBOX_DIR"] is None:
+        config["INBOX_DIR"] = str(storage_dir / "inbox")
+    # Flask's multipart parser refuses more parts than this; one part per file plus fields.
+    config["MAX_FORM_PARTS"] = max(config["MAX_FORM_PARTS"], int(config["MAX_UPLOAD_FILES"]) + 16)
+    if not config["SECRET_KEY"]:
+        config["SECRET_KEY"] = _session_key(storage_dir / "secret_key")
+
+
+def _session_key(path: Path) -> str:
+    """A random key kept in the data folder, so sessions survive restarts; never in git."""
+    if path.exists():
+        return path.read_text().strip()
+    key = secrets.token_hex(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(key)
+    return key
+
+
+def _typed_error(error: HemoTriageError):
+    """One handler for every typed error: its class name, message and HTTP status."""
+    # The message may name the uploaded file; log the class only (file names can carry PHI).
+    logger.warning("request refused: %s (%d)", type(error).__name__, error.http_status)
+    return jsonify(error=type(error).__name__, message=str(error)), error.http_status
+
+
+def _too_large(error: RequestEntityTooLarge):
+    """The request body exceeded ``MAX_CONTENT_LENGTH`` (or a form limit)."""
+    return jsonify(error="RequestTooLargeError", message=error.description), 413

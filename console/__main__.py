@@ -1,0 +1,36 @@
+"""Command line of the console: ``python -m console init-db|create-admin|create-token|run``.
+
+    python -m console init-db
+    python -m console create-admin --username admin
+    python -m console create-token --username admin --name pacs-bridge
+    python -m console run --port 5000        # Flask's development server (no worker thread)
+
+The commands are Flask's CLI on :func:`console.create_app`, so ``HEMOTRIAGE_*``
+variables configure them exactly as they configure the served app.
+"""
+
+from __future__ import annotations
+
+import logging.config
+
+from flask.cli import FlaskGroup
+
+from console import create_app
+
+
+def main() -> None:
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+            "root": {"level": "INFO", "handlers": ["stderr"]},
+        }
+    )
+    FlaskGroup(
+        create_app=create_app, add_version_option=False, help="HemoTriage console commands."
+    )(prog_name="python -m console")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The JSON API: upload scans, read the worklist, acknowledge, and the live stream.
+
+    curl -H "Authorization: Bearer $TOKEN" -F files=@a.dcm -F files=@b.dcm localhost:5000/api/scans
+    # -> 201 {"study_id": 1, "study_ids": [1], "slice_ids": [1, 2], "duplicates": 0}
+    curl -H "Authorization: Bearer $TOKEN" http://localhost:5000/api/studies
+    curl -N -H "Authorization: Bearer $TOKEN" http://localhost:5000/api/stream
+
+``POST /api/scans`` takes multipart files (any field name; ``files`` by
+convention), one or many, zips included, an optional ``study`` label grouping
+PNG/JPEG files and an optional ``priority`` (``urgent`` or ``routine``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from client.constants import PRIORITY_ROUTINE, PRIORITY_URGENT
+from console.db import get_db
+from console.errors import UploadError
+from console.events import format_sse
+from console.ingest import IncomingFile
+from console.services import current_services
+from console.studies import acknowledge, study_detail, worklist
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+_PRIORITIES = {"urgent": PRIORITY_URGENT, "routine": PRIORITY_ROUTINE}
+
+
+@bp.post("/scans")
+def upload_scans():
+    """Accept an upload: every file decoded first, stored and committed before the 201.
+
+    Returns:
+        201 with ``study_id`` (the first study), ``study_ids``, ``slice_ids`` and
+        ``duplicates``; or the typed error's 4xx with nothing stored.
+    """
+    files = [
+        IncomingFile(f.filename or "upload", f.read())
+        for key in request.files
+        for f in request.files.getlist(key)
+    ]
+    priority_name = request.form.get("priority", "routine")
+    if priority_name not in _PRIORITIES:
+        raise UploadError(f"priority must be one of {', '.join(_PRIORITIES)}")
+    source = "upload" if g.via == "session" else "api"
+    result = current_services().accept(
+        files, request.form.get("study"), source, _PRIORITIES[priority_name]
+    )
+    body = {
+        "study_id": result.study_ids[0],
+        "study_ids": result.study_ids,
+        "slice_ids": result.slice_ids,
+        "duplicates": result.duplicates,
+    }
+    return jsonify(body), 201, {"Location": f"/api/studies/{result.study_ids[0]}"}
+
+
+@bp.get("/studies")
+def list_studies():
+    """The worklist, highest priority first, with the rule that ordered it."""
+    services = current_services()
+    return jsonify(
+        studies=worklist(get_db(), services.rule),
+        rule=services.rule.formula(),
+        worker={
+            "classifier_ready": services.worker.state.classifier_ready,
+            "backoff_s": services.worker.state.backoff_s,
+            "last_error": services.worker.state.last_error,
+        },
+    )
+
+
+@bp.get("/studies/<int:study_id>")
+def get_study(study_id: int):
+    """One study with all its slices, probabilities and stage timings."""
+    return jsonify(study_detail(get_db(), study_id, current_services().rule))
+
+
+@bp.post("/studies/<int:study_id>/acknowledge")
+def acknowledge_study(study_id: int):
+    """Record who acknowledged the study and when (audit log)."""
+    study = acknowledge(get_db(), study_id, g.user["username"])
+    logger.info("study %d acknowledged by user %d", study_id, g.user["id"])
+    current_services().broker.publish(
+        "study", {"id": study_id, "status": "acknowledged", "alert": False}
+    )
+    return jsonify(
+        id=study_id,
+        status=study["status"],
+        acknowledged_by=study["acknowledged_by"],
+        acknowledged_at=study["acknowledged_at"],
+    )
+
+
+@bp.get("/stream")
+def stream():
+    """Server-Sent Events: ``study`` events as they happen, a comment as keepalive.
+
+    The subscription opens before the response is returned, so nothing published
+    after this request arrived is missed; the headers are set before the first yield.
+    """
+    keepalive_s = float(current_app.config["SSE_KEEPALIVE_S"])
+    subscription = current_services().broker.subscribe()
+
+    def generate():
+        # The server closes this generator when the screen disconnects; `with` unsubscribes.
+        with subscription:
+            yield "retry: 3000\n\n"
+            while True:
+                message = subscription.get(keepalive_s)
+                if message is None:
+                    yield f": keepalive {time.time():.0f}\n\n"
+                else:
+                    yield format_sse(*message)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(generate(), mimetype="text/event-stream", headers=headers)

@@ -1,0 +1,97 @@
+"""In-process fan-out of study updates to every open screen (Server-Sent Events).
+
+The worker, the upload handlers and the acknowledge action publish; each
+``/api/stream`` connection subscribes with its own bounded queue. The console
+runs one worker process (see ``console/gunicorn.conf.py``), so every screen
+hangs off the same :class:`EventBroker`.
+
+    broker = EventBroker()
+    with broker.subscribe() as subscription:
+        broker.publish("study", {"id": 7, "status": "flagged"})
+        subscription.get(timeout_s=1)      # ("study", {...})
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+
+#: Events kept for a slow subscriber before it starts dropping the oldest.
+_MAX_PENDING = 256
+
+
+class Subscription:
+    """One screen's inbox of ``(event, data)`` tuples; close it when the screen goes."""
+
+    def __init__(self, broker: EventBroker) -> None:
+        self._broker = broker
+        self._inbox: queue.Queue = queue.Queue(maxsize=_MAX_PENDING)
+
+    def get(self, timeout_s: float) -> tuple[str, dict] | None:
+        """The next event, or None when nothing came within ``timeout_s``."""
+        try:
+            return self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def put(self, event: str, data: dict) -> None:
+        """Queue one event; a full inbox drops its oldest event first."""
+        while True:
+            try:
+                self._inbox.put_nowait((event, data))
+                return
+            except queue.Full:
+                try:
+                    self._inbox.get_nowait()
+                except queue.Empty:
+                    continue
+
+    def close(self) -> None:
+        """Stop receiving events (safe to call twice)."""
+        self._broker.unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class EventBroker:
+    """Publish/subscribe for named JSON events; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscription] = []
+
+    def subscribe(self) -> Subscription:
+        """A new subscription; it receives every event published until it is closed."""
+        subscription = Subscription(self)
+        with self._lock:
+            self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a subscription, if still subscribed."""
+        with self._lock:
+            if subscription in self._subscribers:
+                self._subscribers.remove(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        """Open subscriptions (one per connected screen)."""
+        with self._lock:
+            return len(self._subscribers)
+
+    def publish(self, event: str, data: dict) -> None:
+        """Send one event to every subscriber."""
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscription in subscribers:
+            subscription.put(event, data)
+
+
+def format_sse(event: str, data: dict) -> str:
+    """One SSE message (https://html.spec.whatwg.org/multipage/server-sent-events.html)."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -1,0 +1,139 @@
+"""The watched inbox folder: drop files (or one folder per study) in, they are ingested.
+
+A poll thread looks at ``INBOX_DIR`` every ``INBOX_POLL_S`` seconds. Each entry
+at the top level whose newest modification is older than ``INBOX_SETTLE_S``
+(so half-copied files are left alone) becomes one upload through the same
+:func:`console.ingest.ingest` as the API: a single file, a zip, or a folder
+(its PNG/JPEG files grouped into one study named after the folder). Accepted
+entries are deleted once stored; refused ones move to ``INBOX_DIR/rejected``
+beside a ``.reason.txt`` that holds the typed error's message.
+
+    watcher = InboxWatcher(Path("/srv/inbox"), poll_s=2, settle_s=2, accept=accept)
+    watcher.start()
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from client.errors import HemoTriageError, ImageTooLargeError
+from client.limits import MAX_FILE_BYTES
+from console.ingest import IncomingFile, IngestResult
+
+logger = logging.getLogger(__name__)
+
+#: Folder inside the inbox where refused entries are kept for a person to look at.
+REJECTED = "rejected"
+
+Accept = Callable[[list[IncomingFile], str | None], IngestResult]
+
+
+class InboxWatcher:
+    """Polls a folder and ingests what settles there.
+
+    Args:
+        inbox: The watched folder (created if missing).
+        poll_s: Seconds between scans.
+        settle_s: An entry must be unchanged this long before it is read.
+        accept: Ingests one upload: ``accept(files, study_label)``.
+    """
+
+    def __init__(self, inbox: Path, poll_s: float, settle_s: float, accept: Accept) -> None:
+        self.inbox = Path(inbox)
+        self.poll_s = poll_s
+        self.settle_s = settle_s
+        self._accept = accept
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Create the folders and start polling in a daemon thread (once)."""
+        if self._thread is not None:
+            return
+        (self.inbox / REJECTED).mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="hemotriage-inbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop polling after the current entry."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def scan_once(self) -> int:
+        """Ingest or reject every settled entry; return how many were handled."""
+        (self.inbox / REJECTED).mkdir(parents=True, exist_ok=True)
+        handled = 0
+        now = time.time()
+        for entry in sorted(self.inbox.iterdir()):
+            if entry.name.startswith(".") or entry.name == REJECTED:
+                continue
+            if now - _newest_mtime(entry) < self.settle_s:
+                continue
+            self._handle(entry)
+            handled += 1
+        return handled
+
+    def _handle(self, entry: Path) -> None:
+        label = entry.name if entry.is_dir() else None
+        try:
+            files = _read_entry(entry)
+            result = self._accept(files, label)
+        except HemoTriageError as e:
+            self._reject(entry, e)
+            return
+        _remove(entry)
+        logger.info("inbox entry ingested into studies %s", result.study_ids)
+
+    def _reject(self, entry: Path, error: HemoTriageError) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = self.inbox / REJECTED / f"{stamp}-{entry.name}"
+        shutil.move(entry, target)
+        target.with_name(target.name + ".reason.txt").write_text(
+            f"{type(error).__name__}: {error}\n"
+        )
+        # The entry's name may carry a patient's name: log the error class only.
+        logger.warning("inbox entry rejected (%s); moved to %s/", type(error).__name__, REJECTED)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except (OSError, sqlite3.Error):
+                # A busy disk or a locked database is transient: the entry stays and is retried.
+                logger.exception("inbox scan failed; retrying in %.1f s", self.poll_s)
+            self._stop.wait(self.poll_s)
+
+
+def _read_entry(entry: Path) -> list[IncomingFile]:
+    paths = sorted(p for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else [entry]
+    files = []
+    for path in paths:
+        if any(part.startswith(".") for part in path.relative_to(entry.parent).parts):
+            continue
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageTooLargeError(f"{path.name}: {size} bytes exceeds {MAX_FILE_BYTES} bytes")
+        files.append(IncomingFile(path.name, path.read_bytes()))
+    return files
+
+
+def _newest_mtime(entry: Path) -> float:
+    if entry.is_dir():
+        return max((p.stat().st_mtime for p in entry.rglob("*")), default=entry.stat().st_mtime)
+    return entry.stat().st_mtime
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()

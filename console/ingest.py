@@ -1,0 +1,381 @@
+"""Accepting files: validate everything, then store durably, then queue.
+
+The API upload and the inbox watcher both call :func:`ingest`. Every file (zip
+archives expanded first) is decoded with :func:`client.decode.decode_bytes`
+before anything is written, so one bad file rejects the whole upload with the
+typed error of :mod:`client.errors` and leaves nothing behind. Accepted files
+are stored content-addressed under ``<STORAGE_DIR>/uploads`` (written to a
+temporary name, fsynced, renamed, folder fsynced), then their rows are
+committed in one transaction.
+
+Grouping: DICOM slices form one study per (StudyInstanceUID,
+SeriesInstanceUID); each PNG/JPEG is its own study unless a ``study`` label
+groups them (the same label in a later upload adds to the same study).
+
+    result = ingest(db, settings, [IncomingFile("slice.dcm", data)], source="api")
+    result.study_ids
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from werkzeug.utils import secure_filename
+
+from client.constants import PRIORITY_ROUTINE
+from client.decode import decode_bytes
+from client.limits import MAX_FILE_BYTES
+from client.registry import ModelSpec
+from console.errors import BadArchiveError, TooManyFilesError, UploadError
+from console.queue import StudyChange, refresh_study
+
+logger = logging.getLogger(__name__)
+
+_ZIP_MAGIC = b"PK\x03\x04"
+#: Longest ``study`` label a client may send.
+MAX_LABEL_CHARS = 128
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    """One file as received: the sender's name (untrusted) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Upload limits, from the app config.
+
+    Attributes:
+        max_files: Most files in one upload, after expanding zips.
+        max_zip_bytes: Most uncompressed bytes one zip may expand to.
+    """
+
+    max_files: int
+    max_zip_bytes: int
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an accepted upload became (``ingest_ms``: validation time of each new slice)."""
+
+    study_ids: list[int]
+    slice_ids: list[int]
+    duplicates: int
+    ingest_ms: list[float] = field(default_factory=list)
+    changes: list[StudyChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A decoded, accepted file waiting to be stored."""
+
+    name: str
+    data: bytes
+    sha256: str
+    suffix: str
+    study_key: str
+    label: str
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    instance_number: int | None
+    slice_position_mm: float | None
+    ingest_ms: float
+
+
+def expand(files: Iterable[IncomingFile], limits: IngestLimits) -> list[IncomingFile]:
+    """Replace each zip archive by its member files; check the count limit.
+
+    Raises:
+        UploadError: nothing to ingest.
+        BadArchiveError: a zip is damaged or holds an unsafe (absolute, ``..``) path.
+        TooManyFilesError: over ``limits.max_files`` files or ``limits.max_zip_bytes``.
+    """
+    out: list[IncomingFile] = []
+    for file in files:
+        if file.data.startswith(_ZIP_MAGIC):
+            out.extend(_unzip(file, limits))
+        else:
+            out.append(file)
+        if len(out) > limits.max_files:
+            raise TooManyFilesError(f"more than {limits.max_files} files in one upload")
+    if not out:
+        raise UploadError("no files in the upload (multipart field 'files')")
+    return out
+
+
+def check(files: list[IncomingFile], label: str | None) -> list[_Checked]:
+    """Decode every file and work out its study; nothing is written.
+
+    Args:
+        files: Expanded files.
+        label: The ``study`` label grouping PNG/JPEG files, or None.
+
+    Returns:
+        One entry per file, in the given order.
+
+    Raises:
+        UploadError: a bad label.
+        HemoTriageError: the first file that does not decode (typed, with its message).
+    """
+    if label is not None:
+        label = label.strip()
+        if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+            raise UploadError(f"'study' must be 1 to {MAX_LABEL_CHARS} printable characters")
+    checked = []
+    for file in files:
+        name = secure_filename(PurePosixPath(file.name.replace("\\", "/")).name) or "upload"
+        start = time.perf_counter()
+        image = decode_bytes(file.data, name)
+        ingest_ms = (time.perf_counter() - start) * 1000
+        meta = image.dicom
+        if meta is not None:
+            key = f"dicom:{meta.study_uid}/{meta.series_uid}"
+            study_label = meta.series_description or "DICOM series"
+            suffix = ".dcm"
+        else:
+            key = f"named:{label}" if label else f"upload:{uuid.uuid4().hex}"
+            study_label = label or name
+            suffix = ".png" if file.data.startswith(b"\x89PNG") else ".jpg"
+        checked.append(
+            _Checked(
+                name=name,
+                data=file.data,
+                sha256=hashlib.sha256(file.data).hexdigest(),
+                suffix=suffix,
+                study_key=key,
+                label=study_label,
+                study_uid=meta.study_uid if meta else None,
+                series_uid=meta.series_uid if meta else None,
+                sop_uid=meta.sop_uid if meta else None,
+                instance_number=meta.instance_number if meta else None,
+                slice_position_mm=meta.slice_position_mm if meta else None,
+                ingest_ms=ingest_ms,
+            )
+        )
+    return checked
+
+
+def ingest(
+    db: sqlite3.Connection,
+    storage_dir: Path,
+    spec: ModelSpec,
+    files: list[IncomingFile],
+    limits: IngestLimits,
+    *,
+    label: str | None = None,
+    source: str = "api",
+    priority: int = PRIORITY_ROUTINE,
+) -> IngestResult:
+    """Validate, store and queue an upload; all or nothing.
+
+    Args:
+        db: Connection outside any open transaction.
+        storage_dir: Root of stored uploads.
+        spec: Model whose thresholds set the status of studies that gain slices.
+        files: The upload as received (zips allowed).
+        limits: File count and zip size limits.
+        label: ``study`` label grouping PNG/JPEG files.
+        source: Where it came from (``api``, ``upload``, ``inbox``), shown on the worklist.
+        priority: Queue priority of the new slices (``PRIORITY_URGENT`` first).
+
+    Returns:
+        The studies touched, the new slice ids and how many files were duplicates.
+
+    Raises:
+        HemoTriageError: the typed reason the upload was refused; nothing is stored.
+    """
+    checked = check(expand(files, limits), label)
+    written = _store_files(storage_dir, checked)
+    try:
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            result = _insert(db, spec, checked, source, priority)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    logger.info(
+        "accepted %d slices (%d duplicates) into studies %s from %s",
+        len(result.slice_ids),
+        result.duplicates,
+        result.study_ids,
+        source,
+    )
+    return result
+
+
+def stored_path(storage_dir: Path, relative: str) -> Path:
+    """Absolute path of a stored upload, refusing anything outside ``storage_dir/uploads``."""
+    root = (Path(storage_dir) / "uploads").resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise UploadError("stored path escapes the upload folder")
+    return path
+
+
+def _insert(
+    db: sqlite3.Connection,
+    spec: ModelSpec,
+    checked: list[_Checked],
+    source: str,
+    priority: int,
+) -> IngestResult:
+    now = time.time()
+    study_ids: dict[str, int] = {}
+    slice_ids: list[int] = []
+    ingest_ms: list[float] = []
+    duplicates = 0
+    for item in checked:
+        if item.study_key not in study_ids:
+            row = db.execute(
+                "SELECT id FROM studies WHERE study_key = ?", (item.study_key,)
+            ).fetchone()
+            if row is None:
+                row = db.execute(
+                    "INSERT INTO studies (study_key, label, study_uid, series_uid, source, "
+                    "priority, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "RETURNING id",
+                    (
+                        item.study_key,
+                        item.label,
+                        item.study_uid,
+                        item.series_uid,
+                        source,
+                        priority,
+                        now,
+                        now,
+                    ),
+                ).fetchone()
+            study_ids[item.study_key] = row["id"]
+        cursor = db.execute(
+            "INSERT INTO slices (study_id, filename, stored_path, sha256, sop_uid, "
+            "instance_number, slice_position_mm, priority, queued_at, ingest_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_id, sha256) DO NOTHING "
+            "RETURNING id",
+            (
+                study_ids[item.study_key],
+                item.name,
+                _relative_path(item),
+                item.sha256,
+                item.sop_uid,
+                item.instance_number,
+                item.slice_position_mm,
+                priority,
+                now,
+                item.ingest_ms,
+            ),
+        )
+        row = cursor.fetchone()
+        if row is None:
+            duplicates += 1
+        else:
+            slice_ids.append(row["id"])
+            ingest_ms.append(item.ingest_ms)
+    touched = sorted(set(study_ids.values()))
+    changes = []
+    for study_id in touched:
+        if db.execute(
+            "SELECT 1 FROM slices WHERE study_id = ? AND status = 'queued'", (study_id,)
+        ).fetchone():
+            # New slices reopen a study: its earlier acknowledgement no longer covers them.
+            db.execute(
+                "UPDATE studies SET acknowledged_at = NULL, acknowledged_by = NULL WHERE id = ?",
+                (study_id,),
+            )
+            changes.append(refresh_study(db, study_id, spec))
+    return IngestResult(touched, slice_ids, duplicates, ingest_ms, changes)
+
+
+def _relative_path(item: _Checked) -> str:
+    return f"{item.sha256[:2]}/{item.sha256}{item.suffix}"
+
+
+def _store_files(storage_dir: Path, checked: list[_Checked]) -> list[Path]:
+    """Write each new file durably; return the paths this call created."""
+    written: list[Path] = []
+    try:
+        for item in checked:
+            path = stored_path(storage_dir, _relative_path(item))
+            if path.exists():
+                continue  # content-addressed: the same bytes are already on disk
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_durably(path, item.data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Temp file, fsync, atomic rename, fsync the folder: the file exists whole or not at all."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _unzip(file: IncomingFile, limits: IngestLimits) -> list[IncomingFile]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(file.data))
+        infos = [i for i in archive.infolist() if not i.is_dir()]
+        members = [i for i in infos if not _ignored_member(i.filename)]
+        if len(members) > limits.max_files:
+            raise TooManyFilesError(f"{file.name}: more than {limits.max_files} files")
+        # Declared sizes can lie; reading is capped below, this refuses honest bombs early.
+        if sum(i.file_size for i in members) > limits.max_zip_bytes:
+            raise TooManyFilesError(f"{file.name}: expands beyond {limits.max_zip_bytes} bytes")
+        out, total = [], 0
+        for info in members:
+            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+            if info.filename.startswith(("/", "\\")) or ".." in parts:
+                raise BadArchiveError(f"{file.name}: unsafe path {info.filename!r} in archive")
+            with archive.open(info) as member:
+                data = member.read(MAX_FILE_BYTES + 1)
+            total += len(data)
+            if len(data) > MAX_FILE_BYTES or total > limits.max_zip_bytes:
+                raise TooManyFilesError(f"{file.name}: a member expands beyond the limits")
+            out.append(IncomingFile(parts[-1], data))
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        NotImplementedError,
+    ) as e:
+        raise BadArchiveError(f"{file.name}: not a readable zip archive ({e})") from e
+    return out
+
+
+def _ignored_member(name: str) -> bool:
+    """Resource forks (macOS) and hidden files are not slices."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return not parts or parts[0] == "__MACOSX" or parts[-1].startswith(".")

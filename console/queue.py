@@ -1,0 +1,216 @@
+"""The persistent priority queue: slice rows in SQLite, claimed in batches.
+
+A slice moves ``queued -> processing -> classified | failed``. Claiming, releasing
+and finishing are each one transaction, so a crash leaves at worst some rows
+``processing``; :func:`requeue_stale` puts them back when the worker starts.
+A study's status follows from its slices (:func:`refresh_study`).
+
+    with db:
+        rows = claim(db, batch_size=16)
+    ...
+    with db:
+        finish(db, row["id"], probability=0.93, head_fraction=0.4, timings)
+        refresh_study(db, row["study_id"], spec)
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from client.registry import ModelSpec
+from client.series import series_score
+
+#: Study states that mean "a person still has to look at the result".
+FINISHED = ("flagged", "negative", "failed", "acknowledged")
+
+
+@dataclass(frozen=True)
+class SliceTimings:
+    """Per-stage latencies of one slice, in milliseconds."""
+
+    decode_ms: float
+    preprocess_ms: float
+    queue_wait_ms: float
+    inference_ms: float
+
+
+@dataclass(frozen=True)
+class StudyChange:
+    """A study's status before and after :func:`refresh_study`."""
+
+    study_id: int
+    before: str
+    after: str
+    newly_flagged: bool
+
+
+def requeue_stale(db: sqlite3.Connection) -> int:
+    """Put slices a crashed worker left ``processing`` back in the queue.
+
+    Returns:
+        How many slices were re-queued.
+    """
+    cursor = db.execute(
+        "UPDATE slices SET status = 'queued', started_at = NULL WHERE status = 'processing'"
+    )
+    return cursor.rowcount
+
+
+def claim(db: sqlite3.Connection, batch_size: int) -> list[sqlite3.Row]:
+    """Mark up to ``batch_size`` queued slices ``processing`` and return them.
+
+    The head of the queue is the most urgent priority (1 before 2), then the
+    oldest; the batch takes slices of that priority only, oldest study first,
+    so whole studies finish together.
+    """
+    head = db.execute(
+        "SELECT priority FROM slices WHERE status = 'queued' "
+        "ORDER BY priority, queued_at, id LIMIT 1"
+    ).fetchone()
+    if head is None:
+        return []
+    rows = db.execute(
+        "SELECT * FROM slices WHERE status = 'queued' AND priority = ? "
+        "ORDER BY queued_at, study_id, id LIMIT ?",
+        (head["priority"], batch_size),
+    ).fetchall()
+    now = time.time()
+    db.executemany(
+        "UPDATE slices SET status = 'processing', started_at = ?, attempts = attempts + 1 "
+        "WHERE id = ?",
+        [(now, row["id"]) for row in rows],
+    )
+    return [db.execute("SELECT * FROM slices WHERE id = ?", (r["id"],)).fetchone() for r in rows]
+
+
+def release(db: sqlite3.Connection, slice_ids: list[int]) -> None:
+    """Return claimed slices to the queue (the classifier was unreachable)."""
+    db.executemany(
+        "UPDATE slices SET status = 'queued', started_at = NULL WHERE id = ?",
+        [(i,) for i in slice_ids],
+    )
+
+
+def finish(
+    db: sqlite3.Connection,
+    slice_id: int,
+    probability: float,
+    head_fraction: float,
+    timings: SliceTimings,
+) -> None:
+    """Record a slice's probability and stage timings; it becomes ``classified``."""
+    db.execute(
+        "UPDATE slices SET status = 'classified', probability = ?, head_fraction = ?, "
+        "error = NULL, finished_at = ?, decode_ms = ?, preprocess_ms = ?, queue_wait_ms = ?, "
+        "inference_ms = ? WHERE id = ?",
+        (
+            probability,
+            head_fraction,
+            time.time(),
+            timings.decode_ms,
+            timings.preprocess_ms,
+            timings.queue_wait_ms,
+            timings.inference_ms,
+            slice_id,
+        ),
+    )
+
+
+def fail(db: sqlite3.Connection, slice_id: int, reason: str) -> None:
+    """Mark a slice ``failed`` with the reason shown to users."""
+    db.execute(
+        "UPDATE slices SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+        (reason, time.time(), slice_id),
+    )
+
+
+def depth(db: sqlite3.Connection) -> dict[str, int]:
+    """Number of slices in each state."""
+    counts = dict.fromkeys(("queued", "processing", "classified", "failed"), 0)
+    for row in db.execute("SELECT status, COUNT(*) AS n FROM slices GROUP BY status"):
+        counts[row["status"]] = row["n"]
+    return counts
+
+
+def ordered_slices(db: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
+    """A study's slices in anatomical order: DICOM position, instance number, file name."""
+    rows = db.execute("SELECT * FROM slices WHERE study_id = ?", (study_id,)).fetchall()
+    return sorted(rows, key=_anatomical_key)
+
+
+def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> StudyChange:
+    """Recompute a study's status, score and key slice from its slices.
+
+    Unfinished slices make it ``queued`` (none started) or ``processing``. Once
+    every slice is done, the classified ones are aggregated with
+    :func:`client.series.series_score` and compared with the spec's series
+    threshold (a single classified slice uses the slice threshold); a study with
+    no classified slice is ``failed``. An acknowledged study stays acknowledged.
+
+    Returns:
+        The status before and after, and whether the study has just been flagged.
+    """
+    study = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
+    slices = ordered_slices(db, study_id)
+    states = {s["status"] for s in slices}
+    now = time.time()
+    score = threshold = key_slice_id = None
+    finished_at = flagged_at = None
+    if states & {"queued", "processing"}:
+        started = bool(states - {"queued"})
+        status = "processing" if started else "queued"
+    else:
+        scored = [s for s in slices if s["status"] == "classified"]
+        finished_at = now
+        if not scored:
+            status = "failed"
+        else:
+            result = series_score(
+                [s["probability"] for s in scored], [s["head_fraction"] for s in scored]
+            )
+            threshold = spec.series_threshold if len(scored) > 1 else spec.threshold
+            score, key_slice_id = result.score, scored[result.key_index]["id"]
+            status = "flagged" if score >= threshold else "negative"
+            if status == "flagged":
+                flagged_at = study["flagged_at"] or now
+        if study["acknowledged_at"] is not None:
+            status = "acknowledged"
+    db.execute(
+        "UPDATE studies SET status = ?, score = ?, threshold = ?, key_slice_id = ?, "
+        "finished_at = ?, flagged_at = ?, model_name = ?, model_version = ?, updated_at = ? "
+        "WHERE id = ?",
+        (
+            status,
+            score,
+            threshold,
+            key_slice_id,
+            finished_at,
+            flagged_at,
+            spec.name,
+            model_version(spec),
+            now,
+            study_id,
+        ),
+    )
+    newly_flagged = status == "flagged" and study["flagged_at"] is None
+    return StudyChange(study_id, study["status"], status, newly_flagged)
+
+
+def model_version(spec: ModelSpec) -> str:
+    """Version shown with every result: the Triton version folder and the weights' hash."""
+    return f"1 (weights {spec.trained.weights_sha256[:12]})"
+
+
+def _anatomical_key(row: sqlite3.Row) -> tuple:
+    """Sort key after :func:`client.classify._order_key`: position, instance, then name."""
+    if row["slice_position_mm"] is not None:
+        return (0, row["slice_position_mm"], row["id"])
+    if row["instance_number"] is not None:
+        return (1, row["instance_number"], row["id"])
+    name = tuple(
+        (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", row["filename"])
+    )
+    return (2, name, row["id"])

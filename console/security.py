@@ -1,0 +1,72 @@
+"""CSRF protection and security headers for every response.
+
+Session-authenticated requests that change state (POST, PUT, PATCH, DELETE)
+must carry the session's CSRF token, as the form field ``csrf_token`` or the
+``X-CSRF-Token`` header (the upload page's fetch sends the header). Bearer-token
+clients send no cookies, so CSRF cannot reach them and they are exempt.
+Templates get the token as ``csrf_token()``; base.html puts it in a meta tag.
+
+    <input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+
+from flask import Flask, g, request, session
+
+from console.errors import CsrfError
+
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Scripts, styles and connections from this origin only; no inline code, no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+def csrf_token() -> str:
+    """This session's CSRF token, created on first use."""
+    if "csrf_token" not in session:
+        session["csrf_token"] = secrets.token_urlsafe(32)
+    return session["csrf_token"]
+
+
+def check_csrf() -> None:
+    """Refuse a state-changing, cookie-authenticated request without the right token.
+
+    Raises:
+        CsrfError: the token is missing or wrong.
+    """
+    if request.method not in _UNSAFE_METHODS or g.get("via") == "token":
+        return
+    sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
+    expected = session.get("csrf_token", "")
+    if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
+        raise CsrfError("missing or wrong CSRF token; reload the page and try again")
+
+
+def add_security_headers(response):
+    """Set the headers of :data:`SECURITY_HEADERS` (and no caching of pages with PHI)."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.endpoint != "static":
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Install the CSRF check (after the identity is known) and the header hook."""
+    app.before_request(check_csrf)
+    app.after_request(add_security_headers)
+    app.jinja_env.globals["csrf_token"] = csrf_token

@@ -1,0 +1,153 @@
+"""The console's long-lived parts, one set per app: events, metrics, worker, inbox.
+
+:func:`console.create_app` builds a :class:`Services` and keeps it in
+``app.extensions["hemotriage"]``; nothing starts until :meth:`Services.start`
+(gunicorn's ``post_worker_init`` hook calls it in the one worker process, and
+tests call it when they need the threads). :meth:`Services.accept` is the one
+ingest entry point for the API, the upload page and the inbox.
+
+    services = current_services()
+    result = services.accept(files, label=None, source="api")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask, current_app
+
+from client.constants import PRIORITY_ROUTINE
+from client.registry import ModelSpec, get_model
+from console.db import connect
+from console.events import EventBroker
+from console.inbox import InboxWatcher
+from console.ingest import IncomingFile, IngestLimits, IngestResult, ingest
+from console.metrics import ConsoleMetrics
+from console.priority import PriorityRule
+from console.render import CamRenderer
+from console.worker import QueueWorker, WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_KEY = "hemotriage"
+
+
+@dataclass
+class Services:
+    """Everything that outlives a request.
+
+    Attributes:
+        spec: The configured model.
+        storage_dir: Root of stored uploads.
+        database: SQLite file.
+        limits: Upload limits.
+        rule: Worklist priority rule.
+        broker: SSE fan-out.
+        metrics: Prometheus metrics.
+        worker: The queue worker.
+        inbox: The inbox watcher, or None when ``INBOX_DIR`` is empty.
+        cam: Grad-CAM overlays of the configured model.
+    """
+
+    spec: ModelSpec
+    storage_dir: Path
+    database: Path
+    limits: IngestLimits
+    rule: PriorityRule
+    broker: EventBroker
+    metrics: ConsoleMetrics
+    worker: QueueWorker
+    inbox: InboxWatcher | None
+    cam: CamRenderer
+
+    @classmethod
+    def from_app(cls, app: Flask) -> Services:
+        """Build (without starting) the services from ``app.config``."""
+        config = app.config
+        database = Path(config["DATABASE"])
+        broker = EventBroker()
+        metrics = ConsoleMetrics(database)
+        services = cls(
+            spec=get_model(config["MODEL_NAME"]),
+            storage_dir=Path(config["STORAGE_DIR"]),
+            database=database,
+            limits=IngestLimits(
+                int(config["MAX_UPLOAD_FILES"]), int(config["MAX_ZIP_UNCOMPRESSED_BYTES"])
+            ),
+            rule=PriorityRule.from_config(config),
+            broker=broker,
+            metrics=metrics,
+            worker=QueueWorker(WorkerSettings.from_config(config), broker, metrics),
+            inbox=None,
+            cam=CamRenderer(get_model(config["MODEL_NAME"])),
+        )
+        if config["INBOX_DIR"]:
+            services.inbox = InboxWatcher(
+                Path(config["INBOX_DIR"]),
+                float(config["INBOX_POLL_S"]),
+                float(config["INBOX_SETTLE_S"]),
+                lambda files, label: services.accept(files, label, source="inbox"),
+            )
+        return services
+
+    def accept(
+        self,
+        files: list[IncomingFile],
+        label: str | None,
+        source: str,
+        priority: int = PRIORITY_ROUTINE,
+    ) -> IngestResult:
+        """Ingest an upload, publish the studies it touched and wake the worker.
+
+        Raises:
+            HemoTriageError: the typed reason the upload was refused (nothing stored).
+        """
+        db = connect(self.database)
+        try:
+            result = ingest(
+                db,
+                self.storage_dir,
+                self.spec,
+                files,
+                self.limits,
+                label=label,
+                source=source,
+                priority=priority,
+            )
+        finally:
+            db.close()
+        for ingest_ms in result.ingest_ms:
+            self.metrics.stage_seconds.labels("ingest").observe(ingest_ms / 1000)
+        for change in result.changes:
+            self.broker.publish(
+                "study",
+                {
+                    "id": change.study_id,
+                    "status": change.after,
+                    "before": change.before,
+                    "alert": False,
+                },
+            )
+        self.worker.wake()
+        return result
+
+    def start(self) -> None:
+        """Start the worker and the inbox watcher threads."""
+        self.worker.start()
+        if self.inbox is not None:
+            self.inbox.start()
+        logger.info("console services started (model %s)", self.spec.name)
+
+    def stop(self) -> None:
+        """Stop the threads (the current batch finishes first)."""
+        if self.inbox is not None:
+            self.inbox.stop()
+        self.worker.stop()
+        self.cam.release()
+
+
+def current_services() -> Services:
+    """The services of the app handling this request."""
+    return current_app.extensions[EXTENSION_KEY]

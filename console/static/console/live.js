@@ -1,0 +1,90 @@
+// Live updates on every page: one EventSource on /api/stream, the flagged-study
+// banner, a WebAudio tone and a browser Notification for each new alert.
+// Other scripts listen for "hemotriage:study" events on document.
+(function () {
+  "use strict";
+  const banner = document.getElementById("alert-banner");
+  const bannerText = document.getElementById("alert-text");
+  const connection = document.getElementById("connection");
+  const enableButton = document.getElementById("enable-alerts");
+  let audio = null;
+
+  function beep() {
+    if (!audio) return;
+    // Three short 880 Hz tones: audible over ward noise, distinct from monitor alarms.
+    const start = audio.currentTime;
+    for (let i = 0; i < 3; i += 1) {
+      const osc = audio.createOscillator();
+      const gain = audio.createGain();
+      osc.frequency.value = 880;
+      gain.gain.setValueAtTime(0.3, start + i * 0.3);
+      gain.gain.setValueAtTime(0, start + i * 0.3 + 0.18);
+      osc.connect(gain).connect(audio.destination);
+      osc.start(start + i * 0.3);
+      osc.stop(start + i * 0.3 + 0.2);
+    }
+  }
+
+  function notify(study) {
+    if (!("Notification" in window) || Notification.permission !== "granted") return;
+    const n = new Notification("HemoTriage: possible hemorrhage", {
+      body: "Study " + study.id + " (" + study.label + ") is flagged, score " +
+        (study.score || 0).toFixed(2),
+      requireInteraction: true,
+      tag: "study-" + study.id,
+    });
+    n.onclick = function () { window.focus(); window.location = "/studies/" + study.id; };
+  }
+
+  function renderBanner(flagged) {
+    bannerText.replaceChildren();
+    if (flagged.length === 0) { banner.hidden = true; return; }
+    flagged.forEach(function (study, i) {
+      if (i > 0) bannerText.append(", ");
+      const link = document.createElement("a");
+      link.href = "/studies/" + study.id;
+      link.className = "alert-link";
+      link.dataset.study = study.id;
+      link.textContent = "study " + study.id + " (" + study.label + ", score " +
+        (study.score || 0).toFixed(2) + ")";
+      bannerText.append(link);
+    });
+    bannerText.append(" — open and acknowledge.");
+    banner.hidden = false;
+  }
+
+  function refresh(alertId) {
+    return fetch("/api/studies", { headers: { Accept: "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+      .then(function (data) {
+        renderBanner(data.studies.filter(function (s) { return s.status === "flagged"; }));
+        if (alertId !== undefined) {
+          const study = data.studies.find(function (s) { return s.id === alertId; });
+          if (study) { beep(); notify(study); }
+        }
+        document.dispatchEvent(new CustomEvent("hemotriage:worklist", { detail: data }));
+      })
+      .catch(function (status) { if (status === 401) window.location = "/auth/login"; });
+  }
+
+  enableButton.addEventListener("click", function () {
+    // Browsers start audio and ask for notifications only after a user gesture.
+    audio = audio || new (window.AudioContext || window.webkitAudioContext)();
+    audio.resume();
+    if ("Notification" in window && Notification.permission === "default") {
+      Notification.requestPermission();
+    }
+    enableButton.textContent = "Sound on";
+    beep();
+  });
+
+  const source = new EventSource("/api/stream");
+  source.addEventListener("open", function () { connection.hidden = true; });
+  source.addEventListener("error", function () { connection.hidden = false; });
+  source.addEventListener("study", function (event) {
+    const data = JSON.parse(event.data);
+    document.dispatchEvent(new CustomEvent("hemotriage:study", { detail: data }));
+    refresh(data.alert ? data.id : undefined);
+  });
+  refresh();
+})();

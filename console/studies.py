@@ -1,0 +1,143 @@
+"""Reading studies for the worklist, the study page and the JSON API.
+
+Queries shared by the pages and the API:
+
+    rows = worklist(get_db(), rule)        # ordered, with each study's priority terms
+    study = get_study(get_db(), 7)         # raises StudyNotFoundError
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import asdict
+
+from console.db import audit
+from console.errors import ConflictError, StudyNotFoundError
+from console.priority import PriorityRule
+from console.queue import FINISHED, ordered_slices
+
+#: Study columns the API returns (study_key is internal).
+_PUBLIC_COLUMNS = (
+    "id",
+    "label",
+    "study_uid",
+    "series_uid",
+    "source",
+    "status",
+    "score",
+    "threshold",
+    "key_slice_id",
+    "model_name",
+    "model_version",
+    "received_at",
+    "finished_at",
+    "flagged_at",
+    "acknowledged_at",
+    "acknowledged_by",
+)
+_SLICE_COLUMNS = (
+    "id",
+    "filename",
+    "sop_uid",
+    "instance_number",
+    "slice_position_mm",
+    "status",
+    "probability",
+    "head_fraction",
+    "error",
+    "attempts",
+    "ingest_ms",
+    "decode_ms",
+    "preprocess_ms",
+    "queue_wait_ms",
+    "inference_ms",
+)
+
+
+def get_study(db: sqlite3.Connection, study_id: int) -> sqlite3.Row:
+    """One study row.
+
+    Raises:
+        StudyNotFoundError: no such study.
+    """
+    row = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
+    if row is None:
+        raise StudyNotFoundError(f"no study {study_id}")
+    return row
+
+
+def study_json(
+    study: sqlite3.Row, rule: PriorityRule, now: float, slice_counts: dict[str, int] | None = None
+) -> dict:
+    """A study as the API returns it, with its priority terms and time to alert."""
+    out = {k: study[k] for k in _PUBLIC_COLUMNS}
+    terms = rule.explain(study, now)
+    out["priority"] = {
+        "total": round(terms.total, 3),
+        **{k: round(v, 3) for k, v in asdict(terms).items()},
+    }
+    out["time_to_alert_s"] = (
+        study["flagged_at"] - study["received_at"] if study["flagged_at"] else None
+    )
+    out["slices"] = slice_counts or {}
+    return out
+
+
+def worklist(db: sqlite3.Connection, rule: PriorityRule, limit: int = 500) -> list[dict]:
+    """The most recent studies as JSON, highest priority first."""
+    now = time.time()
+    studies = db.execute(
+        "SELECT * FROM studies ORDER BY received_at DESC LIMIT ?", (limit,)
+    ).fetchall()
+    counts: dict[int, dict[str, int]] = {}
+    for row in db.execute(
+        "SELECT study_id, status, COUNT(*) AS n FROM slices GROUP BY study_id, status"
+    ):
+        counts.setdefault(row["study_id"], {})[row["status"]] = row["n"]
+    items = [study_json(s, rule, now, counts.get(s["id"], {})) for s in studies]
+    items.sort(key=lambda s: (-s["priority"]["total"], s["received_at"]))
+    return items
+
+
+def study_detail(db: sqlite3.Connection, study_id: int, rule: PriorityRule) -> dict:
+    """One study with every slice (key slice first, then anatomical order).
+
+    Raises:
+        StudyNotFoundError: no such study.
+    """
+    study = get_study(db, study_id)
+    slices = [{k: s[k] for k in _SLICE_COLUMNS} for s in ordered_slices(db, study_id)]
+    counts: dict[str, int] = {}
+    for s in slices:
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    out = study_json(study, rule, time.time(), counts)
+    out["slice_list"] = sorted(slices, key=lambda s: s["id"] != study["key_slice_id"])
+    return out
+
+
+def acknowledge(db: sqlite3.Connection, study_id: int, username: str) -> sqlite3.Row:
+    """Record that ``username`` has seen a finished study's result, in the audit log.
+
+    Raises:
+        StudyNotFoundError: no such study.
+        ConflictError: the study is still queued or processing, or already acknowledged.
+    """
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        study = get_study(db, study_id)
+        if study["status"] == "acknowledged":
+            raise ConflictError(
+                f"study {study_id} was acknowledged by {study['acknowledged_by']} already"
+            )
+        if study["status"] not in FINISHED:
+            raise ConflictError(f"study {study_id} is still {study['status']}")
+        now = time.time()
+        db.execute(
+            "UPDATE studies SET status = 'acknowledged', acknowledged_at = ?, "
+            "acknowledged_by = ?, updated_at = ? WHERE id = ?",
+            (now, username, now, study_id),
+        )
+        score = f"{study['score']:.3f}" if study["score"] is not None else "none"
+        audit(db, username, "acknowledge", study_id, f"was {study['status']}, score {score}")
+    return get_study(db, study_id)

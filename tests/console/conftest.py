@@ -1,0 +1,337 @@
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks.phantoms import Lesion, SeriesIds, head_phantom, phantom_dicom
+from build_engines.data import data_dir_from_env
+from console import create_app
+from console.auth import create_token, create_user
+from console.db import connect
+from console.services import EXTENSION_KEY
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN = ("admin", "correct horse battery")
+NURSE = ("nurse", "another long password")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = data_dir_from_env()
+    if not (path / "kaggle_head_ct" / "head_ct").exists():
+        pytest.skip(f"labelled data not found at {path} (set HEMOTRIAGE_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kaggle_png(shared_data) -> Path:
+    """A real hemorrhage slice (kaggle id 0, label 1)."""
+    return shared_data / "kaggle_head_ct" / "head_ct" / "000.png"
+
+
+@pytest.fixture(scope="session")
+def normal_png(shared_data) -> Path:
+    """A real normal slice (kaggle id 150, label 0)."""
+    return shared_data / "kaggle_head_ct" / "head_ct" / "150.png"
+
+
+@pytest.fixture(scope="session")
+def cq500_series(shared_data) -> list[Path]:
+    folder = shared_data / "cq500_ct1" / "series_thin_every8"
+    if not folder.exists():
+        pytest.skip(f"CQ500 series not found at {folder}")
+    return sorted(folder.glob("*.dcm"))
+
+
+def _dicom_bytes(dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _phantom_series(slices: int = 3, lesion: bool = True, size: int = 256) -> list[bytes]:
+    """A synthetic head series (one StudyInstanceUID/SeriesInstanceUID), as DICOM bytes."""
+    ids = SeriesIds.new()
+    spot = Lesion(0.2, -0.1, 0.1) if lesion else None
+    return [
+        _dicom_bytes(phantom_dicom(head_phantom(size, lesion=spot), ids, i + 1, 5.0 * i))
+        for i in range(slices)
+    ]
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def make_app(storage: Path, **overrides):
+    config = {
+        "TESTING": True,
+        "STORAGE_DIR": str(storage),
+        "CLASSIFIER": "local",
+        "WORKER_POLL_S": 0.05,
+        "BACKOFF_INITIAL_S": 0.05,
+        "BACKOFF_MAX_S": 0.4,
+        "INBOX_POLL_S": 0.1,
+        "INBOX_SETTLE_S": 0.0,
+        "SSE_KEEPALIVE_S": 0.2,
+    }
+    config.update(overrides)
+    return create_app(config)
+
+
+@pytest.fixture
+def storage(tmp_path) -> Path:
+    return tmp_path / "storage"
+
+
+@pytest.fixture
+def app(storage):
+    app = make_app(storage)
+    db = connect(app.config["DATABASE"])
+    create_user(db, *ADMIN, is_admin=True)
+    create_user(db, *NURSE)
+    db.close()
+    yield app
+    app.extensions[EXTENSION_KEY].stop()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def services(app):
+    return app.extensions[EXTENSION_KEY]
+
+
+def csrf(client) -> str:
+    """The session's CSRF token (created the way a page render creates it)."""
+    page = client.get("/auth/login")
+    match = re.search(r'name="csrf-token" content="([^"]+)"', page.get_data(as_text=True))
+    return match.group(1)
+
+
+class Auth:
+    def __init__(self, client):
+        self._client = client
+
+    def login(self, username=ADMIN[0], password=ADMIN[1]):
+        return self._client.post(
+            "/auth/login",
+            data={"username": username, "password": password, "csrf_token": csrf(self._client)},
+        )
+
+    def headers(self) -> dict:
+        """Headers a logged-in page's fetch sends."""
+        return {"X-CSRF-Token": csrf(self._client)}
+
+
+@pytest.fixture
+def auth(client):
+    return Auth(client)
+
+
+@pytest.fixture
+def logged_in(client, auth):
+    assert auth.login().status_code == 302
+    return client
+
+
+@pytest.fixture
+def token(app) -> str:
+    db = connect(app.config["DATABASE"])
+    try:
+        return create_token(db, ADMIN[0], "tests")
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def api(app, token):
+    """A machine client: Bearer token, no cookies, no CSRF."""
+    client = app.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
+def _upload(client, files: list[tuple[str, bytes]], **form):
+    data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
+    return client.post("/api/scans", data=data, content_type="multipart/form-data")
+
+
+def _drain(services) -> int:
+    """Run the worker synchronously until the queue is empty; return slices finished."""
+    done = 0
+    while (n := services.worker.run_once()) > 0:
+        done += n
+    return done
+
+
+def _rows(app, sql: str, *params) -> list:
+    db = connect(app.config["DATABASE"])
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def dicom_bytes():
+    return _dicom_bytes
+
+
+@pytest.fixture
+def phantom_series():
+    return _phantom_series
+
+
+@pytest.fixture
+def zip_bytes():
+    return _zip_bytes
+
+
+@pytest.fixture
+def upload():
+    return _upload
+
+
+@pytest.fixture
+def drain():
+    return _drain
+
+
+@pytest.fixture
+def db_rows(app):
+    return lambda sql, *params: _rows(app, sql, *params)
+
+
+@pytest.fixture
+def app_factory():
+    """Build further apps (a restarted console) on a storage folder; stopped at teardown."""
+    made = []
+
+    def build(storage: Path, **overrides):
+        made.append(make_app(storage, **overrides))
+        return made[-1]
+
+    yield build
+    for built in made:
+        built.extensions[EXTENSION_KEY].stop()
+
+
+@pytest.fixture
+def token_for():
+    """An admin API token for another app (the admin is created if missing)."""
+
+    def issue(app) -> str:
+        db = connect(app.config["DATABASE"])
+        try:
+            if db.execute("SELECT 1 FROM users WHERE username = ?", (ADMIN[0],)).fetchone() is None:
+                create_user(db, *ADMIN, is_admin=True)
+            return create_token(db, ADMIN[0], "tests")
+        finally:
+            db.close()
+
+    return issue
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ConsoleServer:
+    """gunicorn with console/gunicorn.conf.py, in-process classifier, on a free port."""
+
+    def __init__(self, storage: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "HEMOTRIAGE_STORAGE_DIR": str(storage),
+            "HEMOTRIAGE_CLASSIFIER": "local",
+            "HEMOTRIAGE_CONSOLE_BIND": f"127.0.0.1:{self.port}",
+            "HEMOTRIAGE_CONSOLE_THREADS": "8",
+            "HEMOTRIAGE_ADMIN_PASSWORD": ADMIN[1],
+        }
+        self.log = storage.parent / "gunicorn.log"
+        self.process = None
+
+    def start(self):
+        bin_dir = Path(sys.executable).parent
+        subprocess.run(
+            [sys.executable, "-m", "console", "create-admin", "--username", "admin"],
+            env=self.env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        self.process = subprocess.Popen(
+            [str(bin_dir / "gunicorn"), "-c", "console/gunicorn.conf.py"],
+            env=self.env,
+            cwd=REPO,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not answer:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+    def token(self) -> str:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "console",
+                "create-token",
+                "--username",
+                "admin",
+                "--name",
+                "tests",
+            ],
+            env=self.env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def console_server(tmp_path):
+    server = ConsoleServer(tmp_path / "storage").start()
+    yield server
+    server.stop()

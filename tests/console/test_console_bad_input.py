@@ -1,0 +1,138 @@
+"""Every bad upload gets the right 4xx with the typed error, and leaves nothing behind."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.limits import MIN_SIDE_PX
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb_png(side: int) -> bytes:
+    """A valid PNG header claiming side x side pixels (the decoder must refuse before decoding)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _dicom(dicom_bytes, phantom_series, **changes) -> bytes:
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(phantom_series(1)[0]))
+    for key, value in changes.items():
+        if value is None:
+            delattr(dataset, key)
+        else:
+            setattr(dataset, key, value)
+    return dicom_bytes(dataset)
+
+
+CASES = {
+    "empty file": (lambda f: [("empty.png", b"")], 422, "EmptyFileError"),
+    "text file": (lambda f: [("notes.txt", b"hello, not an image")], 415, "InvalidImageError"),
+    "truncated png": (lambda f: [("cut.png", f["real"][:1500])], 422, "TruncatedFileError"),
+    "tiny png": (
+        lambda f: [("tiny.png", _png(np.zeros((MIN_SIDE_PX - 1,) * 2, np.uint8)))],
+        422,
+        "ImageTooSmallError",
+    ),
+    "decompression bomb": (lambda f: [("bomb.png", _bomb_png(20000))], 413, "ImageTooLargeError"),
+    "mr dicom": (lambda f: [("mr.dcm", f["mr"])], 422, "UnsupportedModalityError"),
+    "dicom without pixels": (lambda f: [("sr.dcm", f["nopixels"])], 422, "MissingPixelDataError"),
+    "truncated dicom": (lambda f: [("cut.dcm", f["ct"][:-1000])], 422, "TruncatedFileError"),
+    "bad zip": (lambda f: [("series.zip", b"PK\x03\x04garbage")], 400, "BadArchiveError"),
+    "zip slip": (lambda f: [("evil.zip", f["zipslip"])], 400, "BadArchiveError"),
+    "zip with a bad member": (lambda f: [("mixed.zip", f["badzip"])], 415, "InvalidImageError"),
+    "good file plus a bad one": (
+        lambda f: [("ok.dcm", f["ct"]), ("bad.txt", b"nope")],
+        415,
+        "InvalidImageError",
+    ),
+}
+
+
+@pytest.fixture
+def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes):
+    ct = phantom_series(1)[0]
+    return {
+        "real": kaggle_png.read_bytes(),
+        "ct": ct,
+        "mr": _dicom(dicom_bytes, phantom_series, Modality="MR"),
+        "nopixels": _dicom(dicom_bytes, phantom_series, PixelData=None),
+        "zipslip": zip_bytes({"../../outside.dcm": ct}),
+        "badzip": zip_bytes({"a.dcm": ct, "readme.txt": b"not a slice"}),
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_upload_gets_typed_4xx_and_stores_nothing(api, upload, corpus, storage, db_rows, case):
+    make_files, status, error = CASES[case]
+    response = upload(api, make_files(corpus))
+    assert response.status_code == status, response.get_json()
+    body = response.get_json()
+    assert body["error"] == error and body["message"]
+    assert db_rows("SELECT * FROM studies") == []
+    assert db_rows("SELECT * FROM slices") == []
+    uploads = storage / "uploads"
+    assert not uploads.exists() or not any(p.is_file() for p in uploads.rglob("*"))
+
+
+def test_upload_without_files_is_400(api):
+    response = api.post("/api/scans", data={}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "UploadError"
+
+
+@pytest.mark.parametrize(
+    ("form", "error"),
+    [
+        ({"priority": "asap"}, "UploadError"),
+        ({"study": "x" * 129}, "UploadError"),
+        ({"study": "tab\there"}, "UploadError"),
+    ],
+)
+def test_bad_form_fields_are_400(api, upload, kaggle_png, form, error):
+    response = upload(api, [("a.png", kaggle_png.read_bytes())], **form)
+    assert response.status_code == 400
+    assert response.get_json()["error"] == error
+
+
+def test_body_over_max_content_length_is_413(app_factory, storage, token_for):
+    small = app_factory(storage, MAX_CONTENT_LENGTH=10_000)
+    client = small.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(small)}"
+    data = {"files": [(io.BytesIO(b"\0" * 20_000), "big.dcm")]}
+    response = client.post("/api/scans", data=data, content_type="multipart/form-data")
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "RequestTooLargeError"
+
+
+def test_too_many_files_is_413(app_factory, storage, token_for, phantom_series):
+    small = app_factory(storage, MAX_UPLOAD_FILES=2)
+    client = small.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(small)}"
+    data = {"files": [(io.BytesIO(d), f"{i}.dcm") for i, d in enumerate(phantom_series(3))]}
+    response = client.post("/api/scans", data=data, content_type="multipart/form-data")
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "TooManyFilesError"
+
+
+def test_path_in_file_name_is_reduced_to_a_safe_name(api, upload, phantom_series, storage, db_rows):
+    upload(api, [("../../etc/passwd.dcm", phantom_series(1)[0])])
+    (row,) = db_rows("SELECT filename, stored_path FROM slices")
+    assert row["filename"] == "passwd.dcm"
+    stored = (storage / "uploads" / row["stored_path"]).resolve()
+    assert stored.is_relative_to((storage / "uploads").resolve())

@@ -1,0 +1,106 @@
+"""Headless Debian chromium: log in, upload a real hemorrhage slice, see the alert live."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from client.classify import LocalClassifier
+from client.decode import decode_file
+from client.preprocess import preprocess
+from client.registry import get_model
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def flagged_slice(shared_data) -> Path:
+    """The first real hemorrhage slice (kaggle ids 0-19, label 1) the model flags."""
+    import numpy as np
+
+    spec = get_model("mobilenet_v2")
+    candidates = [shared_data / "kaggle_head_ct" / "head_ct" / f"{i:03d}.png" for i in range(20)]
+    batch = np.stack([preprocess(decode_file(p), spec) for p in candidates])
+    probabilities = LocalClassifier(spec).predict(batch)
+    for path, p in zip(candidates, probabilities, strict=True):
+        if p >= spec.threshold:
+            return path
+    pytest.skip("the committed model flags none of kaggle hemorrhage slices 0-19")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install ...)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_upload_raises_the_alert_on_every_open_screen_without_reload(
+    console_server, browser, flagged_slice, tmp_path
+):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The worklist redraws its rows on every event: re-find elements instead of holding them.
+    wait = WebDriverWait(
+        browser, 90, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+    )
+    base = console_server.url.replace("127.0.0.1", "localhost")  # Secure cookies: localhost
+    browser.get(base + "/")
+    assert "/auth/login" in browser.current_url
+    browser.find_element(By.ID, "username").send_keys("admin")
+    browser.find_element(By.ID, "password").send_keys("correct horse battery")
+    browser.find_element(By.ID, "login").click()
+    wait.until(ec.presence_of_element_located((By.ID, "worklist-rows")))
+    wait.until(lambda d: "No studies yet" in d.find_element(By.ID, "worklist-rows").text)
+    worklist_tab = browser.current_window_handle
+    browser.execute_script("window.notReloaded = true;")
+
+    browser.switch_to.new_window("tab")
+    browser.get(base + "/upload")
+    browser.find_element(By.ID, "file-input").send_keys(str(flagged_slice))
+    browser.find_element(By.ID, "upload-button").click()
+    wait.until(lambda d: "Accepted into" in d.find_element(By.ID, "upload-result").text)
+
+    banner = wait.until(ec.visibility_of_element_located((By.ID, "alert-banner")))
+    assert "Possible intracranial hemorrhage" in banner.text
+
+    browser.switch_to.window(worklist_tab)
+    banner = wait.until(ec.visibility_of_element_located((By.ID, "alert-banner")))
+    wait.until(
+        lambda d: "flagged" in d.find_element(By.CSS_SELECTOR, "tr.row-flagged").text.lower()
+    )
+    assert browser.execute_script("return window.notReloaded === true;")
+    screenshot = tmp_path / "worklist-alert.png"  # kept under pytest's tmp folder
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+    browser.find_element(By.CSS_SELECTOR, "#alert-banner a.alert-link").click()
+    wait.until(ec.presence_of_element_located((By.ID, "main-slice")))
+    browser.find_element(By.ID, "acknowledge").click()
+    wait.until(lambda d: "acknowledged" in d.find_element(By.ID, "study-status").text.lower())
+    assert not browser.find_element(By.ID, "alert-banner").is_displayed()

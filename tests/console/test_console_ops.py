@@ -1,0 +1,86 @@
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def test_healthz_is_open_and_ok(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+def test_readyz_checks_database_and_classifier(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json() == {"ready": True, "checks": {"database": "ok", "classifier": "ok"}}
+
+
+def test_config_comes_from_prefixed_env_then_test_config(monkeypatch, tmp_path):
+    from console import create_app
+
+    monkeypatch.setenv("HEMOTRIAGE_BATCH_SIZE", "8")
+    monkeypatch.setenv("HEMOTRIAGE_TRITON_URL", "triton.internal:9001")
+    monkeypatch.setenv("HEMOTRIAGE_PRIORITY_WEIGHT_SCORE", "10")
+    app = create_app({"STORAGE_DIR": str(tmp_path), "PRIORITY_WEIGHT_SCORE": 20.0})
+    assert app.config["BATCH_SIZE"] == 8
+    assert app.config["TRITON_URL"] == "triton.internal:9001"
+    assert app.config["PRIORITY_WEIGHT_SCORE"] == 20.0
+    assert app.config["CLASSIFIER"] == "triton" and app.config["TRITON_PROTOCOL"] == "grpc"
+    assert Path(app.config["DATABASE"]) == tmp_path / "hemotriage.sqlite"
+    assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+    again = create_app({"STORAGE_DIR": str(tmp_path)})
+    assert again.config["SECRET_KEY"] == app.config["SECRET_KEY"]  # sessions survive restarts
+
+
+@pytest.mark.parametrize(("key", "value"), [("CLASSIFIER", "cloud"), ("TRITON_PROTOCOL", "udp")])
+def test_invalid_settings_fail_at_start(tmp_path, key, value):
+    from console import create_app
+
+    with pytest.raises(ValueError, match=key):
+        create_app({"STORAGE_DIR": str(tmp_path), key: value})
+
+
+def test_database_runs_in_wal_mode(app, db_rows):
+    assert db_rows("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_gunicorn_runs_one_worker_thread_that_classifies_uploads(console_server, kaggle_png):
+    import json
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + kaggle_png.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        console_server.url + "/api/scans",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Authorization": f"Bearer {console_server.token()}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        study_id = json.load(response)["study_id"]
+    deadline = time.monotonic() + 90
+    status = "queued"
+    while time.monotonic() < deadline and status in ("queued", "processing"):
+        time.sleep(0.3)
+        get = urllib.request.Request(
+            console_server.url + f"/api/studies/{study_id}",
+            headers={"Authorization": request.headers["Authorization"]},
+        )
+        with urllib.request.urlopen(get, timeout=10) as response:
+            status = json.load(response)["status"]
+    assert status in ("flagged", "negative")
+    console_server.stop()
+    log = console_server.log.read_text()
+    assert log.count("console services started") == 1
+    assert "000.png" not in log and "a.png" not in log  # file names (possible PHI) stay out

@@ -1,0 +1,163 @@
+import socket
+import time
+
+import pytest
+
+from console import queue
+from console.db import connect
+from console.services import EXTENSION_KEY
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout_s: float = 120.0, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def test_restart_requeues_processing_slices_and_finishes_them(
+    app, api, upload, phantom_series, app_factory, storage, db_rows
+):
+    study_id = upload(api, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))]).get_json()[
+        "study_id"
+    ]
+    db = connect(app.config["DATABASE"])
+    with db:
+        claimed = queue.claim(db, batch_size=2)  # the "crashed" worker took two slices
+    db.close()
+    assert len(claimed) == 2
+    assert {r["status"] for r in db_rows("SELECT status FROM slices")} == {"processing", "queued"}
+
+    restarted = app_factory(storage)  # a new process on the same database
+    restarted.extensions[EXTENSION_KEY].start()
+    assert _wait_for(
+        lambda: {r["status"] for r in db_rows("SELECT status FROM slices")} == {"classified"}
+    )
+    (study,) = db_rows("SELECT * FROM studies WHERE id = ?", study_id)
+    assert study["status"] in ("flagged", "negative")
+    attempts = [r["attempts"] for r in db_rows("SELECT attempts FROM slices ORDER BY id")]
+    assert sorted(attempts) == [1, 2, 2]
+
+
+def _triton_app(app_factory, storage, port: int):
+    return app_factory(
+        storage,
+        CLASSIFIER="triton",
+        TRITON_URL=f"localhost:{port}",
+        TRITON_PROTOCOL="grpc",
+        TRITON_TIMEOUT_S=5.0,
+    )
+
+
+def test_worker_backs_off_while_triton_is_unreachable_and_keeps_the_queue(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    console = _triton_app(app_factory, storage, _free_port())
+    services = console.extensions[EXTENSION_KEY]
+    client = console.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"
+    assert upload(client, [("p.dcm", phantom_series(1)[0])]).status_code == 201
+    services.start()
+    assert _wait_for(lambda: services.worker.state.backoff_s >= 0.2, timeout_s=30)
+    assert not services.worker.state.classifier_ready
+    assert "Triton" in services.worker.state.last_error
+    assert [r["status"] for r in db_rows("SELECT status FROM slices")] == ["queued"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["database"] == "ok"
+    assert ready.get_json()["checks"]["classifier"].startswith("error")
+    worklist = client.get("/api/studies").get_json()
+    assert worklist["worker"]["classifier_ready"] is False
+    assert "hemotriage_classifier_up 0.0" in client.get("/metrics").get_data(as_text=True)
+
+
+@pytest.mark.integration
+def test_worker_resumes_by_itself_when_triton_comes_up(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    from build_engines.serve import (
+        EmbeddedTriton,
+        ServeSettings,
+        TritonNotInstalledError,
+        missing_model_files,
+    )
+
+    settings = ServeSettings.from_env(models=("mobilenet_v2",)).with_free_ports()
+    if missing_model_files(settings):
+        pytest.skip("model.onnx not built; run 'python -m build_engines export'")
+    console = _triton_app(app_factory, storage, settings.grpc_port)
+    services = console.extensions[EXTENSION_KEY]
+    client = console.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"
+    upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
+    services.start()
+    assert _wait_for(lambda: services.worker.state.backoff_s > 0, timeout_s=30)
+    try:
+        server = EmbeddedTriton(settings).start()
+    except TritonNotInstalledError as e:
+        pytest.skip(str(e))
+    try:
+        assert _wait_for(
+            lambda: {r["status"] for r in db_rows("SELECT status FROM slices")} == {"classified"},
+            timeout_s=60,
+        )
+        assert services.worker.state.classifier_ready
+        assert client.get("/readyz").status_code == 200
+    finally:
+        services.stop()
+        server.stop()
+
+
+def test_inbox_ingests_files_and_folders_and_rejects_bad_entries(
+    app, services, phantom_series, kaggle_png, db_rows
+):
+    inbox = services.inbox.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    series = inbox / "CT_SERIES"
+    series.mkdir()
+    for i, data in enumerate(phantom_series(3)):
+        (series / f"{i}.dcm").write_bytes(data)
+    (inbox / "single.png").write_bytes(kaggle_png.read_bytes())
+    (inbox / "notes.txt").write_text("not an image")
+    (inbox / ".partial").write_bytes(b"still copying")
+    assert services.inbox.scan_once() == 3
+    studies = db_rows("SELECT source, label FROM studies ORDER BY id")
+    assert [s["source"] for s in studies] == ["inbox", "inbox"]
+    assert len(db_rows("SELECT * FROM slices")) == 4
+    assert not series.exists() and not (inbox / "single.png").exists()
+    rejected = sorted(p.name for p in (inbox / "rejected").iterdir())
+    assert any(n.endswith("-notes.txt") for n in rejected)
+    reason = next((inbox / "rejected").glob("*.reason.txt")).read_text()
+    assert reason.startswith("InvalidImageError")
+    assert (inbox / ".partial").exists()
+
+
+def test_inbox_thread_picks_up_a_dropped_file(app, services, phantom_series, db_rows):
+    services.inbox.start()
+    (services.inbox.inbox / "drop.dcm").write_bytes(phantom_series(1)[0])
+    assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_default_triton_classifier_scores_a_real_series(
+    triton_server, app_factory, storage, token_for, upload, cq500_series, drain, protocol
+):
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    console = app_factory(storage, CLASSIFIER="triton", TRITON_URL=url, TRITON_PROTOCOL=protocol)
+    client = console.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"
+    study_id = upload(client, [(p.name, p.read_bytes()) for p in cq500_series])
+    study_id = study_id.get_json()["study_id"]
+    assert drain(console.extensions[EXTENSION_KEY]) == len(cq500_series)
+    detail = client.get(f"/api/studies/{study_id}").get_json()
+    assert detail["status"] in ("flagged", "negative")
+    assert detail["slices"] == {"classified": len(cq500_series)}
