@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 from build_engines.commands import add_engine_commands
+from build_engines.model_card import REPORTS_DIR
 from build_engines.train import TrainConfig
-from client.constants import REPO_ROOT, WEIGHTS_DIR
+from client.constants import WEIGHTS_DIR
 from client.errors import HemoTriageError
 from client.registry import get_model, list_models
-
-REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -51,6 +50,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     write_report(spec, report_dir)
     check_cq500(spec, data_dir_from_env(), report_dir)
+    return 0
+
+
+def _compare_init(args: argparse.Namespace) -> int:
+    from build_engines.data import data_dir_from_env
+    from build_engines.init_comparison import compare_initializations
+
+    spec = get_model(args.model)
+    config = TrainConfig(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch)
+    out = REPORTS_DIR / spec.name / "init_comparison.json"
+    compare_initializations(spec, config, data_dir_from_env(), out)
     return 0
 
 
@@ -94,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--model", required=True, choices=base_models)
     evaluate.add_argument("--report-dir", type=Path)
     evaluate.set_defaults(run=_evaluate)
+
+    compare = sub.add_parser(
+        "compare-init", help="ImageNet vs random start on one fold, equal budget"
+    )
+    compare.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2"])
+    compare.add_argument("--epochs", type=int, default=4)
+    compare.add_argument("--samples-per-epoch", type=int, default=TrainConfig.samples_per_epoch)
+    compare.set_defaults(run=_compare_init)
 
     card = sub.add_parser("model-card", help="render MODEL_CARD.md from the reports")
     card.set_defaults(run=_model_card)

@@ -5,8 +5,8 @@ original 512x512 pixels. For every boxed slice the heatmap is computed on the
 model input, its peak is mapped back through preprocessing's head crop,
 square padding and resize to original pixel coordinates, and the slice counts
 as a hit when the peak falls inside a box (Zhang et al., "Top-down neural
-attention by excitation backprop", ECCV 2016: the pointing game). Slices are
-used as stored (face-left), not rotated as in training.
+attention by excitation backprop", ECCV 2016: the pointing game). Slices and
+boxes are turned face-up first, as in training (phe_sich is stored face-left).
 
 The chance level is the mean share of the head crop covered by boxes: the hit
 rate of a peak dropped uniformly on the head.
@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from build_engines.data import data_dir_from_env
+from build_engines.data import data_dir_from_env, turn_face_up
 from client.decode import decode_file
 from client.gradcam import CamExplainer, GradCam
 from client.preprocess import _head_box, model_view, normalize
@@ -151,10 +151,11 @@ def localization_score(
     with explainer(spec, device=device) as cam:
         for start in range(0, len(slices), batch_size):
             chunk = slices[start : start + batch_size]
-            images = [decode_file(path) for path, _ in chunk]
+            images = [turn_face_up(decode_file(path)) for path, _ in chunk]
             batch = np.stack([normalize(model_view(image, spec), spec) for image in images])
             heatmaps = cam.heatmap(batch)
-            for image, (_, boxes), heatmap in zip(images, chunk, heatmaps, strict=True):
+            for image, (_, stored), heatmap in zip(images, chunk, heatmaps, strict=True):
+                boxes = [_box_face_up(box, stored_height=image.pixels.shape[1]) for box in stored]
                 geometry = view_geometry(image.pixels, spec.input_size)
                 hits += peak_in_boxes(heatmap, geometry, boxes)
                 chance.append(_box_share(geometry, boxes))
@@ -169,6 +170,12 @@ def localization_score(
         result.chance_rate,
     )
     return result
+
+
+def _box_face_up(box: Box, stored_height: int) -> Box:
+    """A box of the stored (face-left) slice in the clockwise-rotated slice's coordinates."""
+    x0, y0, x1, y1 = box
+    return (stored_height - y1, x0, stored_height - y0, x1)
 
 
 def _box_share(geometry: ViewGeometry, boxes: list[Box]) -> float:

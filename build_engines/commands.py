@@ -17,8 +17,11 @@ errors propagate to ``__main__``, which prints them and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 
+from build_engines.model_card import REPORTS_DIR
 from client.cli_gradcam import METHODS
 from client.constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 from client.registry import get_model, list_models
@@ -89,7 +92,13 @@ def _quantize(args: argparse.Namespace) -> int:
         spec = get_model(name)
         quantize_model(spec, args.calibration_size, target=args.target)
         if not args.skip_compare:
-            rows.append(compare_int8(spec, args.evaluation_size, threads=args.threads))
+            row = compare_int8(spec, args.evaluation_size, threads=args.threads)
+            rows.append(row)
+            _write_report(
+                spec.weights_name,
+                "int8.json",
+                asdict(row) | {"auc_delta": row.auc_delta, "speedup": row.speedup},
+            )
     if rows:
         sys.stdout.write(format_comparisons(rows) + "\n")
     return 0
@@ -123,8 +132,19 @@ def _cam_eval(args: argparse.Namespace) -> int:
     explainer = METHODS[args.method]
     for name in args.model or [s.name for s in list_models(precision="fp32")]:
         r = localization_score(get_model(name), explainer, args.limit, device=args.device)
+        if args.limit is None:
+            _write_report(
+                name, "gradcam.json", asdict(r) | {"method": args.method, "hit_rate": r.hit_rate}
+            )
         sys.stdout.write(
             f"{r.model:<14} {args.method}: peak inside a box on {r.hits}/{r.n_slices} slices "
             f"= {r.hit_rate:.3f} (chance {r.chance_rate:.3f})\n"
         )
     return 0
+
+
+def _write_report(model: str, filename: str, result: dict) -> None:
+    """Keep a measured result beside the model's cross-validation report, for the model card."""
+    path = REPORTS_DIR / model / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")

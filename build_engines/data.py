@@ -120,11 +120,16 @@ def index_records(data_dir: Path) -> list[SliceRecord]:
     return records
 
 
+def turn_face_up(image: DecodedImage) -> DecodedImage:
+    """Rotate a face-left slice (phe_sich) clockwise, to the face-up orientation of the rest."""
+    return DecodedImage(np.rot90(image.pixels, k=-1).copy(), image.is_hu, image.name)
+
+
 def load_view(record: SliceRecord, spec: ModelSpec) -> np.ndarray:
     """One record through the client's preprocessing, as a (S, S) float32 view."""
     image = decode_file(record.path)
     if record.rotate_clockwise:
-        image = DecodedImage(np.rot90(image.pixels, k=-1).copy(), image.is_hu, image.name)
+        image = turn_face_up(image)
     return model_view(image, spec)[0]
 
 

@@ -268,3 +268,47 @@ def load_imagenet_mobilenet_v2(model: nn.Module, tflite_path: Path = DEFAULT_PAT
             loaded += 5
     logger.info("loaded %d tensors (%d convolutions) from %s", loaded, len(pairs), tflite_path.name)
     return loaded
+
+
+def calibrate_batch_norm(model: nn.Module, batch: torch.Tensor) -> None:
+    """Give each pass-through batch norm the statistics of ``batch``, keeping the function.
+
+    Why: in training mode a batch norm divides by the batch's own spread and
+    adds its bias. A pass-through norm (weight 1, folded bias) then no longer
+    computes what the folded TFLite network computed; the folded biases, sized
+    for un-normalized activations, push whole layers below zero and their
+    ReLU6 units die (the last 1280-channel layer went silent on most CT
+    slices). Setting ``running_mean/var`` to the statistics of real slices and
+    ``weight = sqrt(var + eps)``, ``bias = mean + folded_bias`` leaves the
+    evaluation-mode function exactly as loaded and makes training-mode batches
+    start from it too.
+
+    Args:
+        model: A MobileNetV2 loaded by :func:`load_imagenet_mobilenet_v2`.
+        batch: Normalized training slices, ``(N, 3, H, W)``; a few dozen suffice.
+    """
+    stats: dict[nn.BatchNorm2d, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        stats[module] = (x.mean((0, 2, 3)), x.var((0, 2, 3)))
+
+    norms = [m for m in model.features.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    with torch.no_grad():
+        for bn in norms:
+            mean, var = stats[bn]
+            folded_bias = bn.bias.clone()
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(torch.sqrt(var + bn.eps))
+            bn.bias.copy_(mean + folded_bias)

@@ -85,13 +85,19 @@ def sample_weights(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def new_model(spec: ModelSpec, config: TrainConfig) -> torch.nn.Module:
-    """A fresh model, from the dequantized ImageNet MobileNetV2 when asked."""
+def new_model(spec: ModelSpec, config: TrainConfig, calibration: np.ndarray) -> torch.nn.Module:
+    """A fresh model, from the dequantized ImageNet MobileNetV2 when asked.
+
+    ``calibration`` (uint8 views of training slices) sets the pretrained
+    model's batch-norm statistics, so training starts from the ImageNet function.
+    """
     model = build_model(spec)
     if config.pretrained:
-        from build_engines.pretrained import load_imagenet_mobilenet_v2
+        from build_engines.pretrained import calibrate_batch_norm, load_imagenet_mobilenet_v2
 
         load_imagenet_mobilenet_v2(model)
+        views = resize_batch(calibration, config.low_res)
+        calibrate_batch_norm(model, torch.from_numpy(normalize(views, spec)))
     return model
 
 
@@ -157,7 +163,8 @@ def train_model(
     """Train on ``train_idx``; early-stop on ``stop_idx`` (None: all ``config.epochs``)."""
     torch.manual_seed(config.seed)
     runner = _EpochRunner(spec, dataset, train_idx, config)
-    model = new_model(spec, config).to(_device(), memory_format=torch.channels_last)
+    calibration = dataset.views[runner.rng.choice(train_idx, size=64, p=runner.probabilities)]
+    model = new_model(spec, config, calibration).to(_device(), memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )

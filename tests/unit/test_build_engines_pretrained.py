@@ -1,3 +1,6 @@
+import copy
+
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -53,3 +56,37 @@ def test_missing_file_is_a_missing_weights_error(tmp_path):
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=2)
     with pytest.raises(MissingWeightsError, match="not found"):
         load_imagenet_mobilenet_v2(model, tmp_path / "absent.tflite")
+
+
+@needs_tflite
+def test_batch_norm_calibration_keeps_the_function_and_the_last_layer_alive(data_dir):
+    """Calibrated on real slices, training-mode batches start from the ImageNet function."""
+    from build_engines.pretrained import calibrate_batch_norm
+    from client.decode import decode_file
+    from client.preprocess import preprocess
+    from client.registry import get_model
+
+    spec = get_model("mobilenet_v2")
+    files = sorted((data_dir / "kaggle_head_ct" / "head_ct").glob("*.png"))[::10]
+    batch = torch.from_numpy(np.stack([preprocess(decode_file(f), spec) for f in files]))
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=2)
+    load_imagenet_mobilenet_v2(model)
+    model.eval()
+    with torch.no_grad():
+        loaded = model.features(batch)
+
+    uncalibrated = copy.deepcopy(model).train()
+    calibrate_batch_norm(model, batch)
+
+    with torch.no_grad():
+        calibrated = model.features(batch)
+        model.train()
+        training_mode = model.features(batch)
+        before = uncalibrated.features(batch)
+    assert torch.allclose(calibrated, loaded, atol=1e-3, rtol=1e-3)
+    alive = (loaded > 0).float().mean()
+    assert (training_mode > 0).float().mean() > 0.8 * alive
+    # Uncalibrated, training-mode normalization silenced most of the last layer.
+    assert (before > 0).float().mean() < 0.5 * alive
+    assert torch.corrcoef(torch.stack([training_mode.flatten(), loaded.flatten()]))[0, 1] > 0.9
