@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1s
 ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
 CONSOLE_URL ?= http://127.0.0.1:5000
 
-.PHONY: venv browser engines test lint train serve demo clean
+.PHONY: venv browser engines test lint train serve demo bench loadtest clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,15 @@ demo: venv engines
 	echo "Log in as admin (password printed above on the first run; more users: $(BIN)/python -m console create-admin --username NAME)."; \
 	echo "Ctrl-C stops the console and Triton."; \
 	wait $$console
+
+## Benchmarks (measured tables, plots in benchmarks/results/): served vs naive, time-to-alert.
+bench: venv engines
+	$(BIN)/python -m benchmarks.bench_serving
+	$(BIN)/python -m benchmarks.bench_time_to_alert
+
+## The 10-minute locust load test with the lost-scan audit (CSV + HTML in benchmarks/results/).
+loadtest: venv engines
+	$(BIN)/python -m benchmarks.loadtest
 
 clean:
 	rm -rf $(VENV) .cache

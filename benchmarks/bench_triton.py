@@ -50,11 +50,15 @@ class Cell:
     p99_ms: float
 
 
-def real_batch(spec: ModelSpec, data_dir: Path, count: int = 16) -> np.ndarray:
-    """``count`` kaggle_head_ct slices (half hemorrhage) through the preprocessing path."""
+def real_files(data_dir: Path, count: int = 16) -> list[Path]:
+    """``count`` kaggle_head_ct PNG slices, half hemorrhage (ids 0-99) and half normal."""
     ids = [*range(count // 2), *range(100, 100 + count - count // 2)]
-    files = [data_dir / "kaggle_head_ct" / "head_ct" / f"{i:03d}.png" for i in ids]
-    return np.stack([preprocess_file(f, spec) for f in files])
+    return [data_dir / "kaggle_head_ct" / "head_ct" / f"{i:03d}.png" for i in ids]
+
+
+def real_batch(spec: ModelSpec, data_dir: Path, count: int = 16) -> np.ndarray:
+    """:func:`real_files` through the preprocessing path."""
+    return np.stack([preprocess_file(f, spec) for f in real_files(data_dir, count)])
 
 
 def run_cell(
@@ -64,18 +68,28 @@ def run_cell(
     concurrency: int,
     duration_s: float,
 ) -> tuple[int, float, np.ndarray]:
-    """Drive ``predict`` from ``concurrency`` threads; return requests, seconds, latencies (ms)."""
+    """Drive ``predict`` from ``concurrency`` threads; return requests, seconds, latencies (ms).
+
+    Raises:
+        Exception: the first error a worker thread met (a failed request must not
+            pass for a slow one).
+    """
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[Exception] = []
     start_line = threading.Barrier(concurrency + 1)
     stop_at: list[float] = []
 
     def worker(index: int) -> None:
         offset = index * batch_size
         start_line.wait()
-        while time.perf_counter() < stop_at[0]:
+        while time.perf_counter() < stop_at[0] and not errors:
             rows = [(offset + k) % len(slices) for k in range(batch_size)]
             begin = time.perf_counter()
-            predict(slices[rows])
+            try:
+                predict(slices[rows])
+            except Exception as e:  # re-raised in the caller's thread below
+                errors.append(e)
+                return
             latencies[index].append((time.perf_counter() - begin) * 1000)
             offset += batch_size * concurrency
 
@@ -88,11 +102,14 @@ def run_cell(
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - begin
+    if errors:
+        raise errors[0]
     flat = np.array([x for per_thread in latencies for x in per_thread])
     return len(flat), elapsed, flat
 
 
-def _onnxruntime_predict(spec: ModelSpec, threads: int) -> Callable[[np.ndarray], object]:
+def onnxruntime_predict(spec: ModelSpec, threads: int) -> Callable[[np.ndarray], object]:
+    """One shared in-process ONNX Runtime session on ``spec.onnx_path`` (0 threads = all)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -109,7 +126,7 @@ def benchmark(args: argparse.Namespace, urls: dict[str, str]) -> list[Cell]:
         slices = real_batch(spec, args.data_dir)
         for backend in args.backend:
             if backend == "onnxruntime":
-                predict, closer = _onnxruntime_predict(spec, args.ort_threads), None
+                predict, closer = onnxruntime_predict(spec, args.ort_threads), None
             else:
                 closer = TritonClassifier(spec, urls[backend], backend, timeout_s=60.0)
                 predict = closer.predict

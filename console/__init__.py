@@ -21,7 +21,7 @@ from pathlib import Path
 from flask import Flask, jsonify
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from client.constants import DEFAULT_GRPC_PORT
+from client.constants import DEFAULT_GRPC_PORT, REPO_ROOT
 from client.errors import HemoTriageError
 from client.registry import get_model
 from client.triton_client import PROTOCOLS
@@ -62,6 +62,8 @@ DEFAULTS = {
     "MAX_UPLOAD_FILES": 1000,
     "MAX_ZIP_UNCOMPRESSED_BYTES": 1024 * 1024 * 1024,
     "SSE_KEEPALIVE_S": 15.0,
+    # Benchmark reports and plots shown on /latency (default: <repo>/benchmarks/results).
+    "RESULTS_DIR": None,
     # Session cookie: HttpOnly, SameSite=Lax, Secure (browsers allow it on http://localhost).
     "SESSION_COOKIE_NAME": "hemotriage_session",
     "SESSION_COOKIE_HTTPONLY": True,
@@ -92,7 +94,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     _resolve_paths(app)
 
-    from console import alerts, api, auth, db, ops, security, worklist
+    from console import alerts, api, auth, db, latency, ops, security, worklist
     from console.services import EXTENSION_KEY, Services
 
     db.init_app(app)
@@ -101,6 +103,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(worklist.bp)
     app.register_blueprint(alerts.bp)
+    app.register_blueprint(latency.bp)
     app.register_blueprint(ops.bp)
     app.after_request(ops.count_request)
     app.register_error_handler(HemoTriageError, _typed_error)
@@ -124,6 +127,8 @@ def _resolve_paths(app: Flask) -> None:
     storage_dir.mkdir(parents=True, exist_ok=True)
     config["STORAGE_DIR"] = str(storage_dir)
     config["DATABASE"] = str(config["DATABASE"] or storage_dir / "hemotriage.sqlite")
+    results_dir = config["RESULTS_DIR"] or REPO_ROOT / "benchmarks" / "results"
+    config["RESULTS_DIR"] = str(Path(results_dir).resolve())
     if config["INBOX_DIR"] is None:
         config["INBOX_DIR"] = str(storage_dir / "inbox")
     # Flask's multipart parser refuses more parts than this; one part per file plus fields.

@@ -1,12 +1,14 @@
-"""Command line of the console: ``python -m console init-db|create-admin|create-token|run``.
+"""Command line of the console: ``python -m console init-db|create-admin|create-token``.
 
     python -m console init-db
     python -m console create-admin --username admin
     python -m console create-token --username admin --name pacs-bridge
-    python -m console run --port 5000        # Flask's development server (no worker thread)
 
 The commands are Flask's CLI on :func:`console.create_app`, so ``HEMOTRIAGE_*``
-variables configure them exactly as they configure the served app.
+variables configure them exactly as they configure the served app. Flask's
+default ``run`` (the development server) is left out on purpose: the console
+is served by gunicorn (``console/gunicorn.conf.py``), which also starts the
+queue worker.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def main() -> None:
         }
     )
     FlaskGroup(
-        create_app=create_app, add_version_option=False, help="HemoTriage console commands."
+        create_app=create_app,
+        add_default_commands=False,
+        add_version_option=False,
+        help="HemoTriage console commands.",
     )(prog_name="python -m console")
 
 
