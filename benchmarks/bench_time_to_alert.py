@@ -1,0 +1,597 @@
+"""Time to alert: from the last slice of a series received to its flag on the SSE stream.
+
+Starts the embedded CPU Triton and the console under gunicorn (or uses a running
+console: ``--console-url`` and ``--token``), subscribes to ``/api/stream``, and
+uploads a 40-slice head series ``--runs`` times, one at a time on an idle
+console, through ``POST /api/scans`` with an API token.
+
+When the clock starts: ``POST /api/scans`` answers 201 only after every file of
+the upload is decoded, written and fsynced, and its slices are committed to the
+queue. "The last slice received" is the moment this client has read the 201 of
+the upload that carries the series' last slice; by default the whole series
+goes up in one POST (a PACS bridge forwarding a finished series), and
+``--slices-per-upload 1`` sends one POST per slice (a scanner's C-STORE order),
+so the clock starts at the 201 of the 40th POST. The clock stops when the
+stream delivers the study's ``flagged`` event and the study shows every slice
+finished (a flag raised on part of the series does not stop it; such early
+flags are counted). The console's own record, ``flagged_at - received_at``,
+and its per-slice stage timings (decode, preprocess, queue wait, inference)
+give the breakdown of what the time was spent on.
+
+    python -m benchmarks.bench_time_to_alert                  # 20 runs + 1 warm-up
+    flock /tmp/hemotriage-bench.lock python -m benchmarks.bench_time_to_alert
+    HEMOTRIAGE_BATCH_SIZE=40 python -m benchmarks.bench_time_to_alert --runs 10
+    python -m benchmarks.bench_time_to_alert --console-url http://127.0.0.1:5000 --token ht_...
+
+Writes ``time_to_alert.{md,json,png}`` to ``--results-dir``. The series is a
+synthetic phantom with a hyperdense lesion (``--source phantom``); with
+``--source auto`` (default) a warm-up upload checks that the model flags it and
+falls back to a real hemorrhage series from ``ct_ich_dev`` when it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.loadtest import RESULTS_DIR, ConsoleStack, StackSettings, phantom_series
+from client.constants import DEFAULT_DATA_DIR, ENV_PREFIX
+from client.registry import get_model, list_models
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("auto", "phantom", "ct_ich_dev")
+#: Study states after which no more slices are pending.
+_TERMINAL = ("flagged", "negative", "failed")
+#: Slice states that are final.
+_SLICE_DONE = {"classified", "failed"}
+#: Worker-side parts of the console's time to alert, from each slice's stage timings.
+STAGES = ("first_claim_ms", "decode_ms", "preprocess_ms", "inference_ms", "other_worker_ms")
+_SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET")
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series to upload: files in slice order, and the ``study`` label for PNG/JPEG."""
+
+    files: list[tuple[str, bytes]]
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where series come from; ``make`` returns a new study each call."""
+
+    name: str
+    description: str
+    make: Callable[[], Series]
+
+
+def phantom_source(slices: int) -> Source:
+    """Synthetic DICOM series with a 70 HU lesion, new UIDs for every upload."""
+    return Source(
+        "phantom",
+        f"synthetic head phantom ({slices} DICOM slices, 512x512 int16, 5 mm apart, "
+        "a 70 HU lesion on the middle third; benchmarks/phantoms.py)",
+        lambda: Series(
+            [(f"IM{i + 1:04d}.dcm", data) for i, data in enumerate(phantom_series(slices))],
+            None,
+        ),
+    )
+
+
+def ct_ich_dev_source(data_dir: Path, slices: int) -> Source:
+    """The ct_ich_dev patient with the most hemorrhage slices, up to ``slices`` of its slices.
+
+    JPEG slices carry no UIDs, so each upload gets a fresh ``study`` label; the
+    same bytes in a new study are new slices, not duplicates.
+    """
+    folder = data_dir / "ct_ich_dev"
+    with (folder / "labels.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    positives: dict[str, int] = {}
+    for row in rows:
+        positives[row["patient_id"]] = positives.get(row["patient_id"], 0) + int(row["label_ich"])
+    patient = max(positives, key=positives.get)
+    chosen = sorted(
+        (r for r in rows if r["patient_id"] == patient), key=lambda r: int(r["slice_number"])
+    )[:slices]
+    files = [(Path(r["file"]).name, (folder / r["file"]).read_bytes()) for r in chosen]
+    return Source(
+        "ct_ich_dev",
+        f"ct_ich_dev patient {patient}: {len(files)} real JPEG slices, "
+        f"{positives[patient]} of them labelled hemorrhage",
+        lambda: Series(files, f"time-to-alert {patient} {uuid.uuid4().hex[:8]}"),
+    )
+
+
+class ConsoleApi:
+    """The console's JSON API with a Bearer token (stdlib HTTP, one connection a call)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    def upload(self, files: list[tuple[str, bytes]], label: str | None) -> dict:
+        """``POST /api/scans``; returns the 201 body."""
+        body, content_type = _multipart(files, {"study": label} if label else {})
+        request = urllib.request.Request(
+            self.url + "/api/scans",
+            data=body,
+            headers={**self._headers, "Content-Type": content_type},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+
+    def study(self, study_id: int) -> dict:
+        """``GET /api/studies/<id>``: status, scores and every slice's stage timings."""
+        request = urllib.request.Request(
+            f"{self.url}/api/studies/{study_id}", headers=self._headers
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    @contextlib.contextmanager
+    def events(self) -> Iterator[EventStream]:
+        """``/api/stream``, subscribed before this returns; closed on exit."""
+        request = urllib.request.Request(
+            self.url + "/api/stream", headers={**self._headers, "Accept": "text/event-stream"}
+        )
+        stream = EventStream(urllib.request.urlopen(request, timeout=60))
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+
+def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
+    """A multipart/form-data body (RFC 7578): files under ``files``, then plain fields."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    for filename, data in files:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass(frozen=True)
+class StudyEvent:
+    """A ``study`` event as it arrived: monotonic and wall-clock time, and its data."""
+
+    at: float
+    wall: float
+    data: dict
+
+
+class EventStream:
+    """Reads Server-Sent Events on a daemon thread and timestamps each ``study`` event."""
+
+    def __init__(self, response) -> None:
+        self._response = response
+        self._inbox: queue.Queue[StudyEvent] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, name="sse-reader", daemon=True)
+        self._thread.start()
+
+    def get(self, timeout_s: float) -> StudyEvent | None:
+        """The next study event, or None after ``timeout_s``."""
+        try:
+            return self._inbox.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            return None
+
+    def drain(self) -> list[StudyEvent]:
+        """Every event received so far and not yet taken."""
+        out = []
+        while (event := self.get(0.0)) is not None:
+            out.append(event)
+        return out
+
+    def close(self) -> None:
+        """Close the connection; the reader thread ends with it."""
+        self._response.close()
+
+    def _read(self) -> None:
+        name = ""
+        # The loop ends when close() drops the connection under it; http.client then
+        # raises OSError, ValueError or (mid-chunk) AttributeError.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            for raw in self._response:
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: ") and name == "study":
+                    data = json.loads(line.removeprefix("data: "))
+                    self._inbox.put(StudyEvent(time.monotonic(), time.time(), data))
+                elif not line:
+                    name = ""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured upload.
+
+    Attributes:
+        study_id: The console's study.
+        status: Final status (``flagged`` unless the model missed it, or ``timeout``).
+        score: Series score.
+        time_to_alert_s: Client clock, last 201 read to the final event read.
+        server_time_to_alert_s: The console's ``flagged_at - received_at``.
+        upload_s: Wall time of the upload(s) before the clock started.
+        answer_after_receipt_ms: From the study's ``received_at`` to the last 201 read.
+        sse_delivery_ms: From ``flagged_at`` to the event read here.
+        early_flags: ``flagged`` events for the study before the clock stopped.
+        stages: Worker-side breakdown of the server time, see :data:`STAGES`.
+        load_average_1m: The 1-minute load average when the upload started.
+    """
+
+    study_id: int
+    status: str
+    score: float | None
+    time_to_alert_s: float
+    server_time_to_alert_s: float | None
+    upload_s: float
+    answer_after_receipt_ms: float
+    sse_delivery_ms: float | None
+    early_flags: int
+    stages: dict[str, float]
+    load_average_1m: float
+
+
+def measure(
+    api: ConsoleApi, stream: EventStream, series: Series, per_upload: int, timeout_s: float
+) -> Run:
+    """Upload one series and time it until its final event; see the module docstring."""
+    stream.drain()
+    load_average = os.getloadavg()[0]
+    step = per_upload or len(series.files)
+    upload_start = time.monotonic()
+    for i in range(0, len(series.files), step):
+        study_id = api.upload(series.files[i : i + step], series.label)["study_id"]
+    clock_start, clock_start_wall = time.monotonic(), time.time()
+    early_flags, final = 0, None
+    while final is None and (left_s := timeout_s - (time.monotonic() - clock_start)) > 0:
+        event = stream.get(left_s)
+        if event is None or event.data.get("id") != study_id:
+            continue
+        if event.data["status"] in _TERMINAL:
+            counts = api.study(study_id)["slices"]
+            if set(counts) <= _SLICE_DONE and sum(counts.values()) == len(series.files):
+                final = event
+            elif event.data["status"] == "flagged":
+                early_flags += 1
+    detail = api.study(study_id)
+    stopped = final.at if final else time.monotonic()
+    flagged_at = detail["flagged_at"]
+    return Run(
+        study_id=study_id,
+        status=detail["status"] if final else "timeout",
+        score=detail["score"],
+        time_to_alert_s=stopped - clock_start,
+        server_time_to_alert_s=detail["time_to_alert_s"],
+        upload_s=clock_start - upload_start,
+        answer_after_receipt_ms=(clock_start_wall - detail["received_at"]) * 1000,
+        sse_delivery_ms=(final.wall - flagged_at) * 1000 if final and flagged_at else None,
+        early_flags=early_flags,
+        stages=worker_stages(detail),
+        load_average_1m=load_average,
+    )
+
+
+def worker_stages(detail: dict) -> dict[str, float]:
+    """Split the console's time to alert into worker stages (milliseconds).
+
+    The worker is one thread, so its stages add up along the critical path:
+    the wait until it claimed the first slice (``min(queue_wait_ms)``), then
+    decoding, preprocessing and inference of every slice (``inference_ms`` is
+    each slice's share of its batch's call, so the sum is the time spent in
+    Triton calls); ``other_worker_ms`` is the rest: claiming, commits,
+    ``refresh_study`` and waiting for the GIL.
+    """
+    slices = detail["slice_list"]
+    stages = {
+        "first_claim_ms": min(s["queue_wait_ms"] or 0.0 for s in slices),
+        "decode_ms": sum(s["decode_ms"] or 0.0 for s in slices),
+        "preprocess_ms": sum(s["preprocess_ms"] or 0.0 for s in slices),
+        "inference_ms": sum(s["inference_ms"] or 0.0 for s in slices),
+    }
+    total_ms = (detail["time_to_alert_s"] or 0.0) * 1000
+    stages["other_worker_ms"] = total_ms - sum(stages.values()) if total_ms else 0.0
+    return stages
+
+
+def choose_source(args: argparse.Namespace, api: ConsoleApi, stream: EventStream) -> Source:
+    """The requested source; for ``auto``, the phantom if a warm-up upload gets flagged."""
+    candidates = {
+        "phantom": lambda: phantom_source(args.slices),
+        "ct_ich_dev": lambda: ct_ich_dev_source(args.data_dir, args.slices),
+    }
+    names = ["phantom", "ct_ich_dev"] if args.source == "auto" else [args.source]
+    for name in names:
+        source = candidates[name]()
+        warmup = measure(api, stream, source.make(), args.slices_per_upload, args.timeout_s)
+        logger.info(
+            "warm-up with %s: %s (score %s) in %.2f s",
+            name,
+            warmup.status,
+            warmup.score,
+            warmup.time_to_alert_s,
+        )
+        if warmup.status == "flagged":
+            return source
+    raise SystemExit(f"the model flags none of the sources {names}; no alert to time")
+
+
+def triton_statistics(url: str | None, model: str) -> dict | None:
+    """Triton's cumulative inference statistics for ``model`` (gRPC), if a URL is known."""
+    if not url:
+        return None
+    from client.triton_client import TritonClassifier
+
+    with TritonClassifier(get_model(model), url, "grpc") as classifier:
+        return classifier.statistics()["model_stats"][0]
+
+
+def triton_delta(before: dict | None, after: dict | None, runs: int) -> dict[str, float] | None:
+    """What Triton did during the measured runs: requests, batches and time per run."""
+    if before is None or after is None:
+        return None
+
+    def stat(stats: dict, key: str, field: str) -> float:
+        return float(stats["inference_stats"].get(key, {}).get(field, 0))
+
+    out = {
+        "requests_per_run": (stat(after, "success", "count") - stat(before, "success", "count"))
+        / runs,
+        "executions_per_run": (
+            float(after.get("execution_count", 0)) - float(before.get("execution_count", 0))
+        )
+        / runs,
+    }
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        out[f"{key}_ms_per_run"] = (stat(after, key, "ns") - stat(before, key, "ns")) / 1e6 / runs
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p95, p99 (linear interpolation) and max."""
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(max(values))}
+
+
+def report(result: dict) -> str:
+    """The Markdown report: time to alert, then the breakdown of the console's share."""
+    tta, server = result["time_to_alert_s"], result["server_time_to_alert_s"]
+    flagged = result["flagged_runs"]
+    loads = [r["load_average_1m"] for r in result["run_details"]]
+    lines = [
+        f"# Time to alert ({result['model']}, {result['cpu_count']} CPU cores, no GPU)",
+        "",
+        f"Series: {result['source']}.",
+        f"Upload: {result['upload']}. Runs: {result['runs']} (plus one warm-up), "
+        f"flagged {flagged}/{result['runs']}, early flags {result['early_flags']}.",
+        "",
+        f"1-min load average before the stack started: {result['load_average_1m_before']:.2f}; "
+        f"at the start of each run: {min(loads):.2f} to {max(loads):.2f} (this benchmark "
+        "alone keeps it near 1; more means other processes shared the cores).",
+        "",
+        "| seconds | p50 | p95 | p99 | max |",
+        "|---|---:|---:|---:|---:|",
+        _row("time to alert (last 201 read -> flag event read)", tta),
+        _row("console record (flagged_at - received_at)", server),
+        "",
+        f"Target p95 <= {result['target_p95_s']:g} s: "
+        f"**{'met' if tta['p95'] <= result['target_p95_s'] else 'missed'}** "
+        f"(p95 {tta['p95']:.3f} s).",
+        "",
+        "Breakdown of the console record, per run (milliseconds):",
+        "",
+        "| stage | p50 ms | p95 ms | share of the record |",
+        "|---|---:|---:|---:|",
+    ]
+    for stage, values in result["breakdown"].items():
+        lines.append(
+            f"| {stage} | {values['p50']:.1f} | {values['p95']:.1f} | {values['share']:.0%} |"
+        )
+    lines += [
+        "",
+        "Outside the record: the 201 reached the client "
+        f"{result['answer_after_receipt_ms']:.0f} ms (median) after `received_at` (the worker "
+        f"had already started), and the flag event arrived {result['sse_delivery_ms']:.1f} ms "
+        "(median) after `flagged_at`.",
+    ]
+    triton = result.get("triton")
+    if triton:
+        lines += [
+            "",
+            f"Triton per run: {triton['requests_per_run']:.1f} requests in "
+            f"{triton['executions_per_run']:.1f} batches; "
+            f"queue {triton['queue_ms_per_run']:.1f} ms, "
+            f"compute {triton['compute_input_ms_per_run']:.1f} (input) + "
+            f"{triton['compute_infer_ms_per_run']:.1f} (infer) + "
+            f"{triton['compute_output_ms_per_run']:.1f} (output) ms.",
+        ]
+    if result["console_env"]:
+        lines += [
+            "",
+            "Console overrides: "
+            + ", ".join(f"`{k}={v}`" for k, v in result["console_env"].items()),
+        ]
+    return "\n".join(lines)
+
+
+def _row(title: str, stats: dict[str, float]) -> str:
+    return (
+        f"| {title} | " + " | ".join(f"{stats[k]:.3f}" for k in ("p50", "p95", "p99", "max")) + " |"
+    )
+
+
+def summarize(
+    args: argparse.Namespace,
+    source: Source,
+    runs: list[Run],
+    triton: dict | None,
+    load_average: float,
+) -> dict:
+    """Percentiles over the flagged runs and the stage breakdown.
+
+    ``load_average`` is the 1-minute load average before anything started: the
+    CPU use of other processes that the measurement shared the cores with.
+    """
+    flagged = [r for r in runs if r.status == "flagged"]
+    if not flagged:
+        raise SystemExit("no measured run was flagged; nothing to report")
+    server = [r.server_time_to_alert_s for r in flagged]
+    breakdown = {}
+    for stage in STAGES:
+        values = [r.stages[stage] for r in flagged]
+        shares = [r.stages[stage] / (s * 1000) for r, s in zip(flagged, server, strict=True)]
+        breakdown[stage] = {**percentiles(values), "share": float(np.mean(shares))}
+    return {
+        "model": args.model,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_before": load_average,
+        "machine": platform.platform(),
+        "source": source.description,
+        "upload": (
+            f"{args.slices_per_upload} slice(s) per POST"
+            if args.slices_per_upload
+            else "the whole series in one POST"
+        ),
+        "runs": len(runs),
+        "flagged_runs": len(flagged),
+        "early_flags": sum(r.early_flags for r in runs),
+        "target_p95_s": args.target_p95_s,
+        "time_to_alert_s": percentiles([r.time_to_alert_s for r in flagged]),
+        "server_time_to_alert_s": percentiles(server),
+        "breakdown": breakdown,
+        "answer_after_receipt_ms": float(np.median([r.answer_after_receipt_ms for r in flagged])),
+        "sse_delivery_ms": float(np.median([r.sse_delivery_ms for r in flagged])),
+        "triton": triton,
+        "console_env": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(ENV_PREFIX) and not any(w in k for w in _SECRET_WORDS)
+        },
+        "run_details": [asdict(r) for r in runs],
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    """Histogram of the time to alert, with p50, p95 and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [r["time_to_alert_s"] for r in result["run_details"] if r["status"] == "flagged"]
+    stats = result["time_to_alert_s"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(values, bins=min(20, max(5, len(values) // 2)), color="#4477aa")
+    for x, style, label in (
+        (stats["p50"], "-", f"p50 {stats['p50']:.2f} s"),
+        (stats["p95"], "--", f"p95 {stats['p95']:.2f} s"),
+        (result["target_p95_s"], ":", f"target p95 {result['target_p95_s']:g} s"),
+    ):
+        ax.axvline(x, color="black", linestyle=style, label=label)
+    ax.set_xlabel("time to alert (s): last 201 read -> flag event read")
+    ax.set_ylabel("runs")
+    ax.set_title(f"{result['model']}, {len(values)} runs, {result['cpu_count']} CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def benchmark(
+    args: argparse.Namespace, api: ConsoleApi, triton_url: str | None, load_average: float
+) -> dict:
+    """Warm up, pick the source, time ``args.runs`` uploads, summarize."""
+    with api.events() as stream:
+        source = choose_source(args, api, stream)
+        logger.info("series: %s", source.description)
+        before = triton_statistics(triton_url, args.model)
+        runs = []
+        for index in range(args.runs):
+            time.sleep(args.pause_s)  # an idle console for every run
+            run = measure(api, stream, source.make(), args.slices_per_upload, args.timeout_s)
+            logger.info(
+                "run %d/%d: %s in %.3f s (console %.3f s, study %d, score %s)",
+                index + 1,
+                args.runs,
+                run.status,
+                run.time_to_alert_s,
+                run.server_time_to_alert_s or float("nan"),
+                run.study_id,
+                run.score,
+            )
+            runs.append(run)
+        triton = triton_delta(before, triton_statistics(triton_url, args.model), len(runs))
+    return summarize(args, source, runs, triton, load_average)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, run the benchmark, print and write the report; 1 if the target is missed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=40, help="slices per series")
+    parser.add_argument(
+        "--slices-per-upload", type=int, default=0, help="0: the whole series in one POST"
+    )
+    parser.add_argument("--source", choices=SOURCES, default="auto")
+    parser.add_argument("--model", default="mobilenet_v2", choices=[s.name for s in list_models()])
+    parser.add_argument("--console-url", help="a running console; else start one")
+    parser.add_argument("--token", help="API token for --console-url")
+    parser.add_argument("--triton-url", help="gRPC host:port of its Triton, for statistics")
+    parser.add_argument("--pause-s", type=float, default=1.0, help="idle time before each run")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="longest wait per run")
+    parser.add_argument("--target-p95-s", type=float, default=1.5)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if bool(args.console_url) != bool(args.token):
+        parser.error("--console-url and --token go together")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    load_average = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        if args.console_url:
+            api, triton_url = ConsoleApi(args.console_url, args.token), args.triton_url
+        else:
+            console = stack.enter_context(ConsoleStack(StackSettings(models=(args.model,))))
+            api, triton_url = ConsoleApi(console.url, console.token), console.triton_grpc_url
+        result = benchmark(args, api, triton_url, load_average)
+    text = report(result)
+    sys.stdout.write(text + "\n")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "time_to_alert.md").write_text(text + "\n")
+    (args.results_dir / "time_to_alert.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.results_dir / "time_to_alert.png")
+    return 0 if result["time_to_alert_s"]["p95"] <= args.target_p95_s else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

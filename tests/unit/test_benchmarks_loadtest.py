@@ -1,0 +1,115 @@
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+from werkzeug.wrappers import Request
+
+from benchmarks.bench_time_to_alert import _multipart, worker_stages
+from benchmarks.loadtest import audit_database, phantom_series
+from client.constants import REPO_ROOT
+from client.decode import decode_bytes
+from console.db import init_db
+
+# Locust monkey-patches the interpreter on import: look at the locustfile in a child process.
+_LIST_TASKS = """
+import json
+import benchmarks.locustfile as f
+users = (f.ScannerUser, f.TriageScreenUser, f.TritonUser)
+print(json.dumps({u.__name__: sorted({t.__name__ for t in u.tasks}) for u in users}))
+"""
+
+
+def test_locustfile_defines_scanner_screen_and_triton_users_with_tasks():
+    result = subprocess.run(
+        [sys.executable, "-c", _LIST_TASKS],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    tasks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert tasks == {
+        "ScannerUser": ["send_series"],
+        "TriageScreenUser": ["open_study", "refresh_worklist"],
+        "TritonUser": ["infer"],
+    }
+
+
+def test_phantom_series_is_one_new_dicom_series_per_call_in_slice_order():
+    first, second = phantom_series(3, size=96), phantom_series(3, size=96)
+    metas = [decode_bytes(data, f"{i}.dcm").dicom for i, data in enumerate(first)]
+    assert len({(m.study_uid, m.series_uid) for m in metas}) == 1
+    assert len({m.sop_uid for m in metas}) == 3
+    assert [m.slice_position_mm for m in metas] == [0.0, 5.0, 10.0]
+    assert decode_bytes(second[0], "0.dcm").dicom.study_uid != metas[0].study_uid
+
+
+def _insert_slices(database, states):
+    db = sqlite3.connect(database)
+    now = time.time()
+    with db:
+        db.execute(
+            "INSERT INTO studies (id, study_key, label, source, priority, received_at, "
+            "updated_at) VALUES (1, 'k', 'l', 'api', 2, ?, ?)",
+            (now, now),
+        )
+        for slice_id, (status, error) in states.items():
+            db.execute(
+                "INSERT INTO slices (id, study_id, filename, stored_path, sha256, status, "
+                "error, priority, queued_at) VALUES (?, 1, 'f', 'p', ?, ?, ?, 2, ?)",
+                (slice_id, f"sha{slice_id}", status, error, now),
+            )
+    db.close()
+
+
+def test_audit_counts_unfinished_missing_and_reasonless_failures_as_lost(tmp_path):
+    database = tmp_path / "console.sqlite"
+    init_db(database)
+    _insert_slices(
+        database,
+        {
+            1: ("classified", None),
+            2: ("failed", "could not read the stored file"),
+            3: ("failed", ""),
+            4: ("queued", None),
+            5: ("processing", None),
+            6: ("classified", None),
+        },
+    )
+    audit = audit_database(database, accepted_ids={1, 2, 3, 4, 5, 99})
+    assert (audit.accepted, audit.classified, audit.failed_with_reason) == (6, 1, 1)
+    assert (audit.failed_without_reason, audit.unfinished, audit.missing) == (1, 2, 1)
+    assert audit.unlogged == 1  # slice 6: stored, but no 201 named it
+    assert audit.lost == 4
+
+
+def test_multipart_body_parses_into_files_and_study_label():
+    files = [("IM0001.dcm", b"\x00first"), ("IM0002.dcm", b"second\r\n--x")]
+    body, content_type = _multipart(files, {"study": "label 1"})
+    request = Request.from_values(
+        input_stream=io.BytesIO(body),
+        content_length=len(body),
+        content_type=content_type,
+        method="POST",
+    )
+    uploaded = request.files.getlist("files")
+    assert [(f.filename, f.read()) for f in uploaded] == files
+    assert request.form["study"] == "label 1"
+
+
+def test_worker_stages_add_up_to_the_console_time_to_alert():
+    detail = {
+        "time_to_alert_s": 1.0,
+        "slice_list": [
+            {"queue_wait_ms": 20.0, "decode_ms": 5.0, "preprocess_ms": 5.0, "inference_ms": 25.0},
+            {"queue_wait_ms": 400.0, "decode_ms": 5.0, "preprocess_ms": 5.0, "inference_ms": 25.0},
+        ],
+    }
+    stages = worker_stages(detail)
+    assert stages["first_claim_ms"] == 20.0
+    assert stages["inference_ms"] == 50.0
+    assert sum(stages.values()) == 1000.0
