@@ -14,9 +14,10 @@ Users, weighted 2:3:1 (``-u 6`` runs two scanners, three screens, one client):
   accepted slice id to ``--ledger`` for the lost-scan audit.
 * :class:`TriageScreenUser` keeps ``/api/stream`` open as the worklist page
   does, refreshes the worklist (``GET /api/studies``) and opens studies, an
-  alerted one first. Each alert it receives for a series a scanner of this
-  process sent is reported as ``SSE alert after upload``: from the scanner's
-  201 to the screen reading the ``flagged`` event.
+  alerted one first. Each result it receives for a series a scanner of this
+  process sent is reported as an ``SSE`` request named ``flagged after
+  upload`` (or ``negative``/``failed``): from the scanner's 201 to the screen
+  reading the study's final event, the time to alert under load.
 * :class:`TritonUser` sends ``--triton-batch`` preprocessed slices straight to
   Triton over gRPC (:class:`client.triton_client.TritonClassifier`) every
   ``--triton-pace-s`` seconds, reported as ``gRPC`` requests.
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: When each series' 201 was read, by study id (one locust process shares it).
 _UPLOADED_AT: dict[int, float] = {}
+#: Study states that end a series' processing (the phantoms may or may not be flagged).
+_RESULTS = ("flagged", "negative", "failed")
 #: Seconds before a dropped event stream reconnects (the console sends ``retry: 3000``).
 _RECONNECT_S = 3.0
 
@@ -191,12 +194,13 @@ class TriageScreenUser(HttpUser):
                 self._on_study(json.loads(line.removeprefix("data: ")))
 
     def _on_study(self, data: dict) -> None:
-        if not (data.get("alert") and data.get("status") == "flagged"):
-            return
-        self._alerts.append(data["id"])
+        """Queue alerts for opening; time each result of a series sent from this process."""
+        status = data.get("status")
+        if data.get("alert") and status == "flagged":
+            self._alerts.append(data["id"])
         uploaded_at = _UPLOADED_AT.get(data["id"])
-        if uploaded_at is not None:
-            self._report("SSE alert after upload", (time.perf_counter() - uploaded_at) * 1000)
+        if uploaded_at is not None and status in _RESULTS:
+            self._report(f"{status} after upload", (time.perf_counter() - uploaded_at) * 1000)
 
     def _report(self, name: str, response_time_ms: float, error: Exception | None = None) -> None:
         """A stream observation as a locust request of type ``SSE``."""
