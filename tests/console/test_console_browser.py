@@ -1,6 +1,8 @@
 """Headless Debian chromium: log in, upload a real hemorrhage slice, see the alert live."""
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for flag in (
         "--headless",
         "--no-sandbox",
@@ -57,9 +60,32 @@ def browser(tmp_path):
     driver.quit()
 
 
+@contextmanager
+def _explained_timeouts(browser, console_server) -> Iterator[None]:
+    """Turn a bare selenium timeout into what the page, the browser and gunicorn showed."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+
+    try:
+        yield
+    except TimeoutException as error:
+        console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
+        page = browser.find_element(By.TAG_NAME, "body").text[:2000]
+        raise AssertionError(
+            f"timed out on {browser.current_url}\n--- page ---\n{page}\n"
+            f"--- browser console ---\n{console}\n"
+            f"--- gunicorn log ---\n{console_server.log.read_text()[-4000:]}"
+        ) from error
+
+
 def test_upload_raises_the_alert_on_every_open_screen_without_reload(
     console_server, browser, flagged_slice, tmp_path
 ):
+    with _explained_timeouts(browser, console_server):
+        _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice, tmp_path)
+
+
+def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice, tmp_path):
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec

@@ -53,10 +53,14 @@
     banner.hidden = false;
   }
 
+  const RETRY_MS = 3000;
+  let retryTimer = null;
+
   function refresh(alertId) {
     return fetch("/api/studies", { headers: { Accept: "application/json" } })
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (data) {
+        connection.hidden = source.readyState === EventSource.OPEN;
         renderBanner(data.studies.filter(function (s) { return s.status === "flagged"; }));
         if (alertId !== undefined) {
           const study = data.studies.find(function (s) { return s.id === alertId; });
@@ -64,7 +68,13 @@
         }
         document.dispatchEvent(new CustomEvent("hemotriage:worklist", { detail: data }));
       })
-      .catch(function (status) { if (status === 401) window.location = "/auth/login"; });
+      .catch(function (status) {
+        if (status === 401) { window.location = "/auth/login"; return; }
+        // A triage screen must never sit on a stale list: say so and try again.
+        connection.hidden = false;
+        clearTimeout(retryTimer);
+        retryTimer = setTimeout(function () { refresh(alertId); }, RETRY_MS);
+      });
   }
 
   enableButton.addEventListener("click", function () {
@@ -79,7 +89,8 @@
   });
 
   const source = new EventSource("/api/stream");
-  source.addEventListener("open", function () { connection.hidden = true; });
+  // Events sent while the stream was down are gone: redraw from the server on every (re)connect.
+  source.addEventListener("open", function () { connection.hidden = true; refresh(); });
   source.addEventListener("error", function () { connection.hidden = false; });
   source.addEventListener("study", function (event) {
     const data = JSON.parse(event.data);
