@@ -131,13 +131,14 @@ def _cam_eval(args: argparse.Namespace) -> int:
 
     explainer = METHODS[args.method]
     for name in args.model or [s.name for s in list_models(precision="fp32")]:
-        r = localization_score(get_model(name), explainer, args.limit, device=args.device)
+        spec = get_model(name)
+        r = localization_score(spec, explainer, args.limit, device=args.device)
+        facts = {"method": args.method, "target_layer": spec.cam_target_layer}
         if args.limit is None:
-            _write_report(
-                name, "gradcam.json", asdict(r) | {"method": args.method, "hit_rate": r.hit_rate}
-            )
+            _write_report(name, "gradcam.json", asdict(r) | facts | {"hit_rate": r.hit_rate})
         sys.stdout.write(
-            f"{r.model:<14} {args.method}: peak inside a box on {r.hits}/{r.n_slices} slices "
+            f"{r.model:<14} {args.method} on {spec.cam_target_layer}: peak inside a box on "
+            f"{r.hits}/{r.n_slices} slices "
             f"= {r.hit_rate:.3f} (chance {r.chance_rate:.3f})\n"
         )
     return 0

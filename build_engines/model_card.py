@@ -62,6 +62,10 @@ _STATIC_LIMITS = """
   re-check sensitivity on its own series before relying on the ordering.
 - No patient or hospital outside `../shared` was available: generalization to
   other scanners is untested here.
+- ResNet-18 (random start) has not learned to look at the bleed: its Grad-CAM
+  peak falls at a corner of the model view, outside every annotated box (its
+  pointing-game score is in its section above). Use MobileNetV2 for triage and
+  explanations.
 """
 
 
@@ -219,7 +223,8 @@ def _measured_extras(name: str) -> list[str]:
     cam = _read_json(REPORTS_DIR / name / "gradcam.json")
     if cam:
         lines.append(
-            f"\nGrad-CAM pointing game ({cam['method']}, boxed phe_sich slices): peak inside"
+            f"\nGrad-CAM pointing game ({cam['method']} on `{cam.get('target_layer', '?')}`,"
+            " boxed phe_sich slices): peak inside"
             f" the annotated box on {cam['hits']}/{cam['n_slices']} = {cam['hit_rate']:.3f}"
             f" (chance {cam['chance_rate']:.3f}; target ≥ 0.7)."
         )
