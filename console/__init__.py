@@ -70,6 +70,11 @@ DEFAULTS = {
     "SESSION_COOKIE_SAMESITE": "Lax",
     "SESSION_COOKIE_SECURE": True,
     "PERMANENT_SESSION_LIFETIME": timedelta(hours=12),
+    # Login throttling (console/auth.py): after LOGIN_MAX_FAILURES wrong passwords for one
+    # username within LOGIN_WINDOW_S, refuse it until LOGIN_LOCKOUT_S after the last one.
+    "LOGIN_MAX_FAILURES": 5,
+    "LOGIN_WINDOW_S": 300.0,
+    "LOGIN_LOCKOUT_S": 60.0,
 }
 
 

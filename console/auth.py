@@ -3,7 +3,8 @@
 Every request except ``/healthz``, ``/readyz``, ``/metrics``, the login page
 and static files needs an identity. Pages redirect to the login form; ``/api``
 answers 401 JSON. Passwords are hashed with :mod:`werkzeug.security`; API
-tokens are random and stored only as their SHA-256.
+tokens are random and stored only as their SHA-256. Failed logins are audited,
+and a username with too many of them is throttled for a minute (429).
 
     python -m console create-admin --username admin      # prompts for the password
     python -m console create-token --username admin --name pacs-bridge
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import secrets
 import time
 from urllib.parse import urlsplit
@@ -45,6 +47,8 @@ bp = Blueprint("auth", __name__, url_prefix="/auth")
 PUBLIC_ENDPOINTS = frozenset({"auth.login", "static", "ops.healthz", "ops.readyz", "ops.metrics"})
 #: Shortest password ``create-admin`` accepts.
 MIN_PASSWORD_CHARS = 10
+#: Longest username kept from a login form (the audit log records failed attempts).
+MAX_USERNAME_CHARS = 150
 _TOKEN_PREFIX = "ht_"
 
 
@@ -145,9 +149,16 @@ def admin_required(view):
 def login():
     """The login form; on success, a fresh session and a redirect to ``next``."""
     if request.method == "POST":
-        username = request.form.get("username", "").strip()
+        username = request.form.get("username", "").strip()[:MAX_USERNAME_CHARS]
         password = request.form.get("password", "")
         db = get_db()
+        wait_s = seconds_until_login_allowed(db, username)
+        if wait_s > 0:
+            with db:
+                audit(db, username, "login-throttled")
+            logger.warning("login refused: too many failed attempts for one username")
+            flash(f"Too many failed logins for this user. Try again in {math.ceil(wait_s)} s.")
+            return render_template("auth/login.html"), 429
         user = db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
         if user is not None and check_password_hash(user["password_hash"], password):
             session.clear()  # a new session id on login: no session fixation
@@ -157,9 +168,35 @@ def login():
                 audit(db, user["username"], "login")
             logger.info("user %d logged in", user["id"])
             return redirect(_safe_next(request.args.get("next")))
+        with db:
+            audit(db, username, "login-failed")
         flash("Wrong username or password.")
         return render_template("auth/login.html"), 401
     return render_template("auth/login.html")
+
+
+def seconds_until_login_allowed(db, username: str) -> float:
+    """How long ``username`` must wait before the next login attempt (0: now).
+
+    Counts ``login-failed`` rows of the audit log since the user's last
+    successful login: with ``LOGIN_MAX_FAILURES`` of them inside
+    ``LOGIN_WINDOW_S``, attempts are refused until ``LOGIN_LOCKOUT_S`` after the
+    latest. The lockout is short on purpose: a clinician locked out of the
+    worklist is a hazard of its own, and a handful of guesses a minute is
+    already hopeless against a 10-character password. Refused attempts are
+    audited as ``login-throttled`` and do not extend the lockout.
+    """
+    config = current_app.config
+    now = time.time()
+    failures = db.execute(
+        "SELECT MAX(at) AS latest, COUNT(*) AS n FROM audit_log"
+        " WHERE username = ? AND action = 'login-failed' AND at > ? AND id > COALESCE("
+        "  (SELECT MAX(id) FROM audit_log WHERE username = ? AND action = 'login'), 0)",
+        (username, now - float(config["LOGIN_WINDOW_S"]), username),
+    ).fetchone()
+    if failures["n"] < int(config["LOGIN_MAX_FAILURES"]):
+        return 0.0
+    return max(0.0, failures["latest"] + float(config["LOGIN_LOCKOUT_S"]) - now)
 
 
 @bp.route("/logout", methods=("POST",))

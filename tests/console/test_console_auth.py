@@ -1,4 +1,5 @@
 import io
+import time
 
 import pytest
 from werkzeug.security import check_password_hash
@@ -42,6 +43,23 @@ def test_login_with_a_wrong_password_fails(client, auth):
     assert response.status_code == 401
     assert "Wrong username or password" in response.get_data(as_text=True)
     assert client.get("/").status_code == 302
+
+
+def test_repeated_wrong_passwords_throttle_that_username_for_a_while(app, client, auth, db_rows):
+    app.config.update(LOGIN_MAX_FAILURES=3, LOGIN_LOCKOUT_S=1.0)
+    for _ in range(3):
+        assert auth.login(password="guess number n").status_code == 401
+
+    refused = auth.login()  # even the right password waits out the lockout
+    assert refused.status_code == 429
+    assert "Too many failed logins for this user" in refused.get_data(as_text=True)
+    assert auth.login("nurse", "another long password").status_code == 302  # others unaffected
+
+    time.sleep(1.1)
+    assert auth.login().status_code == 302
+    rows = db_rows("SELECT action FROM audit_log WHERE username = 'admin'")
+    actions = [r["action"] for r in rows]
+    assert actions[-5:] == ["login-failed"] * 3 + ["login-throttled", "login"]
 
 
 def test_login_sets_a_secure_httponly_samesite_cookie_and_audits(client, auth, db_rows):
