@@ -110,14 +110,15 @@ def stream():
 
     def generate():
         # The server closes this generator when the screen disconnects; `with` unsubscribes.
+        # It ends by itself only when the broker closes (shutdown); the screen then reconnects.
         with subscription:
             yield "retry: 3000\n\n"
-            while True:
+            while not subscription.ended:
                 message = subscription.get(keepalive_s)
-                if message is None:
-                    yield f": keepalive {time.time():.0f}\n\n"
-                else:
+                if message is not None:
                     yield format_sse(*message)
+                elif not subscription.ended:
+                    yield f": keepalive {time.time():.0f}\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(generate(), mimetype="text/event-stream", headers=headers)

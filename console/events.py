@@ -19,6 +19,8 @@ import threading
 
 #: Events kept for a slow subscriber before it starts dropping the oldest.
 _MAX_PENDING = 256
+#: Put into a subscription's inbox to wake its reader when the broker closes.
+_END = ("", {})
 
 
 class Subscription:
@@ -27,19 +29,29 @@ class Subscription:
     def __init__(self, broker: EventBroker) -> None:
         self._broker = broker
         self._inbox: queue.Queue = queue.Queue(maxsize=_MAX_PENDING)
+        self.ended = False
 
     def get(self, timeout_s: float) -> tuple[str, dict] | None:
-        """The next event, or None when nothing came within ``timeout_s``."""
+        """The next event, or None when nothing came within ``timeout_s`` or the stream ended."""
         try:
-            return self._inbox.get(timeout=timeout_s)
+            message = self._inbox.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        return None if message is _END else message
 
     def put(self, event: str, data: dict) -> None:
         """Queue one event; a full inbox drops its oldest event first."""
+        self._offer((event, data))
+
+    def end(self) -> None:
+        """The server is going away: wake the reader, which sees ``ended`` and stops."""
+        self.ended = True
+        self._offer(_END)
+
+    def _offer(self, item: tuple[str, dict]) -> None:
         while True:
             try:
-                self._inbox.put_nowait((event, data))
+                self._inbox.put_nowait(item)
                 return
             except queue.Full:
                 try:
@@ -64,13 +76,34 @@ class EventBroker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
+        self._closed = False
 
     def subscribe(self) -> Subscription:
-        """A new subscription; it receives every event published until it is closed."""
+        """A new subscription; it receives every event published until it is closed.
+
+        After :meth:`close` the subscription is born ended.
+        """
         subscription = Subscription(self)
         with self._lock:
-            self._subscribers.append(subscription)
+            if not self._closed:
+                self._subscribers.append(subscription)
+                return subscription
+        subscription.end()
         return subscription
+
+    def close(self) -> None:
+        """End every open stream now, and each later one at once.
+
+        Called when the worker process shuts down: an open stream never ends by
+        itself, so without this a graceful stop waits out gunicorn's whole
+        ``graceful_timeout`` for the screens' connections. Screens reconnect
+        (EventSource retries) to whichever process serves next.
+        """
+        with self._lock:
+            self._closed = True
+            subscribers, self._subscribers = self._subscribers, []
+        for subscription in subscribers:
+            subscription.end()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Remove a subscription, if still subscribed."""

@@ -11,6 +11,7 @@ process.
 """
 
 import os
+import signal
 
 from client.constants import DEFAULT_CONSOLE_PORT, ENV_PREFIX
 
@@ -45,10 +46,34 @@ logconfig_dict = {
 
 
 def post_worker_init(worker):
-    """Start the queue worker and inbox watcher in the (only) worker process."""
+    """Start the queue worker and inbox watcher in the (only) worker process.
+
+    Also end the open SSE streams as soon as the worker is told to stop
+    (SIGTERM: graceful; SIGINT/SIGQUIT: ``worker_int``). A stream never ends
+    by itself, so otherwise every stop would wait out ``graceful_timeout`` and
+    end with a SIGKILL. gunicorn has no hook for SIGTERM in the worker, so its
+    handler is wrapped here, after gunicorn installed it.
+    """
     from console.services import EXTENSION_KEY
 
-    worker.wsgi.extensions[EXTENSION_KEY].start()
+    services = worker.wsgi.extensions[EXTENSION_KEY]
+    services.start()
+    graceful_exit = signal.getsignal(signal.SIGTERM)
+
+    def end_streams_then_exit(signum, frame):
+        services.broker.close()
+        graceful_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, end_streams_then_exit)
+
+
+def worker_int(worker):
+    """Ctrl-C / SIGQUIT in the worker: end the SSE streams before it exits."""
+    from console.services import EXTENSION_KEY
+
+    app = getattr(worker, "wsgi", None)  # absent when the signal comes during boot
+    if app is not None and hasattr(app, "extensions"):
+        app.extensions[EXTENSION_KEY].broker.close()
 
 
 def worker_exit(server, worker):

@@ -141,7 +141,8 @@ class Services:
         logger.info("console services started (model %s)", self.spec.name)
 
     def stop(self) -> None:
-        """Stop the threads (the current batch finishes first)."""
+        """End the live streams and stop the threads (the current batch finishes first)."""
+        self.broker.close()
         if self.inbox is not None:
             self.inbox.stop()
         self.worker.stop()

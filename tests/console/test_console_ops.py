@@ -1,3 +1,4 @@
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -84,3 +85,18 @@ def test_gunicorn_runs_one_worker_thread_that_classifies_uploads(console_server,
     log = console_server.log.read_text()
     assert log.count("console services started") == 1
     assert "000.png" not in log and "a.png" not in log  # file names (possible PHI) stay out
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_gunicorn_stops_cleanly_while_screens_hold_live_streams(console_server, stop_signal):
+    """An open SSE stream ends on shutdown instead of holding the worker until SIGKILL."""
+    request = urllib.request.Request(
+        console_server.url + "/api/stream",
+        headers={"Authorization": f"Bearer {console_server.token()}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as stream:
+        assert stream.readline() == b"retry: 3000\n"
+        console_server.process.send_signal(stop_signal)
+        stream.read()  # returns once the server has ended the stream
+    assert console_server.process.wait(timeout=60) == 0
+    assert "SIGKILL" not in console_server.log.read_text()
