@@ -53,8 +53,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import urllib3
 
-from benchmarks.loadtest import RESULTS_DIR, ConsoleStack, StackSettings, phantom_series
+from benchmarks.loadtest import RESULTS_DIR, ConsoleStack, StackSettings
+from benchmarks.phantoms import phantom_series
 from client.constants import DEFAULT_DATA_DIR, ENV_PREFIX
 from client.registry import get_model, list_models
 
@@ -153,7 +155,7 @@ class ConsoleApi:
 
     def upload(self, files: list[tuple[str, bytes]], label: str | None) -> dict:
         """``POST /api/scans``; returns the 201 body."""
-        body, content_type = _multipart(files, {"study": label} if label else {})
+        body, content_type = upload_body(files, label)
         request = urllib.request.Request(
             self.url + "/api/scans",
             data=body,
@@ -184,21 +186,10 @@ class ConsoleApi:
             stream.close()
 
 
-def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
-    """A multipart/form-data body (RFC 7578): files under ``files``, then plain fields."""
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    for filename, data in files:
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-        )
-        parts.append(head.encode() + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+def upload_body(files: list[tuple[str, bytes]], label: str | None) -> tuple[bytes, str]:
+    """The multipart/form-data body of ``POST /api/scans`` and its Content-Type."""
+    fields = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return urllib3.encode_multipart_formdata(fields + ([("study", label)] if label else []))
 
 
 @dataclass(frozen=True)

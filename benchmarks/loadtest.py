@@ -13,9 +13,9 @@ without a reason is a lost scan, and the command exits non-zero.
     flock /tmp/hemotriage-bench.lock python -m benchmarks.loadtest
 
 Locust's CSV and HTML reports and ``loadtest_summary.{md,json}`` go to
-``--results-dir``. :class:`ConsoleStack` and :func:`phantom_series` are shared
-with ``bench_time_to_alert.py`` and the locustfile. The default ports (console
-5100, Triton 8100-8102) stay clear of ``make demo`` (5000, 8000-8002).
+``--results-dir``. :class:`ConsoleStack` is shared with ``bench_time_to_alert.py``;
+the series come from ``benchmarks/phantoms.py``. The default ports (console 5100,
+Triton 8100-8102) stay clear of ``make demo`` (5000, 8000-8002).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
 import logging
 import os
@@ -37,12 +36,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.phantoms import Lesion, SeriesIds, head_phantom, phantom_dicom
 from client.constants import ENV_PREFIX, REPO_ROOT
 from client.registry import list_models
 
@@ -52,46 +47,11 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 LOCUSTFILE = REPO_ROOT / "benchmarks" / "locustfile.py"
 #: The user that owns the benchmark's API token.
 BENCH_USER = "bench"
-#: A hyperdense lesion right of the midline, as in the console tests.
-LESION = Lesion(0.2, -0.1, 0.1)
 #: Seconds between progress lines while something long runs.
 _PROGRESS_S = 10.0
 #: Header of locust's ``*_stats.csv`` per-endpoint table.
 _STATS_COLUMNS = ("Type", "Name", "Request Count", "Failure Count", "50%", "95%", "99%")
 _SLICE_STATES = "SELECT id, status, error FROM slices"
-
-
-def phantom_series(slices: int, size: int = 512, lesion: Lesion | None = LESION) -> list[bytes]:
-    """A fresh synthetic head series, one DICOM file's bytes per slice.
-
-    Each call makes new Study, Series and SOP Instance UIDs, so every series is
-    a new study for the console. Slices are 5 mm apart and the head narrows
-    towards the vertex; the lesion spans the middle third of the slices.
-
-    Args:
-        slices: Number of slices.
-        size: Rows and columns of each slice.
-        lesion: The bleed, or None for a lesion-free series.
-
-    Returns:
-        Part 10 DICOM bytes, in slice order.
-    """
-    ids = SeriesIds.new()
-    out = []
-    for index in range(slices):
-        pixels = _phantom_pixels(index, slices, size, lesion)
-        buffer = io.BytesIO()
-        phantom_dicom(pixels, ids, index + 1, 5.0 * index).save_as(buffer, enforce_file_format=True)
-        out.append(buffer.getvalue())
-    return out
-
-
-@cache
-def _phantom_pixels(index: int, slices: int, size: int, lesion: Lesion | None) -> np.ndarray:
-    """HU pixels of one slice, cached: only the UIDs change between series."""
-    height = index / max(slices - 1, 1)
-    in_bleed = slices // 3 <= index < slices - slices // 3
-    return head_phantom(size, lesion=lesion if in_bleed else None, scale=1.0 - 0.4 * height**2)
 
 
 @dataclass(frozen=True)

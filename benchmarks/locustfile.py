@@ -41,7 +41,7 @@ from locust import HttpUser, User, between, constant_pacing, events, task
 from locust.clients import HttpSession
 from requests.exceptions import RequestException
 
-from benchmarks.loadtest import phantom_series
+from benchmarks.phantoms import phantom_series
 from client.constants import DEFAULT_GRPC_PORT, ENV_PREFIX
 from client.preprocess import preprocess_bytes
 from client.registry import get_model, list_models

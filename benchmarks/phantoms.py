@@ -7,12 +7,15 @@ ellipse of skull (about 1000 HU) around brain (30 HU) with two ventricles
     hu = head_phantom(512, lesion=Lesion(0.2, -0.1, 0.08))
     dataset = phantom_dicom(hu, series=SeriesIds.new(), instance_number=1)
     dataset.save_as("slice.dcm", enforce_file_format=True)
+    files = phantom_series(40)        # a whole new study: DICOM bytes, base to vertex
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -99,3 +102,44 @@ def phantom_dicom(
     ds.WindowCenter, ds.WindowWidth = 40, 80
     ds.PixelData = np.round(hu - RESCALE_INTERCEPT).astype(np.int16).tobytes()
     return ds
+
+
+def dicom_bytes(dataset: Dataset) -> bytes:
+    """A dataset as Part 10 file bytes, as a scanner would send it."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+#: A hyperdense lesion right of the midline.
+LESION = Lesion(0.2, -0.1, 0.1)
+
+
+def phantom_series(slices: int, size: int = 512, lesion: Lesion | None = LESION) -> list[bytes]:
+    """A fresh synthetic head series, one DICOM file's bytes per slice.
+
+    Each call makes new Study, Series and SOP Instance UIDs, so every series is
+    a new study for the console. Slices are 5 mm apart and the head narrows
+    towards the vertex; the lesion spans the middle third of the slices.
+
+    Args:
+        slices: Number of slices.
+        size: Rows and columns of each slice.
+        lesion: The bleed, or None for a lesion-free series.
+
+    Returns:
+        Part 10 DICOM bytes, in slice order.
+    """
+    ids = SeriesIds.new()
+    return [
+        dicom_bytes(phantom_dicom(_series_pixels(i, slices, size, lesion), ids, i + 1, 5.0 * i))
+        for i in range(slices)
+    ]
+
+
+@cache
+def _series_pixels(index: int, slices: int, size: int, lesion: Lesion | None) -> np.ndarray:
+    """HU pixels of one slice, cached: only the UIDs change between series."""
+    height = index / max(slices - 1, 1)
+    in_bleed = slices // 3 <= index < slices - slices // 3
+    return head_phantom(size, lesion=lesion if in_bleed else None, scale=1.0 - 0.4 * height**2)

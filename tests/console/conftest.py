@@ -1,3 +1,4 @@
+import functools
 import io
 import os
 import re
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.phantoms import Lesion, SeriesIds, head_phantom, phantom_dicom
+from benchmarks.phantoms import dicom_bytes as _dicom_bytes
+from benchmarks.phantoms import phantom_series as _phantom_series
 from build_engines.data import data_dir_from_env
 from console import create_app
 from console.auth import create_token, create_user
@@ -50,22 +52,6 @@ def cq500_series(shared_data) -> list[Path]:
     if not folder.exists():
         pytest.skip(f"CQ500 series not found at {folder}")
     return sorted(folder.glob("*.dcm"))
-
-
-def _dicom_bytes(dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _phantom_series(slices: int = 3, lesion: bool = True, size: int = 256) -> list[bytes]:
-    """A synthetic head series (one StudyInstanceUID/SeriesInstanceUID), as DICOM bytes."""
-    ids = SeriesIds.new()
-    spot = Lesion(0.2, -0.1, 0.1) if lesion else None
-    return [
-        _dicom_bytes(phantom_dicom(head_phantom(size, lesion=spot), ids, i + 1, 5.0 * i))
-        for i in range(slices)
-    ]
 
 
 def _zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -201,7 +187,8 @@ def dicom_bytes():
 
 @pytest.fixture
 def phantom_series():
-    return _phantom_series
+    """New synthetic DICOM series, 256 px a side to keep the tests quick."""
+    return functools.partial(_phantom_series, size=256)
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ def test_zip_of_a_series_is_expanded_into_one_study(api, upload, phantom_series,
 
 
 def test_two_series_in_one_upload_become_two_studies(api, upload, phantom_series):
-    first, second = phantom_series(2), phantom_series(2, lesion=False)
+    first, second = phantom_series(2), phantom_series(2, lesion=None)
     files = [(f"a{i}.dcm", d) for i, d in enumerate(first)]
     files += [(f"b{i}.dcm", d) for i, d in enumerate(second)]
     body = upload(api, files).get_json()

@@ -48,23 +48,18 @@ def test_database_runs_in_wal_mode(app, db_rows):
 
 def test_gunicorn_runs_one_worker_thread_that_classifies_uploads(console_server, kaggle_png):
     import json
-    import uuid
 
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + kaggle_png.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
+    import urllib3
+
+    body, content_type = urllib3.encode_multipart_formdata(
+        {"files": ("a.png", kaggle_png.read_bytes(), "image/png")}
     )
     request = urllib.request.Request(
         console_server.url + "/api/scans",
         data=body,
         method="POST",
         headers={
-            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Type": content_type,
             "Authorization": f"Bearer {console_server.token()}",
         },
     )

@@ -7,8 +7,9 @@ import time
 
 from werkzeug.wrappers import Request
 
-from benchmarks.bench_time_to_alert import _multipart, worker_stages
-from benchmarks.loadtest import audit_database, phantom_series
+from benchmarks.bench_time_to_alert import upload_body, worker_stages
+from benchmarks.loadtest import audit_database
+from benchmarks.phantoms import phantom_series
 from client.constants import REPO_ROOT
 from client.decode import decode_bytes
 from console.db import init_db
@@ -89,7 +90,7 @@ def test_audit_counts_unfinished_missing_and_reasonless_failures_as_lost(tmp_pat
 
 def test_multipart_body_parses_into_files_and_study_label():
     files = [("IM0001.dcm", b"\x00first"), ("IM0002.dcm", b"second\r\n--x")]
-    body, content_type = _multipart(files, {"study": "label 1"})
+    body, content_type = upload_body(files, "label 1")
     request = Request.from_values(
         input_stream=io.BytesIO(body),
         content_length=len(body),
