@@ -18,12 +18,13 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from client.constants import PRIORITY_ROUTINE, PRIORITY_URGENT
+from console import alerts
 from console.db import get_db
 from console.errors import UploadError
 from console.events import format_sse
 from console.ingest import IncomingFile
 from console.services import current_services
-from console.studies import acknowledge, study_detail, worklist
+from console.studies import study_detail, worklist
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,7 @@ def get_study(study_id: int):
 @bp.post("/studies/<int:study_id>/acknowledge")
 def acknowledge_study(study_id: int):
     """Record who acknowledged the study and when (audit log)."""
-    study = acknowledge(get_db(), study_id, g.user["username"])
-    logger.info("study %d acknowledged by user %d", study_id, g.user["id"])
-    current_services().broker.publish(
-        "study", {"id": study_id, "status": "acknowledged", "alert": False}
-    )
+    study = alerts.acknowledge_study(get_db(), current_services().broker, study_id, g.user)
     return jsonify(
         id=study_id,
         status=study["status"],

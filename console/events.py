@@ -1,6 +1,7 @@
 """In-process fan-out of study updates to every open screen (Server-Sent Events).
 
-The worker, the upload handlers and the acknowledge action publish; each
+The worker, the upload handlers and the acknowledge action publish (the study
+event through :func:`publish_study`, its one definition); each
 ``/api/stream`` connection subscribes with its own bounded queue. The console
 runs one worker process (see ``console/gunicorn.conf.py``), so every screen
 hangs off the same :class:`EventBroker`.
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import queue
 import threading
+
+from console.queue import StudyChange
 
 #: Events kept for a slow subscriber before it starts dropping the oldest.
 _MAX_PENDING = 256
@@ -123,6 +126,23 @@ class EventBroker:
             subscribers = list(self._subscribers)
         for subscription in subscribers:
             subscription.put(event, data)
+
+
+def publish_study(broker: EventBroker, change: StudyChange) -> None:
+    """The one ``study`` event: a study changed status (``alert``: it has just been flagged).
+
+    Every screen redraws the study from ``/api/studies`` on it, and raises the
+    alarm when ``alert`` is true; ingest, the worker and acknowledging all send it.
+    """
+    broker.publish(
+        "study",
+        {
+            "id": change.study_id,
+            "status": change.after,
+            "before": change.before,
+            "alert": change.newly_flagged,
+        },
+    )
 
 
 def format_sse(event: str, data: dict) -> str:

@@ -4,9 +4,8 @@ The API upload and the inbox watcher both call :func:`ingest`. Every file (zip
 archives expanded first) is decoded with :func:`client.decode.decode_bytes`
 before anything is written, so one bad file rejects the whole upload with the
 typed error of :mod:`client.errors` and leaves nothing behind. Accepted files
-are stored content-addressed under ``<STORAGE_DIR>/uploads`` (written to a
-temporary name, fsynced, renamed, folder fsynced), then their rows are
-committed in one transaction.
+are stored in :mod:`console.filestore` (content-addressed, atomic and
+durable), then their rows are committed in one transaction.
 
 Grouping: DICOM slices form one study per (StudyInstanceUID,
 SeriesInstanceUID); each PNG/JPEG is its own study unless a ``study`` label
@@ -21,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import sqlite3
-import tempfile
 import time
 import uuid
 import zipfile
@@ -39,6 +36,7 @@ from client.decode import decode_bytes
 from client.limits import MAX_FILE_BYTES
 from client.registry import ModelSpec
 from console.errors import BadArchiveError, TooManyFilesError, UploadError
+from console.filestore import relative_path, remove, store_files
 from console.queue import StudyChange, refresh_study
 
 logger = logging.getLogger(__name__)
@@ -201,14 +199,13 @@ def ingest(
         HemoTriageError: the typed reason the upload was refused; nothing is stored.
     """
     checked = check(expand(files, limits), label)
-    written = _store_files(storage_dir, checked)
+    written = store_files(storage_dir, [(_relative_path(c), c.data) for c in checked])
     try:
         with db:
             db.execute("BEGIN IMMEDIATE")
             result = _insert(db, spec, checked, source, priority)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        remove(written)
         raise
     logger.info(
         "accepted %d slices (%d duplicates) into studies %s from %s",
@@ -218,15 +215,6 @@ def ingest(
         source,
     )
     return result
-
-
-def stored_path(storage_dir: Path, relative: str) -> Path:
-    """Absolute path of a stored upload, refusing anything outside ``storage_dir/uploads``."""
-    root = (Path(storage_dir) / "uploads").resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise UploadError("stored path escapes the upload folder")
-    return path
 
 
 def _insert(
@@ -303,44 +291,7 @@ def _insert(
 
 
 def _relative_path(item: _Checked) -> str:
-    return f"{item.sha256[:2]}/{item.sha256}{item.suffix}"
-
-
-def _store_files(storage_dir: Path, checked: list[_Checked]) -> list[Path]:
-    """Write each new file durably; return the paths this call created."""
-    written: list[Path] = []
-    try:
-        for item in checked:
-            path = stored_path(storage_dir, _relative_path(item))
-            if path.exists():
-                continue  # content-addressed: the same bytes are already on disk
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_durably(path, item.data)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    return written
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temp file, fsync, atomic rename, fsync the folder: the file exists whole or not at all."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    return relative_path(item.sha256, item.suffix)
 
 
 def _unzip(file: IncomingFile, limits: IngestLimits) -> list[IncomingFile]:

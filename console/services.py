@@ -21,7 +21,7 @@ from flask import Flask, current_app
 from client.constants import PRIORITY_ROUTINE
 from client.registry import ModelSpec, get_model
 from console.db import connect
-from console.events import EventBroker
+from console.events import EventBroker, publish_study
 from console.inbox import InboxWatcher
 from console.ingest import IncomingFile, IngestLimits, IngestResult, ingest
 from console.metrics import ConsoleMetrics
@@ -121,15 +121,7 @@ class Services:
         for ingest_ms in result.ingest_ms:
             self.metrics.stage_seconds.labels("ingest").observe(ingest_ms / 1000)
         for change in result.changes:
-            self.broker.publish(
-                "study",
-                {
-                    "id": change.study_id,
-                    "status": change.after,
-                    "before": change.before,
-                    "alert": False,
-                },
-            )
+            publish_study(self.broker, change)
         self.worker.wake()
         return result
 

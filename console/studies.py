@@ -12,10 +12,9 @@ import sqlite3
 import time
 from dataclasses import asdict
 
-from console.db import audit
-from console.errors import ConflictError, StudyNotFoundError
+from console.errors import StudyNotFoundError
 from console.priority import PriorityRule
-from console.queue import FINISHED, ordered_slices
+from console.queue import ordered_slices
 
 #: Study columns the API returns (study_key is internal).
 _PUBLIC_COLUMNS = (
@@ -114,30 +113,3 @@ def study_detail(db: sqlite3.Connection, study_id: int, rule: PriorityRule) -> d
     out = study_json(study, rule, time.time(), counts)
     out["slice_list"] = sorted(slices, key=lambda s: s["id"] != study["key_slice_id"])
     return out
-
-
-def acknowledge(db: sqlite3.Connection, study_id: int, username: str) -> sqlite3.Row:
-    """Record that ``username`` has seen a finished study's result, in the audit log.
-
-    Raises:
-        StudyNotFoundError: no such study.
-        ConflictError: the study is still queued or processing, or already acknowledged.
-    """
-    with db:
-        db.execute("BEGIN IMMEDIATE")
-        study = get_study(db, study_id)
-        if study["status"] == "acknowledged":
-            raise ConflictError(
-                f"study {study_id} was acknowledged by {study['acknowledged_by']} already"
-            )
-        if study["status"] not in FINISHED:
-            raise ConflictError(f"study {study_id} is still {study['status']}")
-        now = time.time()
-        db.execute(
-            "UPDATE studies SET status = 'acknowledged', acknowledged_at = ?, "
-            "acknowledged_by = ?, updated_at = ? WHERE id = ?",
-            (now, username, now, study_id),
-        )
-        score = f"{study['score']:.3f}" if study["score"] is not None else "none"
-        audit(db, username, "acknowledge", study_id, f"was {study['status']}, score {score}")
-    return get_study(db, study_id)

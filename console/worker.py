@@ -38,8 +38,8 @@ from client.preprocess import head_fraction, model_view, normalize
 from client.registry import ModelSpec, get_model
 from console import queue
 from console.db import connect
-from console.events import EventBroker
-from console.ingest import stored_path
+from console.events import EventBroker, publish_study
+from console.filestore import stored_path
 from console.metrics import ConsoleMetrics
 
 logger = logging.getLogger(__name__)
@@ -298,15 +298,7 @@ class QueueWorker:
                     study["threshold"],
                     alert_s,
                 )
-            self._broker.publish(
-                "study",
-                {
-                    "id": change.study_id,
-                    "status": change.after,
-                    "before": change.before,
-                    "alert": change.newly_flagged,
-                },
-            )
+            publish_study(self._broker, change)
         logger.info(
             "classified %d slices (%d failed) in %.1f ms/slice, claimed %.0f ms ago",
             len(prepared),

@@ -19,7 +19,7 @@ from flask import Blueprint, Response, render_template
 
 from console.db import get_db
 from console.errors import StudyNotFoundError
-from console.ingest import stored_path
+from console.filestore import stored_path
 from console.render import slice_png
 from console.services import current_services
 from console.studies import study_detail
