@@ -348,6 +348,14 @@ class EmbeddedTriton:
             if not self._keep_log:
                 self.log_path.unlink(missing_ok=True)
 
+    def kill(self) -> None:
+        """SIGKILL the server and its backend stubs at once, as a crash would (fault tests)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self.stop()
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the server log."""
         if self.log_path is None or not self.log_path.exists():

@@ -86,6 +86,16 @@ class ModelNotReadyError(HemoTriageError):
     http_status = 503
 
 
+class InferenceFailedError(HemoTriageError):
+    """The server answered the request with an error (a rejected batch, a backend failure).
+
+    Unlike :class:`ServerUnavailableError` the server is there; sending the same
+    request again is unlikely to help, so callers retry it a few times at most.
+    """
+
+    http_status = 502
+
+
 class InferenceTimeoutError(HemoTriageError):
     """The inference request did not finish within its timeout."""
 

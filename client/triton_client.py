@@ -25,6 +25,7 @@ import numpy as np
 
 from client.constants import INPUT_NAME, OUTPUT_NAME, PRIORITY_ROUTINE
 from client.errors import (
+    InferenceFailedError,
     InferenceTimeoutError,
     ModelNotReadyError,
     ServerUnavailableError,
@@ -127,7 +128,7 @@ class TritonClassifier:
             ValueError: ``batch`` has the wrong shape or dtype.
             InferenceTimeoutError: a request exceeded ``timeout_s``.
             ServerUnavailableError: the server stopped answering (after the retries).
-            ModelNotReadyError: the server rejected the request.
+            InferenceFailedError: the server answered with an error for this request.
         """
         expected = (3, self.spec.input_size, self.spec.input_size)
         if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.float32:
@@ -228,7 +229,7 @@ class TritonClassifier:
             return InferenceTimeoutError(message)
         if status in _TRANSIENT_GRPC or status in _TRANSIENT_HTTP:
             return ServerUnavailableError(message)
-        return ModelNotReadyError(message)
+        return InferenceFailedError(message)
 
     def _drop_client(self) -> None:
         client = getattr(self._local, "client", None)

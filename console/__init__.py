@@ -15,16 +15,18 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from client.constants import DEFAULT_GRPC_PORT, REPO_ROOT
 from client.errors import HemoTriageError
 from client.registry import get_model
 from client.triton_client import PROTOCOLS
+from console.errors import storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ DEFAULTS = {
     "STORAGE_DIR": None,
     # SQLite file (default: <STORAGE_DIR>/hemotriage.sqlite).
     "DATABASE": None,
+    # How long a write waits for another writer before the request gets a 503.
+    "DATABASE_BUSY_TIMEOUT_S": 10.0,
     # Watched folder (default: <STORAGE_DIR>/inbox); set to "" to disable the watcher.
     "INBOX_DIR": None,
     "INBOX_POLL_S": 2.0,
@@ -51,7 +55,14 @@ DEFAULTS = {
     "WORKER_POLL_S": 1.0,
     "BACKOFF_INITIAL_S": 0.5,
     "BACKOFF_MAX_S": 30.0,
+    # Tries a slice gets when inference fails with the server there (timeouts, error
+    # answers, a full disk...); then it is failed with the reason. A server that is
+    # down uses no attempts: the queue waits for it.
     "MAX_INFERENCE_ATTEMPTS": 5,
+    # A claimed batch not finished within CLAIM_LEASE_S goes back to the queue
+    # (checked every LEASE_CHECK_S); well above TRITON_TIMEOUT_S times its retries.
+    "CLAIM_LEASE_S": 300.0,
+    "LEASE_CHECK_S": 10.0,
     # Worklist order (see console/priority.py).
     "PRIORITY_WEIGHT_FLAGGED": 1000.0,
     "PRIORITY_WEIGHT_FAILED": 500.0,
@@ -62,6 +73,9 @@ DEFAULTS = {
     "MAX_UPLOAD_FILES": 1000,
     "MAX_ZIP_UNCOMPRESSED_BYTES": 1024 * 1024 * 1024,
     "SSE_KEEPALIVE_S": 15.0,
+    # Live screens at once; each holds a gunicorn thread (CONSOLE_THREADS, 32), so the
+    # rest stay free for uploads, /healthz and pages. Past it /api/stream answers 503.
+    "MAX_STREAMS": 16,
     # Benchmark reports and plots shown on /latency (default: <repo>/benchmarks/results).
     "RESULTS_DIR": None,
     # Session cookie: HttpOnly, SameSite=Lax, Secure (browsers allow it on http://localhost).
@@ -113,6 +127,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.after_request(ops.count_request)
     app.register_error_handler(HemoTriageError, _typed_error)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
+    app.register_error_handler(sqlite3.OperationalError, _storage_failure)
     app.extensions[EXTENSION_KEY] = Services.from_app(app)
     db.init_db(app.config["DATABASE"])
     return app
@@ -158,6 +173,11 @@ def _typed_error(error: HemoTriageError):
     # The message may name the uploaded file; log the class only (file names can carry PHI).
     logger.warning("request refused: %s (%d)", type(error).__name__, error.http_status)
     return jsonify(error=type(error).__name__, message=str(error)), error.http_status
+
+
+def _storage_failure(error: sqlite3.OperationalError):
+    """A locked or full database in any request: a typed 503/507, not an HTML 500."""
+    return _typed_error(storage_error(error, Path(current_app.config["DATABASE"]).parent))
 
 
 def _too_large(error: RequestEntityTooLarge):

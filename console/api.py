@@ -102,8 +102,9 @@ def stream():
     The subscription opens before the response is returned, so nothing published
     after this request arrived is missed; the headers are set before the first yield.
     """
-    keepalive_s = float(current_app.config["SSE_KEEPALIVE_S"])
-    subscription = current_services().broker.subscribe()
+    config = current_app.config
+    keepalive_s = float(config["SSE_KEEPALIVE_S"])
+    subscription = current_services().broker.subscribe(int(config["MAX_STREAMS"]))
 
     def generate():
         # The server closes this generator when the screen disconnects; `with` unsubscribes.

@@ -19,8 +19,9 @@ import click
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 
-#: Seconds a writer waits for the lock before SQLite raises "database is locked".
-_BUSY_TIMEOUT_S = 10.0
+#: Seconds a writer waits for the lock before SQLite raises "database is locked"
+#: (the app's ``DATABASE_BUSY_TIMEOUT_S``).
+BUSY_TIMEOUT_S = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -105,18 +106,19 @@ CREATE TABLE IF NOT EXISTS audit_log (
 """
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+def connect(path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open a connection in WAL mode with durable commits and row access by name.
 
     Args:
         path: The database file; its folder is created if missing.
+        busy_timeout_s: How long a write waits for another writer's lock.
 
     Returns:
         A connection whose rows are :class:`sqlite3.Row`. Transactions are
         explicit: use ``with db:`` to commit or roll back.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False)
     db.row_factory = sqlite3.Row
     # WAL: readers never block the writer (https://sqlite.org/wal.html);
     # synchronous=FULL fsyncs the WAL on every commit, so a 201 means on disk.
@@ -129,7 +131,8 @@ def connect(path: str | Path) -> sqlite3.Connection:
 def get_db() -> sqlite3.Connection:
     """This request's connection, opened on first use and closed by :func:`close_db`."""
     if "db" not in g:
-        g.db = connect(current_app.config["DATABASE"])
+        config = current_app.config
+        g.db = connect(config["DATABASE"], float(config["DATABASE_BUSY_TIMEOUT_S"]))
     return g.db
 
 

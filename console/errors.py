@@ -9,6 +9,12 @@ into ``{"error": <class name>, "message": <text>}`` with that status.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
+import sqlite3
+from pathlib import Path
+
 from client.errors import HemoTriageError
 
 
@@ -50,3 +56,40 @@ class ConflictError(HemoTriageError):
     """The action does not fit the study's state (acknowledging an unfinished study)."""
 
     http_status = 409
+
+
+class TooManyStreamsError(HemoTriageError):
+    """Every live-stream slot is taken; the screen retries (kept free: health checks, uploads)."""
+
+    http_status = 503
+
+
+class StorageFullError(HemoTriageError):
+    """The disk under the storage folder or the database is full; nothing was kept."""
+
+    http_status = 507
+
+
+class StorageBusyError(HemoTriageError):
+    """The database stayed locked by another writer, or the disk failed; send it again."""
+
+    http_status = 503
+
+
+#: Free bytes below which a failed write is put down to a full disk.
+_NEARLY_FULL_BYTES = 1024 * 1024
+
+
+def storage_error(error: OSError | sqlite3.Error, folder: Path) -> HemoTriageError:
+    """The typed error a sender sees when storing an upload failed for lack of disk or lock.
+
+    SQLite reports a full disk as "database or disk is full" or, in WAL mode,
+    as a plain "disk I/O error", so the free space of ``folder`` decides too.
+    """
+    text = str(error)
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in text
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    if full:
+        return StorageFullError(f"the console's disk is full; nothing was stored ({text})")
+    return StorageBusyError(f"the console could not store the upload now; send it again ({text})")

@@ -18,6 +18,7 @@ import json
 import queue
 import threading
 
+from console.errors import TooManyStreamsError
 from console.queue import StudyChange
 
 #: Events kept for a slow subscriber before it starts dropping the oldest.
@@ -81,13 +82,24 @@ class EventBroker:
         self._subscribers: list[Subscription] = []
         self._closed = False
 
-    def subscribe(self) -> Subscription:
+    def subscribe(self, max_subscribers: int | None = None) -> Subscription:
         """A new subscription; it receives every event published until it is closed.
 
         After :meth:`close` the subscription is born ended.
+
+        Args:
+            max_subscribers: Refuse a new one past this many open (None: no cap).
+
+        Raises:
+            TooManyStreamsError: ``max_subscribers`` are open already.
         """
         subscription = Subscription(self)
         with self._lock:
+            if max_subscribers is not None and len(self._subscribers) >= max_subscribers:
+                raise TooManyStreamsError(
+                    f"{max_subscribers} live screens are connected already; "
+                    "close one or raise HEMOTRIAGE_MAX_STREAMS (and the gunicorn threads)"
+                )
             if not self._closed:
                 self._subscribers.append(subscription)
                 return subscription

@@ -68,6 +68,10 @@ class InboxWatcher:
             self._thread.join(timeout_s)
             self._thread = None
 
+    def is_alive(self) -> bool:
+        """The poll thread runs (False before start, after stop, or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def scan_once(self) -> int:
         """Ingest or reject every settled entry; return how many were handled."""
         (self.inbox / REJECTED).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ build many apps in one process. Queue depth is read from SQLite at scrape time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,6 +41,21 @@ class _QueueDepthCollector:
                 family.add_metric([state], count)
         finally:
             db.close()
+        yield family
+
+
+class _ThreadCollector:
+    """1 for each background thread that runs, 0 for one that is stopped or dead."""
+
+    def __init__(self, probes: dict[str, Callable[[], bool]]) -> None:
+        self._probes = probes
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "hemotriage_thread_up", "1 while a background thread runs", labels=["thread"]
+        )
+        for name, alive in self._probes.items():
+            family.add_metric([name], 1.0 if alive() else 0.0)
         yield family
 
 
@@ -82,4 +98,19 @@ class ConsoleMetrics:
             "1 while the classifier answers, 0 while backing off",
             registry=self.registry,
         )
+        self.worker_errors = Counter(
+            "hemotriage_worker_errors",
+            "Worker rounds that failed, by error class",
+            ["error"],
+            registry=self.registry,
+        )
+        self.worker_last_error = Gauge(
+            "hemotriage_worker_last_error_timestamp_seconds",
+            "When the worker last failed (0: never)",
+            registry=self.registry,
+        )
         self.registry.register(_QueueDepthCollector(database))
+
+    def watch_threads(self, probes: dict[str, Callable[[], bool]]) -> None:
+        """Report ``hemotriage_thread_up`` for each named liveness probe."""
+        self.registry.register(_ThreadCollector(probes))

@@ -3,13 +3,15 @@
 Routes:
 
     GET /healthz   200 while the process answers
-    GET /readyz    200 when the database takes writes and the classifier answers, else 503
+    GET /readyz    200 when the database takes writes, the classifier answers and the
+                   worker and inbox threads run (the worker's loop not stalled), else 503
     GET /metrics   Prometheus text format
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,7 +31,11 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Readiness: the database accepts a write lock and the classifier can be reached."""
+    """Readiness: the database takes a write lock, the classifier answers, the threads run.
+
+    The body also carries the worker's latest error, so an operator sees why
+    without reading logs.
+    """
     checks: dict[str, str] = {}
     try:
         db = get_db()
@@ -38,14 +44,30 @@ def readyz():
         checks["database"] = "ok"
     except sqlite3.Error as e:
         checks["database"] = f"error: {e}"
-    worker = current_services().worker
+    services = current_services()
+    worker = services.worker
     try:
         worker.classifier()
         checks["classifier"] = "ok"
     except HemoTriageError as e:
         checks["classifier"] = f"error: {e}"
+    for name, alive in services.thread_probes().items():
+        checks[name] = "ok" if alive() else "error: thread not running"
+    heartbeat_age_s = time.time() - worker.state.heartbeat_at
+    if checks["worker"] == "ok" and heartbeat_age_s > worker.settings.lease_s:
+        checks["worker"] = f"error: loop stalled for {heartbeat_age_s:.0f} s"
     ready = all(v == "ok" for v in checks.values())
-    return jsonify(ready=ready, checks=checks), 200 if ready else 503
+    state = worker.state
+    body = {
+        "ready": ready,
+        "checks": checks,
+        "worker": {
+            "last_error": state.last_error,
+            "last_error_at": state.last_error_at or None,
+            "backoff_s": state.backoff_s,
+        },
+    }
+    return jsonify(body), 200 if ready else 503
 
 
 @bp.get("/metrics")

@@ -2,7 +2,9 @@
 
 A slice moves ``queued -> processing -> classified | failed``. Claiming, releasing
 and finishing are each one transaction, so a crash leaves at worst some rows
-``processing``; :func:`requeue_stale` puts them back when the worker starts.
+``processing``. A claim is a lease: :func:`requeue_claims` takes back every
+claim when the worker starts and expired ones on a timer, and a slice that
+used up its attempts fails with the reason instead of coming back forever.
 A study's status follows from its slices (:func:`refresh_study`).
 
     with db:
@@ -47,16 +49,40 @@ class StudyChange:
     newly_flagged: bool
 
 
-def requeue_stale(db: sqlite3.Connection) -> int:
-    """Put slices a crashed worker left ``processing`` back in the queue.
+def requeue_claims(
+    db: sqlite3.Connection, max_attempts: int, claimed_before: float | None = None
+) -> tuple[int, list[int]]:
+    """Take back claims whose worker is gone: re-queue them, or fail those out of attempts.
+
+    A claim is a lease: a worker that crashed, hung or lost its database
+    mid-batch never finishes its slices, so they come back to the queue. A
+    slice claimed ``max_attempts`` times without a result fails with that
+    reason instead, so one file that kills the worker cannot do so forever.
+
+    Args:
+        db: Connection inside the caller's transaction.
+        max_attempts: Claims a slice may use up.
+        claimed_before: Only claims older than this epoch time (an expired
+            lease); None takes every claim (the only worker is starting).
 
     Returns:
-        How many slices were re-queued.
+        How many slices went back to the queue, and the studies whose slices failed.
     """
-    cursor = db.execute(
-        "UPDATE slices SET status = 'queued', started_at = NULL WHERE status = 'processing'"
-    )
-    return cursor.rowcount
+    cutoff = time.time() if claimed_before is None else claimed_before
+    stale = db.execute(
+        "SELECT id, study_id, attempts FROM slices WHERE status = 'processing' AND started_at <= ?",
+        (cutoff,),
+    ).fetchall()
+    out_of_attempts = [r for r in stale if r["attempts"] >= max_attempts]
+    for row in out_of_attempts:
+        fail(
+            db,
+            row["id"],
+            f"claimed {row['attempts']} times without a result "
+            "(the worker stopped or lost its database each time)",
+        )
+    release(db, [r["id"] for r in stale if r["attempts"] < max_attempts])
+    return len(stale) - len(out_of_attempts), sorted({r["study_id"] for r in out_of_attempts})
 
 
 def claim(db: sqlite3.Connection, batch_size: int) -> list[sqlite3.Row]:
@@ -86,11 +112,19 @@ def claim(db: sqlite3.Connection, batch_size: int) -> list[sqlite3.Row]:
     return [db.execute("SELECT * FROM slices WHERE id = ?", (r["id"],)).fetchone() for r in rows]
 
 
-def release(db: sqlite3.Connection, slice_ids: list[int]) -> None:
-    """Return claimed slices to the queue (the classifier was unreachable)."""
+def release(db: sqlite3.Connection, slice_ids: list[int], *, refund: bool = False) -> None:
+    """Return claimed slices to the queue.
+
+    Args:
+        db: Connection inside the caller's transaction.
+        slice_ids: Claimed slices.
+        refund: Give the attempt back: the classifier was not there, so the
+            slices were never tried (a Triton restart must not use them up).
+    """
     db.executemany(
-        "UPDATE slices SET status = 'queued', started_at = NULL WHERE id = ?",
-        [(i,) for i in slice_ids],
+        "UPDATE slices SET status = 'queued', started_at = NULL, "
+        "attempts = attempts - ? WHERE id = ? AND status = 'processing'",
+        [(int(refund), i) for i in slice_ids],
     )
 
 

@@ -13,6 +13,8 @@ ingest entry point for the API, the upload page and the inbox.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from flask import Flask, current_app
 from client.constants import PRIORITY_ROUTINE
 from client.registry import ModelSpec, get_model
 from console.db import connect
+from console.errors import storage_error
 from console.events import EventBroker, publish_study
 from console.inbox import InboxWatcher
 from console.ingest import IncomingFile, IngestLimits, IngestResult, ingest
@@ -90,7 +93,15 @@ class Services:
                 float(config["INBOX_SETTLE_S"]),
                 lambda files, label: services.accept(files, label, source="inbox"),
             )
+        metrics.watch_threads(services.thread_probes())
         return services
+
+    def thread_probes(self) -> dict[str, Callable[[], bool]]:
+        """Liveness of each background thread, by name (``/readyz``, ``/metrics``)."""
+        probes = {"worker": self.worker.is_alive}
+        if self.inbox is not None:
+            probes["inbox"] = self.inbox.is_alive
+        return probes
 
     def accept(
         self,
@@ -102,11 +113,28 @@ class Services:
         """Ingest an upload, publish the studies it touched and wake the worker.
 
         Raises:
-            HemoTriageError: the typed reason the upload was refused (nothing stored).
+            HemoTriageError: the typed reason the upload was refused (nothing stored),
+                :class:`~console.errors.StorageFullError` and
+                :class:`~console.errors.StorageBusyError` included.
         """
-        db = connect(self.database)
         try:
-            result = ingest(
+            result = self._ingest(files, label, source, priority)
+        except (OSError, sqlite3.Error) as e:
+            logger.error("upload not stored: %s: %s", type(e).__name__, e)
+            raise storage_error(e, self.storage_dir) from e
+        for ingest_ms in result.ingest_ms:
+            self.metrics.stage_seconds.labels("ingest").observe(ingest_ms / 1000)
+        for change in result.changes:
+            publish_study(self.broker, change)
+        self.worker.wake()
+        return result
+
+    def _ingest(
+        self, files: list[IncomingFile], label: str | None, source: str, priority: int
+    ) -> IngestResult:
+        db = connect(self.database, self.worker.settings.busy_timeout_s)
+        try:
+            return ingest(
                 db,
                 self.storage_dir,
                 self.spec,
@@ -118,12 +146,6 @@ class Services:
             )
         finally:
             db.close()
-        for ingest_ms in result.ingest_ms:
-            self.metrics.stage_seconds.labels("ingest").observe(ingest_ms / 1000)
-        for change in result.changes:
-            publish_study(self.broker, change)
-        self.worker.wake()
-        return result
 
     def start(self) -> None:
         """Start the worker and the inbox watcher threads."""

@@ -90,8 +90,12 @@ def worklist(db: sqlite3.Connection, rule: PriorityRule, limit: int = 500) -> li
         "SELECT * FROM studies ORDER BY received_at DESC LIMIT ?", (limit,)
     ).fetchall()
     counts: dict[int, dict[str, int]] = {}
+    listed = [s["id"] for s in studies]
+    marks = ",".join("?" * len(listed))
     for row in db.execute(
-        "SELECT study_id, status, COUNT(*) AS n FROM slices GROUP BY study_id, status"
+        f"SELECT study_id, status, COUNT(*) AS n FROM slices WHERE study_id IN ({marks}) "
+        "GROUP BY study_id, status",
+        listed,
     ):
         counts.setdefault(row["study_id"], {})[row["status"]] = row["n"]
     items = [study_json(s, rule, now, counts.get(s["id"], {})) for s in studies]

@@ -3,11 +3,18 @@
 Each round claims a batch from :mod:`console.queue`, decodes and preprocesses
 the stored files with :mod:`client.preprocess`, sends the batch to the
 classifier in one ``predict`` call (Triton by default, see
-:func:`build_classifier`) and commits the results. While the classifier is
-unreachable (:class:`~client.errors.ServerUnavailableError`,
-:class:`~client.errors.ModelNotReadyError`) the claimed slices go back to the
-queue and the worker waits with exponential backoff, then resumes by itself.
-On start it re-queues slices a crashed process left ``processing``.
+:func:`build_classifier`) and commits the results.
+
+Nothing can hold the queue: while the classifier is unreachable
+(:class:`~client.errors.ServerUnavailableError`, or a model that is not
+ready) the claimed slices go back to the queue with their attempt refunded
+and the worker waits with exponential backoff, then resumes by itself. Any
+other failure between claim and commit (a timeout, an error answer from the
+server, a full disk, a locked database, a bug) gives the batch back too, but
+uses up an attempt: after ``MAX_INFERENCE_ATTEMPTS`` a slice is ``failed``
+with the reason and the studies behind it keep flowing. Claims are leases:
+on start, and every ``LEASE_CHECK_S`` for claims older than ``CLAIM_LEASE_S``,
+:func:`console.queue.requeue_claims` takes back work nobody finished.
 
     worker = QueueWorker(settings, broker, metrics, build_classifier)
     worker.start()        # or worker.run_once() from a test
@@ -30,7 +37,6 @@ from client.classify import Classifier, LocalClassifier
 from client.decode import decode_file
 from client.errors import (
     HemoTriageError,
-    InferenceTimeoutError,
     ModelNotReadyError,
     ServerUnavailableError,
 )
@@ -44,7 +50,7 @@ from console.metrics import ConsoleMetrics
 
 logger = logging.getLogger(__name__)
 
-#: Failures that mean "the server is not there yet": wait and retry, without limit.
+#: Failures that mean "the server is not there yet": wait and retry, without using attempts.
 _UNAVAILABLE = (ServerUnavailableError, ModelNotReadyError)
 #: Kinds of classifier :func:`build_classifier` can make.
 CLASSIFIER_KINDS = ("triton", "local")
@@ -55,6 +61,7 @@ class WorkerSettings:
     """The worker's part of the app config (see :func:`console.create_app`)."""
 
     database: Path
+    busy_timeout_s: float
     storage_dir: Path
     model_name: str
     classifier: str
@@ -66,12 +73,15 @@ class WorkerSettings:
     backoff_initial_s: float
     backoff_max_s: float
     max_attempts: int
+    lease_s: float
+    lease_check_s: float
 
     @classmethod
     def from_config(cls, config: dict) -> WorkerSettings:
         """Read the ``create_app`` config keys."""
         return cls(
             database=Path(config["DATABASE"]),
+            busy_timeout_s=float(config["DATABASE_BUSY_TIMEOUT_S"]),
             storage_dir=Path(config["STORAGE_DIR"]),
             model_name=config["MODEL_NAME"],
             classifier=config["CLASSIFIER"],
@@ -83,6 +93,8 @@ class WorkerSettings:
             backoff_initial_s=float(config["BACKOFF_INITIAL_S"]),
             backoff_max_s=float(config["BACKOFF_MAX_S"]),
             max_attempts=int(config["MAX_INFERENCE_ATTEMPTS"]),
+            lease_s=float(config["CLAIM_LEASE_S"]),
+            lease_check_s=float(config["LEASE_CHECK_S"]),
         )
 
 
@@ -111,12 +123,23 @@ def build_classifier(settings: WorkerSettings) -> Classifier:
 
 @dataclass
 class WorkerState:
-    """What ``/readyz`` and the status bar show about the worker."""
+    """What ``/readyz``, ``/metrics`` and the status bar show about the worker.
+
+    Attributes:
+        classifier_ready: The classifier answered last time it was asked.
+        last_error: The latest failure, ``Class: message`` ("" before any).
+        last_error_at: When it happened (epoch seconds; 0 before any).
+        backoff_s: The wait after the latest failure (0 while all is well).
+        running: The thread was started and not stopped.
+        heartbeat_at: When the loop last came round (a stalled loop stops it).
+    """
 
     classifier_ready: bool = False
     last_error: str = ""
+    last_error_at: float = 0.0
     backoff_s: float = 0.0
     running: bool = False
+    heartbeat_at: float = 0.0
 
 
 class QueueWorker:
@@ -148,19 +171,51 @@ class QueueWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._db = None
+        self._next_lease_check = 0.0
+        self._took_back_earlier_claims = False
 
     def start(self) -> None:
-        """Re-queue stale work, then run the loop in a daemon thread (once)."""
+        """Run the loop in a daemon thread (once).
+
+        Its first round takes back every claim an earlier run left (the
+        single-box console runs one worker, so no claim can be live then); it
+        runs in the loop, so a database that is locked or on a full disk at
+        start delays it instead of stopping the console from starting.
+        """
         if self._thread is not None:
             return
-        with self._connection() as db:
-            stale = queue.requeue_stale(db)
-        if stale:
-            logger.info("re-queued %d slices left processing by an earlier run", stale)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="hemotriage-worker", daemon=True)
         self.state.running = True
+        self.state.heartbeat_at = time.time()
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        """The loop thread runs (False before start, after stop, or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def requeue_claims(self, claimed_before: float | None) -> int:
+        """Take back claims older than ``claimed_before`` (None: all): leases that ran out.
+
+        Returns:
+            How many slices went back to the queue.
+        """
+        db = self._connection()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            requeued, failed_studies = queue.requeue_claims(
+                db, self.settings.max_attempts, claimed_before
+            )
+            changes = [queue.refresh_study(db, sid, self.spec) for sid in failed_studies]
+        if requeued or failed_studies:
+            logger.warning(
+                "took back unfinished claims: %d slices re-queued, %d studies with failed slices",
+                requeued,
+                len(failed_studies),
+            )
+        for change in changes:
+            publish_study(self._broker, change)
+        return requeued
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish the current batch, stop the thread and close the classifier."""
@@ -198,7 +253,6 @@ class QueueWorker:
                     self._mark_unavailable(e)
                     raise
                 self.state.classifier_ready = True
-                self.state.last_error = ""
                 self._metrics.classifier_up.set(1)
             return self._classifier
 
@@ -207,7 +261,9 @@ class QueueWorker:
 
         Raises:
             ServerUnavailableError, ModelNotReadyError: the classifier is
-                unreachable; the batch went back to the queue.
+                unreachable; the batch went back to the queue, attempts refunded.
+            Exception: anything else between claim and commit; the batch went
+                back to the queue (or failed, for slices out of attempts).
         """
         classifier = self.classifier()
         db = self._connection()
@@ -216,6 +272,19 @@ class QueueWorker:
             rows = queue.claim(db, self.settings.batch_size)
         if not rows:
             return 0
+        try:
+            return self._classify(db, classifier, rows)
+        except _UNAVAILABLE as e:
+            self._drop_classifier(e)
+            self._give_back(rows, e, refund=True)
+            raise
+        except BaseException as e:
+            if isinstance(e, HemoTriageError):
+                self._drop_classifier(e)  # rebuilt next round: checks the model again
+            self._give_back(rows, e, refund=False)
+            raise
+
+    def _classify(self, db, classifier: Classifier, rows) -> int:
         claimed_at = time.time()
         prepared, failed = self._prepare(rows)
         probabilities = np.empty(0, dtype=np.float32)
@@ -224,20 +293,46 @@ class QueueWorker:
             batch = np.stack([p[1] for p in prepared])
             priority = min(r["priority"] for r, *_ in prepared)
             start = time.perf_counter()
-            try:
-                probabilities = classifier.predict(batch, priority=priority)
-            except _UNAVAILABLE as e:
-                self._drop_classifier(e)
-                with db:
-                    queue.release(db, [r["id"] for r, *_ in prepared])
-                    self._finish_failed(db, failed)
-                raise
-            except InferenceTimeoutError as e:
-                self._retry_or_fail(db, prepared, failed, e)
-                return len(failed)
+            probabilities = classifier.predict(batch, priority=priority)
             inference_ms = (time.perf_counter() - start) * 1000 / len(prepared)
         self._commit(db, rows, prepared, failed, probabilities, inference_ms, claimed_at)
         return len(rows)
+
+    def _give_back(self, rows, error: BaseException, refund: bool) -> None:
+        """Return a batch that did not finish: re-queued, or failed once out of attempts.
+
+        If even this fails (the database is locked or gone), the claims stay
+        ``processing`` and the lease timer takes them back later.
+        """
+        reason = f"{type(error).__name__}: {error}"
+        retry = [r["id"] for r in rows if refund or r["attempts"] < self.settings.max_attempts]
+        give_up = [
+            (r, f"gave up after {r['attempts']} attempts; last: {reason}")
+            for r in rows
+            if not refund and r["attempts"] >= self.settings.max_attempts
+        ]
+        try:
+            db = self._connection()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                queue.release(db, retry, refund=refund)
+                self._finish_failed(db, give_up)
+                changes = [
+                    queue.refresh_study(db, sid, self.spec)
+                    for sid in sorted({r["study_id"] for r, _ in give_up})
+                ]
+        except Exception:
+            logger.exception("could not give back %d claimed slices; their lease will", len(rows))
+            return
+        logger.warning(
+            "batch not finished (%s): %d slices re-queued, %d failed",
+            type(error).__name__,
+            len(retry),
+            len(give_up),
+        )
+        self._metrics.slices.labels("failed").inc(len(give_up))
+        for change in changes:
+            publish_study(self._broker, change)
 
     def _prepare(self, rows):
         """Decode and preprocess claimed slices; a file that no longer decodes fails alone."""
@@ -264,10 +359,19 @@ class QueueWorker:
         return prepared, failed
 
     def _commit(self, db, rows, prepared, failed, probabilities, inference_ms, claimed_at):
+        """Record the batch's results in one transaction, then tell the screens.
+
+        A non-finite probability (a broken model or input) fails its slice: it
+        must never count as a negative.
+        """
+        scored = []
+        for item, p in zip(prepared, probabilities, strict=True):
+            if np.isfinite(p):
+                scored.append((item, p))
+            else:
+                failed.append((item[0], f"the model returned a non-finite probability ({p})"))
         with db:
-            for (row, _, head, (decode_ms, preprocess_ms)), p in zip(
-                prepared, probabilities, strict=True
-            ):
+            for (row, _, head, (decode_ms, preprocess_ms)), p in scored:
                 wait_ms = (row["started_at"] - row["queued_at"]) * 1000
                 timings = queue.SliceTimings(decode_ms, preprocess_ms, wait_ms, inference_ms)
                 queue.finish(db, row["id"], float(p), head, timings)
@@ -283,7 +387,7 @@ class QueueWorker:
                 queue.refresh_study(db, sid, self.spec)
                 for sid in sorted({r["study_id"] for r in rows})
             ]
-        self._metrics.slices.labels("classified").inc(len(prepared))
+        self._metrics.slices.labels("classified").inc(len(scored))
         self._metrics.slices.labels("failed").inc(len(failed))
         for change in changes:
             study = db.execute("SELECT * FROM studies WHERE id = ?", (change.study_id,)).fetchone()
@@ -301,7 +405,7 @@ class QueueWorker:
             publish_study(self._broker, change)
         logger.info(
             "classified %d slices (%d failed) in %.1f ms/slice, claimed %.0f ms ago",
-            len(prepared),
+            len(scored),
             len(failed),
             inference_ms,
             (time.time() - claimed_at) * 1000,
@@ -311,24 +415,6 @@ class QueueWorker:
         for row, reason in failed:
             queue.fail(db, row["id"], reason)
 
-    def _retry_or_fail(self, db, prepared, failed, error: InferenceTimeoutError) -> None:
-        """A timeout re-queues the batch until a slice has used up its attempts."""
-        retry = [r["id"] for r, *_ in prepared if r["attempts"] < self.settings.max_attempts]
-        give_up = [
-            (r, f"inference timed out {r['attempts']} times: {error}")
-            for r, *_ in prepared
-            if r["attempts"] >= self.settings.max_attempts
-        ]
-        logger.warning(
-            "inference timed out; re-queueing %d slices, failing %d", len(retry), len(give_up)
-        )
-        with db:
-            queue.release(db, retry)
-            self._finish_failed(db, failed + give_up)
-            for sid in sorted({r["study_id"] for r, _ in failed + give_up}):
-                queue.refresh_study(db, sid, self.spec)
-        self._metrics.slices.labels("failed").inc(len(failed) + len(give_up))
-
     def _drop_classifier(self, error: Exception) -> None:
         with self._classifier_lock:
             self._classifier = None
@@ -336,38 +422,54 @@ class QueueWorker:
 
     def _mark_unavailable(self, error: Exception) -> None:
         self.state.classifier_ready = False
-        self.state.last_error = str(error)
+        self._record_error(error)
         self._metrics.classifier_up.set(0)
+
+    def _record_error(self, error: BaseException) -> None:
+        self.state.last_error = f"{type(error).__name__}: {error}"
+        self.state.last_error_at = time.time()
+        self._metrics.worker_errors.labels(type(error).__name__).inc()
+        self._metrics.worker_last_error.set(self.state.last_error_at)
 
     def _connection(self):
         """The worker thread's own connection (request connections live in ``g``)."""
         if self._db is None:
-            self._db = connect(self.settings.database)
+            self._db = connect(self.settings.database, self.settings.busy_timeout_s)
         return self._db
 
     def _loop(self) -> None:
         delay_s = self.settings.backoff_initial_s
         while not self._stop.is_set():
+            self.state.heartbeat_at = time.time()
             try:
+                self._check_leases()
                 done = self.run_once()
             except _UNAVAILABLE as e:
-                self.state.backoff_s = delay_s
                 logger.warning(
                     "classifier unavailable (%s); retrying in %.1f s", type(e).__name__, delay_s
                 )
-                self._stop.wait(delay_s)
-                delay_s = min(delay_s * 2, self.settings.backoff_max_s)
-                continue
             except Exception as e:
-                # A bug or a full disk must not kill the only worker thread silently:
-                # record it for /readyz, back off and try again.
+                # A timeout, an error answer, a full disk or a bug must not kill the only
+                # worker thread: record it for /readyz and /metrics, back off, go on.
                 logger.exception("worker round failed; retrying in %.1f s", delay_s)
-                self.state.last_error = f"{type(e).__name__}: {e}"
-                self._stop.wait(delay_s)
-                delay_s = min(delay_s * 2, self.settings.backoff_max_s)
+                self._record_error(e)
+            else:
+                delay_s = self.settings.backoff_initial_s
+                self.state.backoff_s = 0.0
+                if done == 0:
+                    self._wake.wait(self.settings.poll_s)
+                    self._wake.clear()
                 continue
-            delay_s = self.settings.backoff_initial_s
-            self.state.backoff_s = 0.0
-            if done == 0:
-                self._wake.wait(self.settings.poll_s)
-                self._wake.clear()
+            self.state.backoff_s = delay_s
+            self._stop.wait(delay_s)
+            delay_s = min(delay_s * 2, self.settings.backoff_max_s)
+
+    def _check_leases(self) -> None:
+        """First every claim of an earlier run, then every ``lease_check_s`` the expired ones."""
+        if not self._took_back_earlier_claims:
+            self.requeue_claims(claimed_before=None)
+            self._took_back_earlier_claims = True
+        now = time.time()
+        if now >= self._next_lease_check:
+            self._next_lease_check = now + self.settings.lease_check_s
+            self.requeue_claims(claimed_before=now - self.settings.lease_s)

@@ -267,7 +267,15 @@ class ConsoleServer:
     def start(self):
         bin_dir = Path(sys.executable).parent
         subprocess.run(
-            [sys.executable, "-m", "console", "create-admin", "--username", "admin"],
+            [
+                sys.executable,
+                "-m",
+                "console",
+                "create-admin",
+                "--username",
+                "admin",
+                "--if-missing",
+            ],
             env=self.env,
             cwd=REPO,
             check=True,
@@ -277,8 +285,9 @@ class ConsoleServer:
             [str(bin_dir / "gunicorn"), "-c", "console/gunicorn.conf.py"],
             env=self.env,
             cwd=REPO,
-            stdout=self.log.open("wb"),
+            stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # kill() takes the master and its worker together
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -294,6 +303,12 @@ class ConsoleServer:
     def stop(self):
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+    def kill(self):
+        """SIGKILL gunicorn's master and worker at once, as a power cut or OOM kill would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=60)
 
     def token(self) -> str:

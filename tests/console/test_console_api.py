@@ -217,6 +217,36 @@ def test_stream_sends_study_events(logged_in, services):
     assert services.broker.subscriber_count == 0
 
 
+def test_live_streams_are_capped_so_screens_cannot_starve_the_console(app, logged_in, services):
+    app.config["MAX_STREAMS"] = 2
+    screens = [logged_in.get("/api/stream", buffered=False) for _ in range(2)]
+    assert [s.status_code for s in screens] == [200, 200]
+    refused = logged_in.get("/api/stream", buffered=False)
+    assert refused.status_code == 503
+    assert refused.get_json()["error"] == "TooManyStreamsError"
+    assert logged_in.get("/healthz").status_code == 200
+    screens[0].close()
+    again = logged_in.get("/api/stream", buffered=False)
+    assert again.status_code == 200
+    again.close()
+    screens[1].close()
+    assert services.broker.subscriber_count == 0
+
+
+def test_worklist_counts_the_slices_of_the_studies_it_lists(api, upload, phantom_series, app):
+    from console.db import connect
+    from console.studies import worklist
+
+    upload(api, [(f"a{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
+    upload(api, [(f"b{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
+    db = connect(app.config["DATABASE"])
+    try:
+        (newest,) = worklist(db, app.extensions["hemotriage"].rule, limit=1)
+    finally:
+        db.close()
+    assert newest["slices"] == {"queued": 2}
+
+
 def test_worker_fails_a_slice_whose_stored_file_vanished(
     api, upload, phantom_series, storage, services, drain, db_rows
 ):

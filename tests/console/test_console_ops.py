@@ -11,10 +11,28 @@ def test_healthz_is_open_and_ok(client):
     assert response.status_code == 200 and response.get_json() == {"status": "ok"}
 
 
-def test_readyz_checks_database_and_classifier(client):
+def test_readyz_checks_database_classifier_and_both_threads(client, services):
+    before = client.get("/readyz")
+    assert before.status_code == 503  # gunicorn's hook has not started the threads
+    assert before.get_json()["checks"]["worker"] == "error: thread not running"
+    services.start()
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json() == {"ready": True, "checks": {"database": "ok", "classifier": "ok"}}
+    checks = {"database": "ok", "classifier": "ok", "worker": "ok", "inbox": "ok"}
+    assert response.get_json()["checks"] == checks
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'hemotriage_thread_up{thread="worker"} 1.0' in metrics
+    assert 'hemotriage_thread_up{thread="inbox"} 1.0' in metrics
+
+
+def test_readyz_and_metrics_see_a_dead_inbox_watcher(client, services):
+    services.start()
+    services.inbox.stop()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["inbox"] == "error: thread not running"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'hemotriage_thread_up{thread="inbox"} 0.0' in metrics
 
 
 def test_config_comes_from_prefixed_env_then_test_config(monkeypatch, tmp_path):

@@ -76,7 +76,11 @@ def test_worker_backs_off_while_triton_is_unreachable_and_keeps_the_queue(
     assert ready.get_json()["checks"]["classifier"].startswith("error")
     worklist = client.get("/api/studies").get_json()
     assert worklist["worker"]["classifier_ready"] is False
-    assert "hemotriage_classifier_up 0.0" in client.get("/metrics").get_data(as_text=True)
+    assert ready.get_json()["worker"]["last_error"].startswith("ServerUnavailableError")
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "hemotriage_classifier_up 0.0" in metrics
+    assert 'hemotriage_worker_errors_total{error="ServerUnavailableError"}' in metrics
+    assert "hemotriage_worker_last_error_timestamp_seconds 0.0" not in metrics
 
 
 @pytest.mark.integration

@@ -1,0 +1,388 @@
+"""Faults lose no scan: every accepted slice ends classified, or failed with a reason.
+
+Triton killed, the console killed, a full disk, a database locked by another
+writer, a batch that fails between claim and commit, a server that answers
+every request with an error: each test drives the real parts into that state
+and reads the outcome from the database and the console's own reports.
+"""
+
+import contextlib
+import dataclasses
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.classify import LocalClassifier
+from client.registry import get_model
+from console import queue
+from console.db import connect
+from console.services import EXTENSION_KEY
+from console.worker import QueueWorker
+
+
+def _wait_for(predicate, timeout_s: float = 120.0, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def _statuses(db_rows) -> list[str]:
+    return [r["status"] for r in db_rows("SELECT status FROM slices ORDER BY id")]
+
+
+def _api_client(app, token_for):
+    client = app.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app)}"
+    return client
+
+
+def _stored_files(storage: Path) -> list[Path]:
+    return [p for p in (storage / "uploads").rglob("*") if p.is_file()]
+
+
+class _GatedClassifier:
+    """The real in-process classifier, held inside ``predict`` until the test opens the gate."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self._inner = LocalClassifier(spec)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def predict(self, batch: np.ndarray, priority: int = 2) -> np.ndarray:
+        self.entered.set()
+        assert self.gate.wait(120)
+        return self._inner.predict(batch, priority)
+
+
+class _BrokenModel:
+    """The real classifier with one output broken to NaN, as a corrupt model would give."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self._inner = LocalClassifier(spec)
+
+    def predict(self, batch: np.ndarray, priority: int = 2) -> np.ndarray:
+        out = self._inner.predict(batch, priority)
+        out[0] = np.nan
+        return out
+
+
+def _worker(services, classifier) -> QueueWorker:
+    return QueueWorker(services.worker.settings, services.broker, services.metrics, classifier)
+
+
+def test_batch_that_fails_between_claim_and_commit_goes_back_and_finishes_once(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    app = app_factory(
+        storage, DATABASE_BUSY_TIMEOUT_S=0.2, CLAIM_LEASE_S=1.0, LEASE_CHECK_S=0.1, INBOX_DIR=""
+    )
+    services = app.extensions[EXTENSION_KEY]
+    client = _api_client(app, token_for)
+    accepted = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
+    assert accepted.status_code == 201
+    gated = _GatedClassifier(services.spec)
+    worker = _worker(services, lambda settings: gated)
+    worker.start()
+    locker = connect(app.config["DATABASE"])
+    try:
+        assert gated.entered.wait(60)  # the batch is claimed and inside predict
+        locker.execute("BEGIN IMMEDIATE")  # another writer takes the database
+        gated.gate.set()
+        assert _wait_for(lambda: "locked" in worker.state.last_error, timeout_s=30)
+        assert set(_statuses(db_rows)) == {"processing"}  # held, not lost, not failed
+        locker.rollback()
+        assert _wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=60)
+    finally:
+        gated.gate.set()
+        locker.close()
+        worker.stop()
+    rows = db_rows("SELECT attempts, probability FROM slices")
+    assert [r["attempts"] for r in rows] == [2, 2, 2]  # the expired lease re-queued them once
+    assert all(np.isfinite(r["probability"]) for r in rows)
+    (study,) = db_rows("SELECT status FROM studies")
+    assert study["status"] in ("flagged", "negative")
+
+
+def test_expired_claim_is_taken_back_by_the_lease_timer(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    app = app_factory(storage, CLAIM_LEASE_S=0.5, LEASE_CHECK_S=0.1, INBOX_DIR="")
+    services = app.extensions[EXTENSION_KEY]
+    client = _api_client(app, token_for)
+    upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
+    services.start()
+    assert _wait_for(lambda: set(_statuses(db_rows)) == {"classified"})
+    # Two slices claimed by a worker that then hung (another node, a stuck thread).
+    db = connect(app.config["DATABASE"])
+    with db:
+        db.execute(
+            "UPDATE slices SET status = 'processing', started_at = ?, probability = NULL "
+            "WHERE id IN (1, 2)",
+            (time.time(),),
+        )
+    db.close()
+    assert _wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=30)
+    assert [r["attempts"] for r in db_rows("SELECT attempts FROM slices ORDER BY id")] == [2, 2, 1]
+
+
+def test_slice_claimed_by_every_crashed_run_fails_after_the_cap_with_its_reason(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    app = app_factory(storage, MAX_INFERENCE_ATTEMPTS=3, INBOX_DIR="")
+    client = _api_client(app, token_for)
+    upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
+    db = connect(app.config["DATABASE"])
+    for _ in range(2):  # two runs that each died holding the first slice
+        with db:
+            queue.claim(db, batch_size=1)
+            db.execute("UPDATE slices SET status = 'queued' WHERE id = 1 AND status = 'processing'")
+    with db:
+        queue.claim(db, batch_size=1)  # a third run died too: claimed three times
+    db.close()
+    restarted = app_factory(storage, MAX_INFERENCE_ATTEMPTS=3, INBOX_DIR="")
+    restarted.extensions[EXTENSION_KEY].start()
+    assert _wait_for(lambda: _statuses(db_rows) == ["failed", "classified"])
+    (failed,) = db_rows("SELECT error FROM slices WHERE status = 'failed'")
+    assert "claimed 3 times without a result" in failed["error"]
+    (study,) = db_rows("SELECT status FROM studies")
+    assert study["status"] in ("flagged", "negative")  # scored on the slice that worked
+
+
+def test_non_finite_probability_fails_the_slice_instead_of_counting_as_negative(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    app = app_factory(storage, INBOX_DIR="")
+    services = app.extensions[EXTENSION_KEY]
+    client = _api_client(app, token_for)
+    upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
+    broken = _BrokenModel(services.spec)
+    worker = _worker(services, lambda settings: broken)
+    while worker.run_once():
+        pass
+    worker.stop()
+    rows = db_rows("SELECT status, probability, error FROM slices ORDER BY id")
+    assert [r["status"] for r in rows] == ["failed", "classified", "classified"]
+    assert "non-finite probability" in rows[0]["error"]
+    assert rows[0]["probability"] is None
+
+
+def test_upload_while_another_writer_locks_the_database_gets_503_and_stores_nothing(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    app = app_factory(storage, DATABASE_BUSY_TIMEOUT_S=0.2, INBOX_DIR="")
+    client = _api_client(app, token_for)
+    locker = connect(app.config["DATABASE"])
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        refused = upload(client, [("a.dcm", phantom_series(1)[0])])
+    finally:
+        locker.rollback()
+        locker.close()
+    assert refused.status_code == 503
+    assert refused.get_json()["error"] == "StorageBusyError"
+    assert db_rows("SELECT * FROM slices") == [] and _stored_files(storage) == []
+    assert upload(client, [("a.dcm", phantom_series(1)[0])]).status_code == 201
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 24 MiB filesystem (tmpfs) to fill up; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write until the filesystem is full; return the filler file."""
+    filler = disk / "filler"
+    for chunk in (1024 * 1024, 4096, 1):
+        with contextlib.suppress(OSError), filler.open("ab", buffering=0) as out:
+            while True:
+                out.write(b"\0" * chunk)
+    return filler
+
+
+def test_full_disk_refuses_uploads_with_507_and_loses_no_accepted_slice(
+    app_factory, small_disk, token_for, upload, phantom_series
+):
+    storage = small_disk / "storage"
+    app = app_factory(storage, INBOX_DIR="", BACKOFF_MAX_S=0.2)
+    services = app.extensions[EXTENSION_KEY]
+    client = _api_client(app, token_for)
+
+    def db_rows(sql: str) -> list:
+        db = connect(app.config["DATABASE"])
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+
+    first = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
+    assert first.status_code == 201
+    files_before = _stored_files(storage)
+    filler = _fill(small_disk)
+    refused = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
+    assert refused.status_code == 507, refused.get_data(as_text=True)
+    assert refused.get_json()["error"] == "StorageFullError"
+    assert _stored_files(storage) == files_before  # nothing half-written is left
+    services.start()  # the worker runs on a full disk: it may fail rounds, never lose slices
+    filler.unlink()
+    assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 3)
+    again = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
+    assert again.status_code == 201
+    assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 5)
+
+
+@pytest.mark.integration
+def test_triton_killed_with_work_queued_loses_nothing_and_uses_no_attempts(
+    app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    from build_engines.serve import EmbeddedTriton, ServeSettings, missing_model_files
+
+    settings = ServeSettings.from_env(models=("mobilenet_v2",)).with_free_ports()
+    if missing_model_files(settings):
+        pytest.skip("model.onnx not built; run 'python -m build_engines export'")
+    app = app_factory(
+        storage,
+        CLASSIFIER="triton",
+        TRITON_URL=settings.grpc_url,
+        TRITON_TIMEOUT_S=5.0,
+        BATCH_SIZE=2,
+        INBOX_DIR="",
+    )
+    services = app.extensions[EXTENSION_KEY]
+    client = _api_client(app, token_for)
+    server = EmbeddedTriton(settings).start()
+    try:
+        services.start()
+        upload(client, [(f"a{i}.dcm", d) for i, d in enumerate(phantom_series(4))])
+        assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 4)
+        server.kill()
+        upload(client, [(f"b{i}.dcm", d) for i, d in enumerate(phantom_series(4))])
+        assert _wait_for(lambda: services.worker.state.backoff_s > 0, timeout_s=60)
+        assert client.get("/readyz").status_code == 503
+        assert set(_statuses(db_rows)[4:]) <= {"queued", "processing"}
+        server = EmbeddedTriton(settings).start()  # the same ports, as a restart would
+        assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 8)
+    finally:
+        services.stop()
+        server.stop()
+    attempts = [r["attempts"] for r in db_rows("SELECT attempts FROM slices ORDER BY id")]
+    assert attempts == [1] * 8  # the outage used no attempt: nothing can fail for it
+
+
+@pytest.mark.integration
+def test_server_error_answers_fail_the_batch_after_the_cap_and_the_queue_flows_on(
+    triton_server, app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    """A client whose batches Triton always refuses (bigger than the model's max batch size)."""
+    from client.triton_client import TritonClassifier
+
+    served = get_model("mobilenet_v2")
+    oversized = dataclasses.replace(served, max_batch_size=4 * served.max_batch_size)
+    batch = served.max_batch_size + 8
+    app = app_factory(
+        storage,
+        CLASSIFIER="triton",
+        TRITON_URL=triton_server.grpc_url,
+        BATCH_SIZE=batch,
+        MAX_INFERENCE_ATTEMPTS=2,
+        INBOX_DIR="",
+    )
+    services = app.extensions[EXTENSION_KEY]
+    client = _api_client(app, token_for)
+    big = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(batch, size=128))])
+    small = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3, size=128))])
+    assert big.status_code == small.status_code == 201
+    worker = _worker(
+        services, lambda settings: TritonClassifier(oversized, triton_server.grpc_url, "grpc")
+    )
+    worker.start()
+    try:
+        assert _wait_for(lambda: "classified" in _statuses(db_rows), timeout_s=60)
+    finally:
+        worker.stop()
+    statuses = _statuses(db_rows)
+    assert statuses == ["failed"] * batch + ["classified"] * 3
+    (error,) = {r["error"] for r in db_rows("SELECT error FROM slices WHERE status = 'failed'")}
+    assert error.startswith("gave up after 2 attempts; last: InferenceFailedError")
+    assert "batch-size must be <=" in error or "batch size" in error
+    assert "InferenceFailedError" in worker.state.last_error
+
+
+def _http_upload(server, token: str, files: list[tuple[str, bytes]]) -> dict:
+    import json
+
+    import urllib3
+
+    body, content_type = urllib3.encode_multipart_formdata(
+        [("files", (name, data, "application/dicom")) for name, data in files]
+    )
+    request = urllib.request.Request(
+        server.url + "/api/scans",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 201
+        return json.loads(response.read())
+
+
+def _classified(database: Path) -> int:
+    db = connect(database)
+    try:
+        return db.execute("SELECT COUNT(*) FROM slices WHERE status = 'classified'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
+    tmp_path, phantom_series
+):
+    from tests.console.conftest import ConsoleServer
+
+    storage = tmp_path / "storage"
+    database = storage / "hemotriage.sqlite"
+    server = ConsoleServer(storage).start()
+    accepted: list[int] = []
+    try:
+        token = server.token()
+        for series in range(3):
+            files = [(f"{series}-{i}.dcm", d) for i, d in enumerate(phantom_series(32))]
+            accepted += _http_upload(server, token, files)["slice_ids"]
+        assert _wait_for(lambda: _classified(database) > 0, timeout_s=120)
+        server.kill()
+        done_at_kill = _classified(database)
+    finally:
+        server.stop()
+    assert done_at_kill < len(accepted), "the queue finished before the kill; nothing tested"
+    restarted = ConsoleServer(storage).start()
+    try:
+        assert _wait_for(lambda: _classified(database) == len(accepted), timeout_s=180)
+    finally:
+        restarted.stop()
+    db = connect(database)
+    try:
+        rows = db.execute("SELECT id, status, attempts FROM slices ORDER BY id").fetchall()
+    finally:
+        db.close()
+    assert [r["id"] for r in rows] == sorted(accepted)  # every accepted slice, no other
+    assert {r["status"] for r in rows} == {"classified"}
+    assert max(r["attempts"] for r in rows) <= 2
