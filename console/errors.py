@@ -50,3 +50,15 @@ class ConflictError(HemoTriageError):
     """The action does not fit the study's state (acknowledging an unfinished study)."""
 
     http_status = 409
+
+
+class ForbiddenError(HemoTriageError):
+    """The identity is known but its role does not allow this (an upload-only token reading)."""
+
+    http_status = 403
+
+
+class ImagePurgedError(HemoTriageError):
+    """The study's stored images were deleted by the retention purge; its scores remain."""
+
+    http_status = 410
