@@ -111,12 +111,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     _resolve_paths(app)
 
-    from console import alerts, api, auth, db, latency, ops, security, worklist
+    from console import alerts, api, auth, db, latency, ops, retention, security, worklist
     from console.services import EXTENSION_KEY, Services
 
     db.init_app(app)
     auth.init_app(app)
     security.init_app(app)
+    retention.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(worklist.bp)
     app.register_blueprint(alerts.bp)

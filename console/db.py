@@ -10,7 +10,7 @@ worker's writes. Request handlers use one connection per request through
 
 :func:`init_db` also upgrades a database made by an earlier release: columns
 added since (``users.role``, ``api_tokens.scope`` and ``expires_at``,
-``audit_log.client_addr``, ``studies.purged_at``) are added in place, so data
+``audit_log.client_addr``, ``slices.purged_at``) are added in place, so data
 is never rebuilt or lost.
 """
 
@@ -68,7 +68,6 @@ CREATE TABLE IF NOT EXISTS studies (
     flagged_at REAL,
     acknowledged_at REAL,
     acknowledged_by TEXT,
-    purged_at REAL,
     updated_at REAL NOT NULL
 );
 
@@ -96,6 +95,7 @@ CREATE TABLE IF NOT EXISTS slices (
     preprocess_ms REAL,
     queue_wait_ms REAL,
     inference_ms REAL,
+    purged_at REAL,
     UNIQUE (study_id, sha256)
 );
 
@@ -121,7 +121,7 @@ _ADDED_COLUMNS = (
     ("api_tokens", "scope", "TEXT NOT NULL DEFAULT 'upload' CHECK (scope IN ('upload', 'full'))"),
     ("api_tokens", "expires_at", "REAL"),
     ("audit_log", "client_addr", "TEXT"),
-    ("studies", "purged_at", "REAL"),
+    ("slices", "purged_at", "REAL"),
 )
 #: Lifetime given to API tokens issued before tokens expired (the default of ``create-token``).
 LEGACY_TOKEN_LIFETIME_S = 365 * 86400

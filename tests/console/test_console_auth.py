@@ -370,7 +370,7 @@ def test_init_db_upgrades_a_database_of_the_old_schema_in_place(
     (token,) = db.execute("SELECT * FROM api_tokens").fetchall()
     assert token["scope"] == "upload"
     assert token["expires_at"] == pytest.approx(token["created_at"] + 365 * 86400)
-    assert "purged_at" in {r["name"] for r in db.execute("PRAGMA table_info(studies)")}
+    assert "purged_at" in {r["name"] for r in db.execute("PRAGMA table_info(slices)")}
     assert db.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'login'").fetchone()[0] == 3
     db.close()
 
