@@ -58,7 +58,7 @@ demo: venv engines
 	until $(BIN)/python -c "import urllib.request as u; u.urlopen('$(CONSOLE_URL)/readyz', timeout=2)" 2>/dev/null; do \
 	  kill -0 $$triton 2>/dev/null && kill -0 $$console 2>/dev/null || exit 1; sleep 1; done; \
 	echo; echo "HemoTriage console ready: $(CONSOLE_URL)"; \
-	echo "Log in as admin (password printed above on the first run; more users: $(BIN)/python -m console create-admin --username NAME)."; \
+	echo "Log in as admin (password printed above on the first run; more users: $(BIN)/python -m console create-user --username NAME --role clinician)."; \
 	echo "Ctrl-C stops the console and Triton."; \
 	wait $$console
 

@@ -602,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=SOURCES, default="auto")
     parser.add_argument("--model", default="mobilenet_v2", choices=[s.name for s in list_models()])
     parser.add_argument("--console-url", help="a running console; else start one")
-    parser.add_argument("--token", help="API token for --console-url")
+    parser.add_argument(
+        "--token",
+        help="API token for --console-url (create-token --scope full: it reads the stream)",
+    )
     parser.add_argument("--triton-url", help="gRPC host:port of its Triton, for statistics")
     parser.add_argument("--pause-s", type=float, default=1.0, help="idle time before each run")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="longest wait per run")

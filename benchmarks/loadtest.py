@@ -144,7 +144,7 @@ class ConsoleStack:
         }
         _console_cli(env, "create-admin", "--username", BENCH_USER)
         self.token = _console_cli(
-            env, "create-token", "--username", BENCH_USER, "--name", "benchmark"
+            env, "create-token", "--username", BENCH_USER, "--name", "benchmark", "--scope", "full"
         ).split()[-1]
         log = self._exit.enter_context(self.log_path.open("wb"))
         process = subprocess.Popen(

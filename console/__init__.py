@@ -89,6 +89,18 @@ DEFAULTS = {
     "LOGIN_MAX_FAILURES": 5,
     "LOGIN_WINDOW_S": 300.0,
     "LOGIN_LOCKOUT_S": 60.0,
+    # ... and after LOGIN_MAX_FAILURES_PER_ADDRESS from one client address, for any usernames.
+    "LOGIN_MAX_FAILURES_PER_ADDRESS": 20,
+    # Behind a reverse proxy: how many proxies to trust for X-Forwarded-For/-Proto (Werkzeug's
+    # ProxyFix). 0 (default): the client address is the TCP peer and the headers are ignored,
+    # since anyone can send them; set it to 1 behind one proxy, or throttling sees only the proxy.
+    "TRUSTED_PROXY_HOPS": 0,
+    # Body limit of every request but POST /api/scans (login, acknowledge, logout): 64 KiB.
+    "MAX_FORM_BYTES": 64 * 1024,
+    # Days a new API token is valid (python -m console create-token --expires-days).
+    "TOKEN_EXPIRES_DAYS": 365,
+    # Days stored slice files are kept after their study finished (python -m console purge).
+    "RETENTION_DAYS": 30,
 }
 
 
@@ -113,12 +125,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     _resolve_paths(app)
 
-    from console import alerts, api, auth, db, latency, ops, security, worklist
+    from console import alerts, api, auth, db, latency, ops, retention, security, worklist
     from console.services import EXTENSION_KEY, Services
 
     db.init_app(app)
     auth.init_app(app)
     security.init_app(app)
+    retention.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(worklist.bp)
     app.register_blueprint(alerts.bp)

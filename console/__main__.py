@@ -1,8 +1,11 @@
-"""Command line of the console: ``python -m console init-db|create-admin|create-token``.
+"""Command line of the console: database, accounts, API tokens and the retention purge.
 
     python -m console init-db
     python -m console create-admin --username admin
-    python -m console create-token --username admin --name pacs-bridge
+    python -m console create-user --username nurse --role clinician
+    python -m console create-token --username admin --name pacs-bridge   # upload-only
+    python -m console revoke-token --name pacs-bridge
+    python -m console purge                                              # RETENTION_DAYS
 
 The commands are Flask's CLI on :func:`console.create_app`, so ``HEMOTRIAGE_*``
 variables configure them exactly as they configure the served app. Flask's

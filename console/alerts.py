@@ -8,7 +8,7 @@ together, whether a clinician clicks on the study page or a client calls
 Routes:
 
     POST /studies/<id>/acknowledge    (form with csrf_token) -> back to the study
-    GET  /audit                       the audit log, newest first
+    GET  /audit                       the audit log, newest first (administrators only)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 
 from flask import Blueprint, flash, g, redirect, render_template, url_for
 
+from console.auth import role_required
 from console.db import audit, get_db
 from console.errors import ConflictError
 from console.events import EventBroker, publish_study
@@ -78,6 +79,7 @@ def acknowledge_study(
 
 
 @bp.get("/audit")
+@role_required("admin")
 def audit_log():
     """Who acknowledged what and when, logins and account changes."""
     rows = (

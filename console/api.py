@@ -5,9 +5,13 @@
     curl -H "Authorization: Bearer $TOKEN" http://localhost:5000/api/studies
     curl -N -H "Authorization: Bearer $TOKEN" http://localhost:5000/api/stream
 
-``POST /api/scans`` takes multipart files (any field name; ``files`` by
-convention), one or many, zips included, an optional ``study`` label grouping
-PNG/JPEG files and an optional ``priority`` (``urgent`` or ``routine``).
+``POST /api/scans`` is the one route upload-only tokens (scanners, PACS
+bridges) may use; every accepted upload is audited with the token's name (or
+the user, for the upload page) and its number of slices. The other routes need
+a clinician or a ``full`` token (console/auth.py). It takes multipart files
+(any field name; ``files`` by convention), one or many, zips included, an
+optional ``study`` label grouping PNG/JPEG files and an optional ``priority``
+(``urgent`` or ``routine``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from client.constants import PRIORITY_ROUTINE, PRIORITY_URGENT
 from console import alerts
-from console.db import get_db
+from console.auth import role_required
+from console.db import audit, get_db
 from console.errors import UploadError
 from console.events import format_sse
 from console.ingest import IncomingFile
@@ -34,6 +39,7 @@ _PRIORITIES = {"urgent": PRIORITY_URGENT, "routine": PRIORITY_ROUTINE}
 
 
 @bp.post("/scans")
+@role_required("uploader")
 def upload_scans():
     """Accept an upload: every file decoded first, stored and committed before the 201.
 
@@ -53,6 +59,16 @@ def upload_scans():
     result = current_services().accept(
         files, request.form.get("study"), source, _PRIORITIES[priority_name]
     )
+    via = f"token {g.token_name}" if g.via == "token" else "upload page"
+    with get_db() as db:
+        audit(
+            db,
+            g.user["username"],
+            "upload",
+            result.study_ids[0],
+            f"{len(result.slice_ids)} slices ({result.duplicates} duplicates) into studies "
+            f"{', '.join(map(str, result.study_ids))} via {via}",
+        )
     body = {
         "study_id": result.study_ids[0],
         "study_ids": result.study_ids,

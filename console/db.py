@@ -7,6 +7,11 @@ worker's writes. Request handlers use one connection per request through
 
     flask --app console init-db        # or: python -m console init-db
     db = get_db()                      # inside a request or app context
+
+:func:`init_db` also upgrades a database made by an earlier release: columns
+added since (``users.role``, ``api_tokens.scope`` and ``expires_at``,
+``audit_log.client_addr``, ``slices.purged_at``) are added in place, so data
+is never rebuilt or lost.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY,
     username TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
-    is_admin INTEGER NOT NULL DEFAULT 0,
+    role TEXT NOT NULL DEFAULT 'clinician' CHECK (role IN ('clinician', 'admin')),
     created_at REAL NOT NULL
 );
 
@@ -37,7 +42,9 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     user_id INTEGER NOT NULL REFERENCES users (id),
     name TEXT NOT NULL,
     token_sha256 TEXT NOT NULL UNIQUE,
+    scope TEXT NOT NULL DEFAULT 'upload' CHECK (scope IN ('upload', 'full')),
     created_at REAL NOT NULL,
+    expires_at REAL,
     last_used_at REAL,
     revoked_at REAL
 );
@@ -89,6 +96,7 @@ CREATE TABLE IF NOT EXISTS slices (
     preprocess_ms REAL,
     queue_wait_ms REAL,
     inference_ms REAL,
+    purged_at REAL,
     UNIQUE (study_id, sha256)
 );
 
@@ -101,9 +109,23 @@ CREATE TABLE IF NOT EXISTS audit_log (
     username TEXT NOT NULL,
     action TEXT NOT NULL,
     study_id INTEGER REFERENCES studies (id),
-    detail TEXT NOT NULL DEFAULT ''
+    detail TEXT NOT NULL DEFAULT '',
+    client_addr TEXT
 );
+
+CREATE INDEX IF NOT EXISTS audit_action ON audit_log (action, at);
 """
+
+#: Columns added since the first release: (table, column, definition as in SCHEMA).
+_ADDED_COLUMNS = (
+    ("users", "role", "TEXT NOT NULL DEFAULT 'clinician' CHECK (role IN ('clinician', 'admin'))"),
+    ("api_tokens", "scope", "TEXT NOT NULL DEFAULT 'upload' CHECK (scope IN ('upload', 'full'))"),
+    ("api_tokens", "expires_at", "REAL"),
+    ("audit_log", "client_addr", "TEXT"),
+    ("slices", "purged_at", "REAL"),
+)
+#: Lifetime given to API tokens issued before tokens expired (the default of ``create-token``).
+LEGACY_TOKEN_LIFETIME_S = 365 * 86400
 
 
 def connect(path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
@@ -144,12 +166,39 @@ def close_db(_error: BaseException | None = None) -> None:
 
 
 def init_db(path: str | Path) -> None:
-    """Create every table that does not exist yet (safe to run on a live database)."""
+    """Create every table that does not exist yet and upgrade older ones (idempotent).
+
+    Safe on a live database: the upgrade runs in one ``BEGIN IMMEDIATE``
+    transaction, so two processes starting together add each column once.
+    """
     db = connect(path)
     try:
         db.executescript(SCHEMA)
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            _add_missing_columns(db)
     finally:
         db.close()
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """``ALTER TABLE ADD COLUMN`` what an older schema lacks, carrying old meanings over.
+
+    Administrators of the old ``is_admin`` flag keep the admin role. Tokens of
+    the old schema become upload-only (closed by default: issue a ``--scope
+    full`` token where a client reads) and expire a year after they were made.
+    """
+    for table, column, definition in _ADDED_COLUMNS:
+        present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column in present:
+            continue
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        if (table, column) == ("users", "role") and "is_admin" in present:
+            db.execute("UPDATE users SET role = 'admin' WHERE is_admin")
+        if (table, column) == ("api_tokens", "expires_at"):
+            db.execute(
+                "UPDATE api_tokens SET expires_at = created_at + ?", (LEGACY_TOKEN_LIFETIME_S,)
+            )
 
 
 def audit(
@@ -158,11 +207,16 @@ def audit(
     action: str,
     study_id: int | None = None,
     detail: str = "",
+    client_addr: str | None = None,
 ) -> None:
-    """Append one row to the audit log (inside the caller's transaction)."""
+    """Append one row to the audit log (inside the caller's transaction).
+
+    ``client_addr`` is the requesting address of logins, which throttling counts per address.
+    """
     db.execute(
-        "INSERT INTO audit_log (at, username, action, study_id, detail) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), username, action, study_id, detail),
+        "INSERT INTO audit_log (at, username, action, study_id, detail, client_addr)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (time.time(), username, action, study_id, detail, client_addr),
     )
 
 

@@ -58,6 +58,18 @@ class ConflictError(HemoTriageError):
     http_status = 409
 
 
+class ForbiddenError(HemoTriageError):
+    """The identity is known but its role does not allow this (an upload-only token reading)."""
+
+    http_status = 403
+
+
+class ImagePurgedError(HemoTriageError):
+    """The study's stored images were deleted by the retention purge; its scores remain."""
+
+    http_status = 410
+
+
 class TooManyStreamsError(HemoTriageError):
     """Every live-stream slot is taken; the screen retries (kept free: health checks, uploads)."""
 

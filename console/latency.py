@@ -49,7 +49,8 @@ def index():
         for path in sorted(folder.glob("*.md"))
     ]
     plots = [path.name for path in sorted(folder.glob("*.png")) if path.name not in embedded]
-    return render_template("latency/index.html", reports=reports, plots=plots, folder=folder)
+    # The page names files only, never the server's folders.
+    return render_template("latency/index.html", reports=reports, plots=plots)
 
 
 @bp.get("/latency/results/<name>")

@@ -1,4 +1,11 @@
-"""CSRF protection and security headers for every response.
+"""CSRF protection, request body limits and security headers for every response.
+
+Every request but ``POST /api/scans`` may carry at most ``MAX_FORM_BYTES``
+(64 KiB): a larger declared body is refused with 413 before anything parses
+it, and the per-request limit stops a chunked body at that size, so an
+anonymous login cannot make the server read half a gigabyte. Behind a reverse
+proxy, ``TRUSTED_PROXY_HOPS`` wraps the app in Werkzeug's ``ProxyFix`` so
+``request.remote_addr`` (login throttling, the audit log) is the client's.
 
 Session-authenticated requests that change state (POST, PUT, PATCH, DELETE)
 must carry the session's CSRF token, as the form field ``csrf_token`` or the
@@ -14,11 +21,15 @@ from __future__ import annotations
 import hmac
 import secrets
 
-from flask import Flask, g, request, session
+from flask import Flask, current_app, g, request, session
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from console.errors import CsrfError
 
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Endpoints that take bodies up to MAX_CONTENT_LENGTH; all others get MAX_FORM_BYTES.
+LARGE_BODY_ENDPOINTS = frozenset({"api.upload_scans"})
 #: Scripts, styles and connections from this origin only; no inline code, no framing.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -40,6 +51,21 @@ def csrf_token() -> str:
     if "csrf_token" not in session:
         session["csrf_token"] = secrets.token_urlsafe(32)
     return session["csrf_token"]
+
+
+def limit_body() -> None:
+    """Hold every request but uploads to ``MAX_FORM_BYTES``, before anything reads the body.
+
+    Raises:
+        RequestEntityTooLarge: the declared length is over the limit (413 JSON); a chunked
+            body is cut at the limit by ``request.max_content_length`` when it is read.
+    """
+    if request.endpoint in LARGE_BODY_ENDPOINTS:
+        return
+    limit = int(current_app.config["MAX_FORM_BYTES"])
+    request.max_content_length = limit
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge(f"request bodies here are limited to {limit} bytes")
 
 
 def check_csrf() -> None:
@@ -66,7 +92,15 @@ def add_security_headers(response):
 
 
 def init_app(app: Flask) -> None:
-    """Install the CSRF check (after the identity is known) and the header hook."""
+    """Install ProxyFix if configured, the body limit and the CSRF check, and the header hook.
+
+    Runs after :func:`console.auth.init_app`: the CSRF check needs the identity, and
+    the identity hooks read no body, so the limit still comes before any parsing.
+    """
+    hops = int(app.config["TRUSTED_PROXY_HOPS"])
+    if hops > 0:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
+    app.before_request(limit_body)
     app.before_request(check_csrf)
     app.after_request(add_security_headers)
     app.jinja_env.globals["csrf_token"] = csrf_token

@@ -51,6 +51,7 @@ _SLICE_COLUMNS = (
     "preprocess_ms",
     "queue_wait_ms",
     "inference_ms",
+    "purged_at",
 )
 
 

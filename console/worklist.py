@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, render_template
 
 from console.db import get_db
-from console.errors import StudyNotFoundError
+from console.errors import ImagePurgedError, StudyNotFoundError
 from console.filestore import stored_path
 from console.render import slice_png
 from console.services import current_services
@@ -70,15 +70,19 @@ def slice_cam(study_id: int, slice_id: int):
 
 
 def _slice_path(study_id: int, slice_id: int):
+    """The stored file of a slice that still has one (console/retention.py purges them)."""
     row = (
         get_db()
         .execute(
-            "SELECT stored_path FROM slices WHERE id = ? AND study_id = ?", (slice_id, study_id)
+            "SELECT stored_path, purged_at FROM slices WHERE id = ? AND study_id = ?",
+            (slice_id, study_id),
         )
         .fetchone()
     )
     if row is None:
         raise StudyNotFoundError(f"no slice {slice_id} in study {study_id}")
+    if row["purged_at"] is not None:
+        raise ImagePurgedError(f"image purged: slice {slice_id} is past the retention period")
     return stored_path(current_services().storage_dir, row["stored_path"])
 
 

@@ -87,7 +87,7 @@ def storage(tmp_path) -> Path:
 def app(storage):
     app = make_app(storage)
     db = connect(app.config["DATABASE"])
-    create_user(db, *ADMIN, is_admin=True)
+    create_user(db, *ADMIN, role="admin")
     create_user(db, *NURSE)
     db.close()
     yield app
@@ -137,6 +137,24 @@ def auth(client):
 
 
 @pytest.fixture
+def auth_for():
+    """Log any test client in (or read its CSRF token)."""
+    return Auth
+
+
+@pytest.fixture
+def logged_in_as(app):
+    """A new browser session of ``username`` on ``app`` (default: the test app)."""
+
+    def log_in(username: str, password: str, on=None):
+        client = (on or app).test_client()
+        assert Auth(client).login(username, password).status_code == 302
+        return client
+
+    return log_in
+
+
+@pytest.fixture
 def logged_in(client, auth):
     assert auth.login().status_code == 302
     return client
@@ -146,7 +164,7 @@ def logged_in(client, auth):
 def token(app) -> str:
     db = connect(app.config["DATABASE"])
     try:
-        return create_token(db, ADMIN[0], "tests")
+        return create_token(db, ADMIN[0], "tests", scope="full", expires_days=1)
     finally:
         db.close()
 
@@ -233,8 +251,8 @@ def token_for():
         db = connect(app.config["DATABASE"])
         try:
             if db.execute("SELECT 1 FROM users WHERE username = ?", (ADMIN[0],)).fetchone() is None:
-                create_user(db, *ADMIN, is_admin=True)
-            return create_token(db, ADMIN[0], "tests")
+                create_user(db, *ADMIN, role="admin")
+            return create_token(db, ADMIN[0], "tests", scope="full", expires_days=1)
         finally:
             db.close()
 
@@ -322,6 +340,8 @@ class ConsoleServer:
                 "admin",
                 "--name",
                 "tests",
+                "--scope",
+                "full",
             ],
             env=self.env,
             cwd=REPO,

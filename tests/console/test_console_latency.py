@@ -89,3 +89,9 @@ def test_results_dir_defaults_to_the_repo_and_follows_the_env(app_factory, monke
     assert default.config["RESULTS_DIR"] == str(repo / "benchmarks" / "results")
     monkeypatch.setenv("HEMOTRIAGE_RESULTS_DIR", str(tmp_path / "elsewhere"))
     assert app_factory(tmp_path / "b").config["RESULTS_DIR"] == str(tmp_path / "elsewhere")
+
+
+def test_latency_page_shows_no_server_paths(logged_in, results, storage):
+    page = logged_in.get("/latency").get_data(as_text=True)
+    for path in (results, storage, Path(__file__).resolve().parents[2]):
+        assert str(path) not in page

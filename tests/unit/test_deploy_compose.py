@@ -27,8 +27,9 @@ from client.constants import (
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 PROFILES = {
-    "gpu": {"engines", "triton", "console"},
+    "gpu": {"engines", "triton", "console", "proxy"},
     "cpu": {"engines-cpu", "triton-cpu", "console-cpu"},
     "loadtest": {"locust"},
 }
@@ -81,6 +82,22 @@ def _names_in_profile(services: dict[str, dict], profile: str) -> set[str]:
     return names
 
 
+def _published(port: str) -> tuple[str, int, int]:
+    """(host address, host port, container port) of a short-syntax ``ports`` entry."""
+    *host, container = port.split(":")
+    address = host[0] if len(host) == 2 else "0.0.0.0"
+    return address, int(host[-1]), int(container)
+
+
+def _mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """Container path -> (host source with defaults, mode) of the service's volumes."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = _defaults(volume).split(":")
+        found[target] = (source, mode[0] if mode else "rw")
+    return found
+
+
 def _health_command(service: dict) -> str:
     return " ".join(service["healthcheck"]["test"])
 
@@ -116,10 +133,50 @@ def test_compose_dependencies_stay_inside_their_profile(services):
             )
 
 
-def test_compose_publishes_triton_ports_on_both_tritons(services):
+def test_compose_publishes_triton_ports_on_both_tritons_to_this_host_only(services):
     for name in ("triton", "triton-cpu"):
-        published = {int(p.split(":")[0]) for p in services[name]["ports"]}
-        assert published == TRITON_PORTS, name
+        published = [_published(p) for p in services[name]["ports"]]
+        assert {host_port for _, host_port, _ in published} == TRITON_PORTS, name
+        assert {address for address, _, _ in published} == {"127.0.0.1"}, name
+
+
+def test_compose_publishes_nothing_beyond_this_host_but_the_tls_proxy(services):
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            address, host_port, _ = _published(port)
+            if name == "proxy":
+                assert host_port in (80, 443), port
+            else:
+                assert address == "127.0.0.1", f"{name} publishes {port} beyond the host"
+
+
+def test_compose_gpu_console_sits_behind_the_tls_proxy(services):
+    from console import DEFAULTS
+
+    console, proxy = services["console"], services["proxy"]
+    assert "ports" not in console  # only the compose network reaches it
+    assert console["environment"][f"{ENV_PREFIX}TRUSTED_PROXY_HOPS"] == 1
+    assert proxy["depends_on"]["console"]["condition"] == "service_healthy"
+    mounts = _mounts(proxy)
+    assert mounts["/etc/nginx/conf.d/default.conf"] == ("./deploy/nginx.conf", "ro")
+    tls_dir, mode = mounts["/etc/nginx/tls"]
+    assert mode == "ro" and (REPO_ROOT / tls_dir / ".gitignore").exists()
+    conf = NGINX_CONF.read_text()
+    assert re.search(r"^\s*listen 443 ssl;", conf, re.M)
+    for directive in ("ssl_certificate", "ssl_certificate_key"):
+        path = re.search(rf"^\s*{directive} (\S+);", conf, re.M).group(1)
+        assert path.startswith("/etc/nginx/tls/"), directive
+    assert f"proxy_pass http://console:{DEFAULT_CONSOLE_PORT};" in conf
+    # Overwritten, not appended: with one trusted hop the console takes the last address.
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in conf
+    body_mib = int(re.search(r"client_max_body_size (\d+)m;", conf).group(1))
+    assert body_mib * 1024 * 1024 >= DEFAULTS["MAX_CONTENT_LENGTH"]
+
+
+def test_tls_material_is_never_committed():
+    for name in ("cert.pem", "key.pem"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"deploy/tls/{name}"], cwd=REPO_ROOT)
+        assert ignored.returncode == 0, name
 
 
 def test_compose_reserves_the_gpu_only_in_the_gpu_profile(services):
@@ -131,8 +188,7 @@ def test_compose_reserves_the_gpu_only_in_the_gpu_profile(services):
 
 def test_compose_bind_mount_sources_exist(compose, services):
     for name, service in services.items():
-        for volume in service.get("volumes", []):
-            source = _defaults(volume).split(":")[0]
+        for source, _ in _mounts(service).values():
             if source.startswith((".", "/")):
                 assert (REPO_ROOT / source).exists(), f"{name}: {source} missing"
             else:

@@ -27,9 +27,10 @@
 
   function notify(study) {
     if (!("Notification" in window) || Notification.permission !== "granted") return;
-    const n = new Notification("HemoTriage: possible hemorrhage", {
-      body: "Study " + study.id + " (" + study.label + ") is flagged, score " +
-        (study.score || 0).toFixed(2),
+    // OS notifications show on locked screens and in notification centres: the study
+    // number only, never its label (a SeriesDescription or file name can name the patient).
+    const n = new Notification("HemoTriage", {
+      body: "Study " + study.id + " flagged: possible hemorrhage",
       requireInteraction: true,
       tag: "study-" + study.id,
     });

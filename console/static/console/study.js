@@ -10,7 +10,8 @@
     return cam && cam.checked ? base + "/cam.png" : base + ".png";
   }
 
-  document.querySelectorAll(".show-slice").forEach(function (button) {
+  // A study past the retention period has no image to show (console/retention.py).
+  if (main) document.querySelectorAll(".show-slice").forEach(function (button) {
     button.addEventListener("click", function () {
       main.dataset.slice = button.dataset.slice;
       caption.textContent = button.dataset.caption;
