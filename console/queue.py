@@ -154,9 +154,10 @@ def finish(
 
 
 def fail(db: sqlite3.Connection, slice_id: int, reason: str) -> None:
-    """Mark a slice ``failed`` with the reason shown to users."""
+    """Mark a claimed slice ``failed`` with the reason shown to users (a finished one stays)."""
     db.execute(
-        "UPDATE slices SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+        "UPDATE slices SET status = 'failed', error = ?, finished_at = ? "
+        "WHERE id = ? AND status = 'processing'",
         (reason, time.time(), slice_id),
     )
 
