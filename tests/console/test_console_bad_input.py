@@ -2,6 +2,7 @@
 
 import io
 import struct
+import zipfile
 import zlib
 
 import numpy as np
@@ -26,6 +27,30 @@ def _bomb_png(side: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _encrypted(archive: bytes) -> bytes:
+    """Set the "encrypted" flag (bit 0) of every entry, in local and central headers alike."""
+    data = bytearray(archive)
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(signature)
+        while at != -1:
+            data[at + flag_offset] |= 0x01
+            at = data.find(signature, at + 4)
+    return bytes(data)
+
+
+def _corrupt_member(archive: bytes, marker: bytes) -> bytes:
+    """Overwrite compressed bytes shortly after ``marker`` (the member's compressed stream)."""
+    at = archive.index(marker) + len(marker) + 16
+    return archive[:at] + b"\xaa" * 32 + archive[at + 32 :]
+
+
+def _nothing_stored(storage, db_rows) -> bool:
+    """No study, no slice row, no file in the store."""
+    uploads = storage / "uploads"
+    stored = uploads.exists() and any(p.is_file() for p in uploads.rglob("*"))
+    return db_rows("SELECT * FROM studies") == db_rows("SELECT * FROM slices") == [] and not stored
 
 
 def _dicom(dicom_bytes, phantom_series, **changes) -> bytes:
@@ -56,6 +81,9 @@ CASES = {
     "bad zip": (lambda f: [("series.zip", b"PK\x03\x04garbage")], 400, "BadArchiveError"),
     "zip slip": (lambda f: [("evil.zip", f["zipslip"])], 400, "BadArchiveError"),
     "zip with a bad member": (lambda f: [("mixed.zip", f["badzip"])], 415, "InvalidImageError"),
+    "encrypted zip member": (lambda f: [("locked.zip", f["encrypted"])], 400, "BadArchiveError"),
+    "corrupt lzma zip member": (lambda f: [("a.zip", f["badlzma"])], 400, "BadArchiveError"),
+    "corrupt bzip2 zip member": (lambda f: [("b.zip", f["badbzip2"])], 400, "BadArchiveError"),
     "good file plus a bad one": (
         lambda f: [("ok.dcm", f["ct"]), ("bad.txt", b"nope")],
         415,
@@ -74,6 +102,9 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes):
         "nopixels": _dicom(dicom_bytes, phantom_series, PixelData=None),
         "zipslip": zip_bytes({"../../outside.dcm": ct}),
         "badzip": zip_bytes({"a.dcm": ct, "readme.txt": b"not a slice"}),
+        "encrypted": _encrypted(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED)),
+        "badlzma": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_LZMA), b"a.dcm"),
+        "badbzip2": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_BZIP2), b"BZh"),
     }
 
 
@@ -84,10 +115,7 @@ def test_bad_upload_gets_typed_4xx_and_stores_nothing(api, upload, corpus, stora
     assert response.status_code == status, response.get_json()
     body = response.get_json()
     assert body["error"] == error and body["message"]
-    assert db_rows("SELECT * FROM studies") == []
-    assert db_rows("SELECT * FROM slices") == []
-    uploads = storage / "uploads"
-    assert not uploads.exists() or not any(p.is_file() for p in uploads.rglob("*"))
+    assert _nothing_stored(storage, db_rows)
 
 
 def test_upload_without_files_is_400(api):
@@ -110,20 +138,29 @@ def test_bad_form_fields_are_400(api, upload, kaggle_png, form, error):
     assert response.get_json()["error"] == error
 
 
-def test_body_over_max_content_length_is_413(app_factory, storage, token_for):
-    small = app_factory(storage, MAX_CONTENT_LENGTH=10_000)
-    client = small.test_client(use_cookies=False)
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(small)}"
+@pytest.fixture
+def api_with(app_factory, storage, token_for):
+    """An API client of a console built with other limits."""
+
+    def build(**config):
+        console = app_factory(storage, **config)
+        client = console.test_client(use_cookies=False)
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"
+        return client
+
+    return build
+
+
+def test_body_over_max_content_length_is_413(api_with):
+    client = api_with(MAX_CONTENT_LENGTH=10_000)
     data = {"files": [(io.BytesIO(b"\0" * 20_000), "big.dcm")]}
     response = client.post("/api/scans", data=data, content_type="multipart/form-data")
     assert response.status_code == 413
     assert response.get_json()["error"] == "RequestTooLargeError"
 
 
-def test_too_many_files_is_413(app_factory, storage, token_for, phantom_series):
-    small = app_factory(storage, MAX_UPLOAD_FILES=2)
-    client = small.test_client(use_cookies=False)
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(small)}"
+def test_too_many_files_is_413(api_with, phantom_series):
+    client = api_with(MAX_UPLOAD_FILES=2)
     data = {"files": [(io.BytesIO(d), f"{i}.dcm") for i, d in enumerate(phantom_series(3))]}
     response = client.post("/api/scans", data=data, content_type="multipart/form-data")
     assert response.status_code == 413
@@ -136,3 +173,28 @@ def test_path_in_file_name_is_reduced_to_a_safe_name(api, upload, phantom_series
     assert row["filename"] == "passwd.dcm"
     stored = (storage / "uploads" / row["stored_path"]).resolve()
     assert stored.is_relative_to((storage / "uploads").resolve())
+
+
+def test_zip_byte_budget_is_one_per_upload_not_one_per_zip(
+    api_with, upload, zip_bytes, storage, db_rows
+):
+    # Each zip alone fits the 8 MiB budget; together they expand to 12 MiB.
+    client = api_with(MAX_ZIP_UNCOMPRESSED_BYTES=8 * 2**20)
+    zips = [(f"part{i}.zip", zip_bytes({f"{i}.dcm": bytes(4 * 2**20)})) for i in range(3)]
+    response = upload(client, zips)
+    assert response.status_code == 413, response.get_json()
+    assert response.get_json()["error"] == "TooManyFilesError"
+    assert _nothing_stored(storage, db_rows)
+
+
+def test_hidden_and_resource_fork_zip_entries_count_against_the_file_limit(
+    api_with, upload, zip_bytes, phantom_series, storage, db_rows
+):
+    client = api_with(MAX_UPLOAD_FILES=2)
+    archive = zip_bytes(
+        {"a.dcm": phantom_series(1)[0], "__MACOSX/._a.dcm": b"fork", ".DS_Store": b"finder"}
+    )
+    response = upload(client, [("series.zip", archive)])
+    assert response.status_code == 413, response.get_json()
+    assert response.get_json()["error"] == "TooManyFilesError"
+    assert _nothing_stored(storage, db_rows)
