@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from client.errors import (
     ImageTooLargeError,
@@ -25,6 +28,7 @@ from client.errors import (
     MultiFrameDicomError,
     TruncatedFileError,
     UnsupportedModalityError,
+    UnsupportedTransferSyntaxError,
 )
 from client.limits import MAX_PIXELS, MIN_SIDE_PX
 
@@ -59,6 +63,8 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
         The slice's identifiers and a float32 HxW array in HU.
 
     Raises:
+        UnsupportedTransferSyntaxError: an encoding the decoder does not read,
+            found from the file meta before the dataset is parsed.
         InvalidImageError: not parseable as DICOM.
         MissingPixelDataError: no PixelData element.
         UnsupportedModalityError: Modality (0008,0060) is not CT.
@@ -66,6 +72,7 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
         ImageTooSmallError, ImageTooLargeError: Rows/Columns outside the limits.
         TruncatedFileError: the pixel data cannot be decoded.
     """
+    _check_transfer_syntax(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, OSError) as e:
@@ -116,3 +123,48 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
         "decoded %s series=%s instance=%s", meta.sop_uid, meta.series_uid, meta.instance_number
     )
     return meta, hu
+
+
+def _check_transfer_syntax(data: bytes, name: str) -> None:
+    """Refuse what the decoder cannot read, from the file meta alone.
+
+    The File Meta group (0002,eeee) is always Explicit VR Little Endian and is
+    never deflated (PS3.10 section 7.1), so reading it costs no more than its
+    own bytes. ``dcmread`` cannot be asked for less: with Deflated Explicit VR
+    Little Endian it inflates the whole body first (PS3.5 A.5), even with
+    ``stop_before_pixels``.
+    """
+    try:
+        stream = io.BytesIO(data)
+        read_preamble(stream, force=False)
+        meta = read_dataset(
+            stream, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta
+        )
+        syntax = meta.get("TransferSyntaxUID")
+    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
+        raise TruncatedFileError(f"{name}: DICOM file meta is damaged or cut short ({e})") from e
+    if not syntax:
+        raise UnsupportedTransferSyntaxError(
+            f"{name}: no Transfer Syntax UID (0002,0010) in the file meta; "
+            "the pixel encoding is unknown"
+        )
+    syntax = UID(str(syntax)[:64])  # a UI value holds at most 64 characters (PS3.5 6.2)
+    if not _decodable(syntax):
+        raise UnsupportedTransferSyntaxError(
+            f"{name}: transfer syntax {syntax} ({syntax.name}) is not supported; "
+            "send it uncompressed or JPEG Lossless"
+        )
+
+
+def _past_file_meta(tag: int, _vr: str | None, _length: int) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def _decodable(syntax: UID) -> bool:
+    """Whether an installed pydicom pixel decoder reads ``syntax`` (never the deflated one)."""
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return False
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:
+        return False

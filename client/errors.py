@@ -62,6 +62,16 @@ class MultiFrameDicomError(InvalidStudyError):
     """A multi-frame DICOM object; the triage path takes one slice per object."""
 
 
+class UnsupportedTransferSyntaxError(InvalidStudyError):
+    """A DICOM encoding the decoder does not read; re-send it uncompressed or JPEG Lossless.
+
+    Deflated Explicit VR Little Endian is among them: its body must be inflated
+    whole before one element can be read, so a small file can expand without bound.
+    """
+
+    http_status = 415
+
+
 class UnknownModelError(HemoTriageError):
     """The model name is not in the registry."""
 

@@ -1,5 +1,6 @@
 import io
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGLossless
+from pydicom.encaps import encapsulate
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLossless
 
 from benchmarks.phantoms import SeriesIds, head_phantom, phantom_dicom
 from client import errors
@@ -24,6 +26,44 @@ def _dicom_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _with_syntax(syntax: str) -> bytes:
+    """A phantom slice written as ``syntax`` says (pixel data encapsulated if it is compressed)."""
+    ds = phantom_dicom(head_phantom(64), SeriesIds.new())
+    ds.file_meta.TransferSyntaxUID = syntax
+    if syntax != DeflatedExplicitVRLittleEndian:
+        ds.PixelData = encapsulate([ds.PixelData])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _without_meta_element(data: bytes, tag: bytes) -> bytes:
+    """Cut one explicit-VR element (2-byte length) out of the file meta, fixing its group length."""
+    at = data.index(tag, 132)
+    (length,) = struct.unpack("<H", data[at + 6 : at + 8])
+    cut = data[:at] + data[at + 8 + length :]
+    (group_length,) = struct.unpack("<I", cut[140:144])
+    return cut[:140] + struct.pack("<I", group_length - 8 - length) + cut[144:]
+
+
+def _deflate_bomb(inflated_mib: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file whose body inflates to ``inflated_mib`` MiB.
+
+    The meta is a real one; the body is one huge OB element of zeros. Each 1 MiB of
+    zeros is one full-flush deflate block (dictionary reset, byte aligned), so the
+    block can be repeated: a few hundred KB on disk, any size once inflated.
+    """
+    plain = _with_syntax(DeflatedExplicitVRLittleEndian)
+    (meta_length,) = struct.unpack("<I", plain[140:144])  # (0002,0000) group length value
+    meta = plain[: 144 + meta_length]
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    size = inflated_mib * 2**20
+    header = struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, size)
+    head = compressor.compress(header) + compressor.flush(zlib.Z_FULL_FLUSH)
+    block = compressor.compress(bytes(2**20)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return meta + head + block * inflated_mib + compressor.flush()
 
 
 def test_decode_gray_png_scales_to_unit_range():
@@ -172,3 +212,62 @@ def test_every_decode_error_is_a_hemotriage_error_with_a_message():
         with pytest.raises(errors.HemoTriageError) as caught:
             decode_bytes(data, "x")
         assert str(caught.value)
+
+
+def _inflated_bytes(data: bytes) -> int:
+    """Length of the raw deflate stream that follows the file meta, inflated 1 MiB at a time."""
+    (meta_length,) = struct.unpack("<I", data[8:12])
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total = data[12 + meta_length :], 0
+    while pending:
+        total += len(inflater.decompress(pending, 2**20))
+        pending = inflater.unconsumed_tail
+    return total
+
+
+def _refused_without_inflating(decode) -> errors.HemoTriageError:
+    """Run ``decode``; return its error and check that it never held the inflated body."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.UnsupportedTransferSyntaxError) as caught:
+            decode()
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 16 * 2**20
+    return caught.value
+
+
+def test_deflate_bomb_is_refused_from_the_file_meta_without_inflating():
+    bomb = _deflate_bomb(128)
+    assert len(bomb) < 1_000_000
+    assert _inflated_bytes(bomb[bomb.index(b"DICM") + 4 :]) > 128 * 2**20  # a real bomb
+    error = _refused_without_inflating(lambda: decode_bytes(bomb, "bomb.dcm"))
+    assert "Deflated" in str(error) and error.http_status == 415
+
+
+def test_worker_side_decode_of_a_stored_deflate_bomb_is_refused(tmp_path: Path):
+    path = tmp_path / "ab12.dcm"
+    path.write_bytes(_deflate_bomb(128))
+    _refused_without_inflating(lambda: decode_file(path))
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        DeflatedExplicitVRLittleEndian,
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless: no decoder installed
+        "1.2.840.10008.1.2.4.100",  # MPEG2 video
+        "1.2.3.4.5",  # not a transfer syntax at all
+    ],
+)
+def test_decode_refuses_a_transfer_syntax_it_cannot_read(syntax):
+    with pytest.raises(errors.UnsupportedTransferSyntaxError, match=syntax.replace(".", r"\.")):
+        decode_bytes(_with_syntax(syntax), "odd.dcm")
+
+
+def test_decode_refuses_dicom_without_a_transfer_syntax():
+    data = _dicom_bytes(phantom_dicom(head_phantom(64), SeriesIds.new()))
+    bare = _without_meta_element(data, b"\x02\x00\x10\x00UI")  # (0002,0010)
+    with pytest.raises(errors.UnsupportedTransferSyntaxError, match="0002,0010"):
+        decode_bytes(bare, "bare.dcm")
