@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import get_decoder
@@ -23,6 +27,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from client.errors import (
     ImageTooLargeError,
     ImageTooSmallError,
+    InvalidDicomFieldError,
     InvalidImageError,
     MissingPixelDataError,
     MultiFrameDicomError,
@@ -33,6 +38,27 @@ from client.errors import (
 from client.limits import MAX_PIXELS, MIN_SIDE_PX
 
 logger = logging.getLogger(__name__)
+
+#: What pydicom raises on a damaged file, a value its VR does not allow, or pixel
+#: data that does not match its attributes: its own errors plus the built-ins its
+#: parsers and decoders let through (struct.error from a short element, KeyError
+#: from an unknown VR, AttributeError from a missing required element).
+_PYDICOM_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    OSError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+)
+#: PhotometricInterpretation values a CT image may have.
+_CT_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 
 @dataclass(frozen=True)
@@ -70,59 +96,184 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
         UnsupportedModalityError: Modality (0008,0060) is not CT.
         MultiFrameDicomError: NumberOfFrames (0028,0008) above 1.
         ImageTooSmallError, ImageTooLargeError: Rows/Columns outside the limits.
+        InvalidDicomFieldError: a field the decoding needs is missing or holds a
+            value its VR does not allow (the message names it), or the rescale
+            takes the pixels beyond finite float32.
         TruncatedFileError: the pixel data cannot be decoded.
     """
     _check_transfer_syntax(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
+    except _PYDICOM_ERRORS as e:
         raise TruncatedFileError(f"{name}: DICOM header is damaged or cut short ({e})") from e
 
-    modality = str(ds.get("Modality", "")).upper()
+    modality = str(_value(ds, "Modality", name) or "").upper()
     if modality and modality != "CT":
         raise UnsupportedModalityError(
-            f"{name}: modality is {modality}; hemorrhage triage reads CT only"
+            f"{name}: modality is {modality[:16]}; hemorrhage triage reads CT only"
         )
     if "PixelData" not in ds:
         raise MissingPixelDataError(f"{name}: DICOM object has no pixel data (not an image)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _integer(ds, "NumberOfFrames", name)
+    frames = 1 if frames is None else frames
+    if frames < 1:
+        raise InvalidDicomFieldError(f"{name}: NumberOfFrames (0028,0008) is {frames}")
     if frames > 1:
         raise MultiFrameDicomError(
             f"{name}: multi-frame DICOM ({frames} frames); send one slice per file"
         )
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    rows, cols = _required_integer(ds, "Rows", name), _required_integer(ds, "Columns", name)
     if min(rows, cols) < MIN_SIDE_PX:
         raise ImageTooSmallError(
             f"{name}: {cols}x{rows} px is smaller than {MIN_SIDE_PX} px a side"
         )
     if rows * cols > MAX_PIXELS:
         raise ImageTooLargeError(f"{name}: {cols}x{rows} px exceeds {MAX_PIXELS} pixels")
+    photometric = _value(ds, "PhotometricInterpretation", name)
+    if photometric not in _CT_PHOTOMETRIC:
+        # CT Image Module: MONOCHROME1 or MONOCHROME2 only (PS3.3 C.8.2.1.1.2).
+        raise InvalidDicomFieldError(
+            f"{name}: PhotometricInterpretation (0028,0004) is {_shown(photometric)}, "
+            "not MONOCHROME1 or MONOCHROME2"
+        )
 
     try:
         stored = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError) as e:
-        raise TruncatedFileError(f"{name}: pixel data cannot be decoded ({e})") from e
+    except _PYDICOM_ERRORS as e:
+        raise TruncatedFileError(
+            f"{name}: PixelData (7FE0,0010) cannot be decoded as its image attributes say ({e})"
+        ) from e
     if stored.ndim != 2:
         raise InvalidImageError(f"{name}: expected one grayscale slice, got shape {stored.shape}")
 
     # Stored values to HU: RescaleSlope (0028,1053) and RescaleIntercept (0028,1052).
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = stored.astype(np.float32) * slope + intercept
+    slope = _number(ds, "RescaleSlope", name, default=1.0)
+    if slope == 0:
+        raise InvalidDicomFieldError(f"{name}: RescaleSlope (0028,1053) is 0")
+    intercept = _number(ds, "RescaleIntercept", name, default=0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(hu).all():
+        raise InvalidDicomFieldError(
+            f"{name}: RescaleSlope (0028,1053) {slope:g} and RescaleIntercept (0028,1052) "
+            f"{intercept:g} take the pixels beyond float32"
+        )
 
-    position = ds.get("ImagePositionPatient")
+    position = _numbers(ds, "ImagePositionPatient", name, count=3)
     meta = DicomMeta(
         study_uid=str(ds.get("StudyInstanceUID", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         sop_uid=str(ds.get("SOPInstanceUID", "")),
-        instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") is not None else None,
-        slice_position_mm=float(position[2]) if position is not None else None,
-        series_description=str(ds.get("SeriesDescription", "")),
+        instance_number=_integer(ds, "InstanceNumber", name),
+        slice_position_mm=position[2] if position is not None else None,
+        # LO holds at most 64 characters (PS3.5 6.2); the label is shown on the worklist.
+        series_description=str(_value(ds, "SeriesDescription", name) or "")[:64],
     )
     logger.debug(
         "decoded %s series=%s instance=%s", meta.sop_uid, meta.series_uid, meta.instance_number
     )
     return meta, hu
+
+
+def _value(ds: pydicom.Dataset, keyword: str, name: str) -> object:
+    """An element's value, None when absent or empty.
+
+    pydicom converts a value when it is first read, so a value the VR does not
+    allow fails here; the error names the field.
+
+    Raises:
+        InvalidDicomFieldError: pydicom cannot read the value.
+    """
+    try:
+        value = ds.get(keyword)
+    except _PYDICOM_ERRORS as e:
+        raise InvalidDicomFieldError(f"{name}: {_label(keyword)} cannot be read ({e})") from e
+    return None if value is None or (isinstance(value, str | bytes) and not value) else value
+
+
+def _values(ds: pydicom.Dataset, keyword: str, name: str) -> list | None:
+    """Every value of a (possibly multi-valued) element, or None when absent."""
+    value = _value(ds, keyword, name)
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    return [value]
+
+
+def _single(ds: pydicom.Dataset, keyword: str, name: str) -> object:
+    """The one value of an element that allows one, or None when absent."""
+    values = _values(ds, keyword, name)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise InvalidDicomFieldError(
+            f"{name}: {_label(keyword)} holds {len(values)} values, not one"
+        )
+    return values[0]
+
+
+def _integer(ds: pydicom.Dataset, keyword: str, name: str) -> int | None:
+    """One whole number (IS, US), or None when absent."""
+    value = _single(ds, keyword, name)
+    if value is None:
+        return None
+    try:
+        return value if isinstance(value, int) else int(str(value).strip())
+    except ValueError as e:
+        raise InvalidDicomFieldError(
+            f"{name}: {_label(keyword)} is {_shown(value)}, not a whole number"
+        ) from e
+
+
+def _required_integer(ds: pydicom.Dataset, keyword: str, name: str) -> int:
+    """One whole number that must be there (Rows, Columns)."""
+    value = _integer(ds, keyword, name)
+    if value is None:
+        raise InvalidDicomFieldError(f"{name}: {_label(keyword)} is missing")
+    return value
+
+
+def _number(ds: pydicom.Dataset, keyword: str, name: str, default: float) -> float:
+    """One finite number (DS); ``default`` when absent."""
+    value = _single(ds, keyword, name)
+    return default if value is None else _finite(value, keyword, name)
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str, name: str, count: int) -> list[float] | None:
+    """Exactly ``count`` finite numbers (a DS vector), or None when absent."""
+    values = _values(ds, keyword, name)
+    if values is None:
+        return None
+    if len(values) != count:
+        raise InvalidDicomFieldError(
+            f"{name}: {_label(keyword)} holds {len(values)} values, not {count}"
+        )
+    return [_finite(v, keyword, name) for v in values]
+
+
+def _finite(value: object, keyword: str, name: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidDicomFieldError(
+            f"{name}: {_label(keyword)} is {_shown(value)}, not a number"
+        ) from e
+    if not math.isfinite(number):
+        raise InvalidDicomFieldError(f"{name}: {_label(keyword)} is {number}, not a finite number")
+    return number
+
+
+def _label(keyword: str) -> str:
+    """``RescaleSlope (0028,1053)``: the field as a person looks it up."""
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _shown(value: object) -> str:
+    """A short repr of a bad value for a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_transfer_syntax(data: bytes, name: str) -> None:
@@ -141,7 +292,7 @@ def _check_transfer_syntax(data: bytes, name: str) -> None:
             stream, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta
         )
         syntax = meta.get("TransferSyntaxUID")
-    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
+    except _PYDICOM_ERRORS as e:
         raise TruncatedFileError(f"{name}: DICOM file meta is damaged or cut short ({e})") from e
     if not syntax:
         raise UnsupportedTransferSyntaxError(

@@ -62,6 +62,13 @@ class MultiFrameDicomError(InvalidStudyError):
     """A multi-frame DICOM object; the triage path takes one slice per object."""
 
 
+class InvalidDicomFieldError(InvalidStudyError):
+    """A DICOM field is missing or holds a value the standard does not allow.
+
+    The message names the field (keyword and tag), so the sender's export can be fixed.
+    """
+
+
 class UnsupportedTransferSyntaxError(InvalidStudyError):
     """A DICOM encoding the decoder does not read; re-send it uncompressed or JPEG Lossless.
 

@@ -65,6 +65,8 @@ def _dicom(dicom_bytes, phantom_series, **changes) -> bytes:
     return dicom_bytes(dataset)
 
 
+_FIELD = "InvalidDicomFieldError"
+
 CASES = {
     "empty file": (lambda f: [("empty.png", b"")], 422, "EmptyFileError"),
     "text file": (lambda f: [("notes.txt", b"hello, not an image")], 415, "InvalidImageError"),
@@ -84,6 +86,21 @@ CASES = {
     "encrypted zip member": (lambda f: [("locked.zip", f["encrypted"])], 400, "BadArchiveError"),
     "corrupt lzma zip member": (lambda f: [("a.zip", f["badlzma"])], 400, "BadArchiveError"),
     "corrupt bzip2 zip member": (lambda f: [("b.zip", f["badbzip2"])], 400, "BadArchiveError"),
+    "non-numeric RescaleSlope": (lambda f: [("s.dcm", f["slope_abc"])], 422, _FIELD),
+    "NaN RescaleSlope": (lambda f: [("s.dcm", f["slope_nan"])], 422, _FIELD),
+    "infinite RescaleIntercept": (lambda f: [("i.dcm", f["intercept_inf"])], 422, _FIELD),
+    "RescaleSlope beyond float32": (lambda f: [("s.dcm", f["slope_huge"])], 422, _FIELD),
+    "non-numeric NumberOfFrames": (lambda f: [("n.dcm", f["frames_x"])], 422, _FIELD),
+    "InstanceNumber abc": (lambda f: [("n.dcm", f["instance_abc"])], 422, _FIELD),
+    "two-value ImagePositionPatient": (lambda f: [("p.dcm", f["position_2"])], 422, _FIELD),
+    "two-value Rows": (lambda f: [("r.dcm", f["rows_2"])], 422, _FIELD),
+    "DICOM without Rows": (lambda f: [("r.dcm", f["no_rows"])], 422, _FIELD),
+    "colour DICOM": (lambda f: [("rgb.dcm", f["rgb"])], 422, _FIELD),
+    "pixel data shorter than Rows x Columns": (
+        lambda f: [("p.dcm", f["short_pixels"])],
+        422,
+        "TruncatedFileError",
+    ),
     "good file plus a bad one": (
         lambda f: [("ok.dcm", f["ct"]), ("bad.txt", b"nope")],
         415,
@@ -93,9 +110,20 @@ CASES = {
 
 
 @pytest.fixture
-def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes):
+def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
     ct = phantom_series(1)[0]
     return {
+        "slope_abc": poisoned_dicom("RescaleSlope", "DS", b"abc"),
+        "slope_nan": poisoned_dicom("RescaleSlope", "DS", b"NaN"),
+        "intercept_inf": poisoned_dicom("RescaleIntercept", "DS", b"-inf"),
+        "slope_huge": poisoned_dicom("RescaleSlope", "DS", b"1e38"),
+        "frames_x": poisoned_dicom("NumberOfFrames", "IS", b"x"),
+        "instance_abc": poisoned_dicom("InstanceNumber", "IS", b"abc"),
+        "position_2": poisoned_dicom("ImagePositionPatient", "DS", b"0\\0"),
+        "rows_2": poisoned_dicom("Rows", "US", struct.pack("<HH", 64, 64)),
+        "no_rows": _dicom(dicom_bytes, phantom_series, Rows=None),
+        "rgb": _dicom(dicom_bytes, phantom_series, PhotometricInterpretation="RGB"),
+        "short_pixels": _dicom(dicom_bytes, phantom_series, PixelData=b"\0" * 1000),
         "real": kaggle_png.read_bytes(),
         "ct": ct,
         "mr": _dicom(dicom_bytes, phantom_series, Modality="MR"),

@@ -271,3 +271,33 @@ def test_decode_refuses_dicom_without_a_transfer_syntax():
     bare = _without_meta_element(data, b"\x02\x00\x10\x00UI")  # (0002,0010)
     with pytest.raises(errors.UnsupportedTransferSyntaxError, match="0002,0010"):
         decode_bytes(bare, "bare.dcm")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value"),
+    [
+        ("RescaleIntercept", "DS", b"abc"),
+        ("RescaleSlope", "DS", b"inf"),
+        ("RescaleSlope", "DS", b"0"),
+        ("RescaleSlope", "DS", b"1\\2"),
+        ("RescaleSlope", "LO", b"one"),
+        ("NumberOfFrames", "IS", b"-1"),
+        ("InstanceNumber", "IS", b"1\\2"),
+        ("ImagePositionPatient", "DS", b"a\\b\\c"),
+        ("ImagePositionPatient", "DS", b"0\\0\\nan"),
+        ("Rows", "DS", b"64.5"),
+        ("Columns", "US", b""),
+        ("PhotometricInterpretation", "CS", b"PALETTE COLOR"),
+    ],
+)
+def test_decode_names_the_poisoned_field(poisoned_dicom, keyword, vr, value):
+    with pytest.raises(errors.InvalidDicomFieldError, match=keyword):
+        decode_bytes(poisoned_dicom(keyword, vr, value), "poisoned.dcm")
+
+
+def test_decoded_hounsfield_units_are_always_finite(poisoned_dicom):
+    # Largest slope whose product with int16 pixels still fits float32: accepted, and finite.
+    image = decode_bytes(poisoned_dicom("RescaleSlope", "DS", b"1e30"), "steep.dcm")
+    assert np.isfinite(image.pixels).all()
+    with pytest.raises(errors.InvalidDicomFieldError, match="float32"):
+        decode_bytes(poisoned_dicom("RescaleSlope", "DS", b"1e36"), "steeper.dcm")
