@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ _PYDICOM_ERRORS = (
     NotImplementedError,
     struct.error,
 )
+#: A UI value: digits and dots, at most 64 characters (PS3.5 6.2).
+_UID_PATTERN = re.compile(r"[0-9.]{1,64}")
 #: PhotometricInterpretation values a CT image may have.
 _CT_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
@@ -97,8 +100,9 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
         MultiFrameDicomError: NumberOfFrames (0028,0008) above 1.
         ImageTooSmallError, ImageTooLargeError: Rows/Columns outside the limits.
         InvalidDicomFieldError: a field the decoding needs is missing or holds a
-            value its VR does not allow (the message names it), or the rescale
-            takes the pixels beyond finite float32.
+            value its VR does not allow (the message names it), the rescale
+            takes the pixels beyond finite float32, or a Study, Series or SOP
+            Instance UID is missing or malformed.
         TruncatedFileError: the pixel data cannot be decoded.
     """
     _check_transfer_syntax(data, name)
@@ -161,9 +165,9 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
 
     position = _numbers(ds, "ImagePositionPatient", name, count=3)
     meta = DicomMeta(
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        study_uid=_uid(ds, "StudyInstanceUID", name),
+        series_uid=_uid(ds, "SeriesInstanceUID", name),
+        sop_uid=_uid(ds, "SOPInstanceUID", name),
         instance_number=_integer(ds, "InstanceNumber", name),
         slice_position_mm=position[2] if position is not None else None,
         # LO holds at most 64 characters (PS3.5 6.2); the label is shown on the worklist.
@@ -262,6 +266,23 @@ def _finite(value: object, keyword: str, name: str) -> float:
     if not math.isfinite(number):
         raise InvalidDicomFieldError(f"{name}: {_label(keyword)} is {number}, not a finite number")
     return number
+
+
+def _uid(ds: pydicom.Dataset, keyword: str, name: str) -> str:
+    """A UID that must be there and be one: digits and dots, at most 64 (PS3.5 6.2, 9.1).
+
+    Slices are grouped and deduplicated by UID; without one every such file
+    would fall into one study, and a ``/`` would let two UID pairs share a key.
+    """
+    value = _single(ds, keyword, name)
+    if value is None:
+        raise InvalidDicomFieldError(
+            f"{name}: {_label(keyword)} is missing; the slice cannot be placed in a study"
+        )
+    uid = str(value)
+    if not _UID_PATTERN.fullmatch(uid):
+        raise InvalidDicomFieldError(f"{name}: {_label(keyword)} {_shown(uid)} is not a UID")
+    return uid
 
 
 def _label(keyword: str) -> str:

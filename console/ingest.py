@@ -38,7 +38,7 @@ from client.errors import ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
 from client.registry import ModelSpec
 from console.errors import BadArchiveError, TooManyFilesError, UploadError
-from console.filestore import relative_path, remove, store_files
+from console.filestore import relative_path, remove, store_files, stored_path
 from console.queue import StudyChange, refresh_study
 
 logger = logging.getLogger(__name__)
@@ -270,10 +270,12 @@ def ingest(
     try:
         with db:
             db.execute("BEGIN IMMEDIATE")
-            result = _insert(db, spec, checked, source, priority)
+            result, kept = _insert(db, spec, checked, source, priority)
     except BaseException:
         remove(written)
         raise
+    # A SOP instance already stored under other bytes was written above but got no row.
+    remove(set(written) - {stored_path(storage_dir, relative) for relative in kept})
     logger.info(
         "accepted %d slices (%d duplicates) into studies %s from %s",
         len(result.slice_ids),
@@ -290,8 +292,14 @@ def _insert(
     checked: list[_Checked],
     source: str,
     priority: int,
-) -> IngestResult:
+) -> tuple[IngestResult, set[str]]:
+    """Insert the rows; return the result and the stored paths that rows now refer to.
+
+    A slice already in its study (the same bytes, or the same SOP Instance UID
+    in other bytes) is counted as a duplicate and gets no row.
+    """
     now = time.time()
+    kept: set[str] = set()
     study_ids: dict[str, int] = {}
     slice_ids: list[int] = []
     ingest_ms: list[float] = []
@@ -321,7 +329,8 @@ def _insert(
         cursor = db.execute(
             "INSERT INTO slices (study_id, filename, stored_path, sha256, sop_uid, "
             "instance_number, slice_position_mm, priority, queued_at, ingest_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_id, sha256) DO NOTHING "
+            # No conflict target: UNIQUE (study_id, sha256) and the slices_sop index both apply.
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING "
             "RETURNING id",
             (
                 study_ids[item.study_key],
@@ -342,6 +351,7 @@ def _insert(
         else:
             slice_ids.append(row["id"])
             ingest_ms.append(item.ingest_ms)
+            kept.add(_relative_path(item))
     touched = sorted(set(study_ids.values()))
     changes = []
     for study_id in touched:
@@ -354,7 +364,7 @@ def _insert(
                 (study_id,),
             )
             changes.append(refresh_study(db, study_id, spec))
-    return IngestResult(touched, slice_ids, duplicates, ingest_ms, changes)
+    return IngestResult(touched, slice_ids, duplicates, ingest_ms, changes), kept
 
 
 def _relative_path(item: _Checked) -> str:

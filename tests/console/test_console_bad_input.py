@@ -101,6 +101,10 @@ CASES = {
         422,
         "TruncatedFileError",
     ),
+    "DICOM without StudyInstanceUID": (lambda f: [("u.dcm", f["no_study"])], 422, _FIELD),
+    "DICOM without SeriesInstanceUID": (lambda f: [("u.dcm", f["no_series"])], 422, _FIELD),
+    "DICOM without SOPInstanceUID": (lambda f: [("u.dcm", f["no_sop"])], 422, _FIELD),
+    "StudyInstanceUID with a slash": (lambda f: [("u.dcm", f["slash_uid"])], 422, _FIELD),
     "good file plus a bad one": (
         lambda f: [("ok.dcm", f["ct"]), ("bad.txt", b"nope")],
         415,
@@ -122,6 +126,11 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
         "position_2": poisoned_dicom("ImagePositionPatient", "DS", b"0\\0"),
         "rows_2": poisoned_dicom("Rows", "US", struct.pack("<HH", 64, 64)),
         "no_rows": _dicom(dicom_bytes, phantom_series, Rows=None),
+        "no_study": _dicom(dicom_bytes, phantom_series, StudyInstanceUID=None),
+        "no_series": _dicom(dicom_bytes, phantom_series, SeriesInstanceUID=None),
+        "no_sop": _dicom(dicom_bytes, phantom_series, SOPInstanceUID=None),
+        # "1.2/3" + "4" and "1.2" + "3/4" would be one study key if slashes were let in.
+        "slash_uid": poisoned_dicom("StudyInstanceUID", "UI", b"1.2/3"),
         "rgb": _dicom(dicom_bytes, phantom_series, PhotometricInterpretation="RGB"),
         "short_pixels": _dicom(dicom_bytes, phantom_series, PixelData=b"\0" * 1000),
         "real": kaggle_png.read_bytes(),
