@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 #: from an unknown VR, AttributeError from a missing required element).
 _PYDICOM_ERRORS = (
     InvalidDicomError,
+    BytesLengthException,
     EOFError,
     OSError,
     ValueError,
@@ -223,11 +224,15 @@ def _integer(ds: pydicom.Dataset, keyword: str, name: str) -> int | None:
     if value is None:
         return None
     try:
-        return value if isinstance(value, int) else int(str(value).strip())
+        number = value if isinstance(value, int) else int(str(value).strip())
     except ValueError as e:
         raise InvalidDicomFieldError(
             f"{name}: {_label(keyword)} is {_shown(value)}, not a whole number"
         ) from e
+    # IS and US values fit a signed 32-bit integer (PS3.5 6.2); pydicom reads "1e308" as IS.
+    if not -(2**31) <= number < 2**31:
+        raise InvalidDicomFieldError(f"{name}: {_label(keyword)} {_shown(value)} is out of range")
+    return int(number)
 
 
 def _required_integer(ds: pydicom.Dataset, keyword: str, name: str) -> int:

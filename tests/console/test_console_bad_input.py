@@ -92,6 +92,8 @@ CASES = {
     "RescaleSlope beyond float32": (lambda f: [("s.dcm", f["slope_huge"])], 422, _FIELD),
     "non-numeric NumberOfFrames": (lambda f: [("n.dcm", f["frames_x"])], 422, _FIELD),
     "InstanceNumber abc": (lambda f: [("n.dcm", f["instance_abc"])], 422, _FIELD),
+    # Found by the fuzzer: pydicom reads IS "1e308" as a 1024-bit int; SQLite overflowed (500).
+    "InstanceNumber 1e308": (lambda f: [("n.dcm", f["instance_huge"])], 422, _FIELD),
     "two-value ImagePositionPatient": (lambda f: [("p.dcm", f["position_2"])], 422, _FIELD),
     "two-value Rows": (lambda f: [("r.dcm", f["rows_2"])], 422, _FIELD),
     "DICOM without Rows": (lambda f: [("r.dcm", f["no_rows"])], 422, _FIELD),
@@ -105,6 +107,13 @@ CASES = {
     "DICOM without SeriesInstanceUID": (lambda f: [("u.dcm", f["no_series"])], 422, _FIELD),
     "DICOM without SOPInstanceUID": (lambda f: [("u.dcm", f["no_sop"])], 422, _FIELD),
     "StudyInstanceUID with a slash": (lambda f: [("u.dcm", f["slash_uid"])], 422, _FIELD),
+    # Found by the fuzzer: two zeroed bytes make a second (0002,0000) whose value pydicom
+    # cannot unpack (BytesLengthException, a 500).
+    "file meta with a mangled group length": (
+        lambda f: [("m.dcm", f["meta_mangled"])],
+        422,
+        "TruncatedFileError",
+    ),
     "good file plus a bad one": (
         lambda f: [("ok.dcm", f["ct"]), ("bad.txt", b"nope")],
         415,
@@ -123,6 +132,7 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
         "slope_huge": poisoned_dicom("RescaleSlope", "DS", b"1e38"),
         "frames_x": poisoned_dicom("NumberOfFrames", "IS", b"x"),
         "instance_abc": poisoned_dicom("InstanceNumber", "IS", b"abc"),
+        "instance_huge": poisoned_dicom("InstanceNumber", "IS", b"1e308"),
         "position_2": poisoned_dicom("ImagePositionPatient", "DS", b"0\\0"),
         "rows_2": poisoned_dicom("Rows", "US", struct.pack("<HH", 64, 64)),
         "no_rows": _dicom(dicom_bytes, phantom_series, Rows=None),
@@ -130,6 +140,7 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
         "no_series": _dicom(dicom_bytes, phantom_series, SeriesInstanceUID=None),
         "no_sop": _dicom(dicom_bytes, phantom_series, SOPInstanceUID=None),
         # "1.2/3" + "4" and "1.2" + "3/4" would be one study key if slashes were let in.
+        "meta_mangled": ct.replace(b"\x02\x00\x13\x00SH", b"\x02\x00\x00\x00\x00H", 1),
         "slash_uid": poisoned_dicom("StudyInstanceUID", "UI", b"1.2/3"),
         "rgb": _dicom(dicom_bytes, phantom_series, PhotometricInterpretation="RGB"),
         "short_pixels": _dicom(dicom_bytes, phantom_series, PixelData=b"\0" * 1000),
