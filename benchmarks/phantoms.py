@@ -13,11 +13,13 @@ ellipse of skull (about 1000 HU) around brain (30 HU) with two ventricles
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 
 import numpy as np
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -109,6 +111,35 @@ def dicom_bytes(dataset: Dataset) -> bytes:
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def with_raw_field(data: bytes, keyword: str, vr: str, value: bytes) -> bytes:
+    """Part 10 bytes with one field's value replaced by raw bytes, valid or not (fault tests).
+
+    pydicom refuses to write a value its VR does not allow (``RescaleSlope``
+    ``abc``), so the element is rewritten in the Explicit VR Little Endian bytes:
+    in place when the file has it, else appended after the pixel data (pydicom
+    reads elements in any order). Only VRs with a 2-byte length (US, CS, DS, IS,
+    LO, UI...) fit, for the written element and the replaced one alike.
+
+    Args:
+        data: A file from :func:`dicom_bytes`.
+        keyword: The field, e.g. ``RescaleSlope``.
+        vr: The VR written into the element header.
+        value: The raw value; padded with a space to an even length (PS3.5 7.1.1).
+
+    Returns:
+        The altered file's bytes.
+    """
+    tag = tag_for_keyword(keyword)
+    value += b" " * (len(value) % 2)
+    group_element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    element = group_element + struct.pack("<2sH", vr.encode(), len(value)) + value
+    at = data.find(group_element + dictionary_VR(tag).encode(), 132)
+    if at == -1:
+        return data + element
+    (length,) = struct.unpack("<H", data[at + 6 : at + 8])
+    return data[:at] + element + data[at + 8 + length :]
 
 
 #: A hyperdense lesion right of the midline.

@@ -7,14 +7,12 @@ It skips, with the command to run, when the ONNX files have not been built:
 ``python -m build_engines quantize``.
 """
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.datadict import tag_for_keyword
 
-from benchmarks.phantoms import SeriesIds, dicom_bytes, head_phantom, phantom_dicom
+from benchmarks.phantoms import SeriesIds, dicom_bytes, head_phantom, phantom_dicom, with_raw_field
 from build_engines.data import data_dir_from_env
 
 
@@ -28,21 +26,11 @@ def data_dir() -> Path:
 
 @pytest.fixture
 def poisoned_dicom():
-    """A 64 px phantom CT slice with one field replaced by raw bytes pydicom never checked.
-
-    pydicom refuses to write a value its VR does not allow, so the field is
-    removed and written by hand after the pixel data (pydicom reads elements in
-    any order). Only VRs with a 2-byte length (DS, IS, US, CS, LO, UI...) fit.
-    """
+    """A new 64 px phantom CT slice with one field's value replaced by raw bytes."""
 
     def make(keyword: str, vr: str, value: bytes) -> bytes:
-        ds = phantom_dicom(head_phantom(64), SeriesIds.new())
-        if keyword in ds:
-            delattr(ds, keyword)
-        tag = tag_for_keyword(keyword)
-        value += b" " * (len(value) % 2)  # values have even length (PS3.5 7.1.1)
-        header = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value))
-        return dicom_bytes(ds) + header + value
+        data = dicom_bytes(phantom_dicom(head_phantom(64), SeriesIds.new()))
+        return with_raw_field(data, keyword, vr, value)
 
     return make
 
