@@ -374,9 +374,12 @@ def _relative_path(item: _Checked) -> str:
 def _unzip(file: IncomingFile, budget: _UploadBudget) -> list[IncomingFile]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(file.data))
-        infos = [i for i in archive.infolist() if not i.is_dir()]
     except _ZIP_ERRORS as e:
         raise BadArchiveError(f"{file.name}: not a readable zip archive ({e})") from e
+    # zipfile cuts a name at its first NUL; an empty one breaks ZipInfo.is_dir (IndexError).
+    if any(not info.filename for info in archive.infolist()):
+        raise BadArchiveError(f"{file.name}: an entry has no name")
+    infos = [i for i in archive.infolist() if not i.is_dir()]
     # Skipped entries still count: a zip of a million hidden files is no upload.
     budget.count_files(len(infos))
     members = [i for i in infos if not _ignored_member(i.filename)]

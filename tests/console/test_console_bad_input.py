@@ -46,6 +46,12 @@ def _corrupt_member(archive: bytes, marker: bytes) -> bytes:
     return archive[:at] + b"\xaa" * 32 + archive[at + 32 :]
 
 
+def _nul_named(archive: bytes) -> bytes:
+    """Turn the first byte of the last entry's name in the central directory into a NUL."""
+    at = archive.rindex(b"a.dcm")
+    return archive[:at] + b"\0" + archive[at + 1 :]
+
+
 def _nothing_stored(storage, db_rows) -> bool:
     """No study, no slice row, no file in the store."""
     uploads = storage / "uploads"
@@ -86,6 +92,8 @@ CASES = {
     "encrypted zip member": (lambda f: [("locked.zip", f["encrypted"])], 400, "BadArchiveError"),
     "corrupt lzma zip member": (lambda f: [("a.zip", f["badlzma"])], 400, "BadArchiveError"),
     "corrupt bzip2 zip member": (lambda f: [("b.zip", f["badbzip2"])], 400, "BadArchiveError"),
+    # Found by the fuzzer: a NUL leaves the name empty and ZipInfo.is_dir raised IndexError.
+    "zip entry named by a NUL": (lambda f: [("n.zip", f["nulname"])], 400, "BadArchiveError"),
     "non-numeric RescaleSlope": (lambda f: [("s.dcm", f["slope_abc"])], 422, _FIELD),
     "NaN RescaleSlope": (lambda f: [("s.dcm", f["slope_nan"])], 422, _FIELD),
     "infinite RescaleIntercept": (lambda f: [("i.dcm", f["intercept_inf"])], 422, _FIELD),
@@ -152,6 +160,7 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
         "badzip": zip_bytes({"a.dcm": ct, "readme.txt": b"not a slice"}),
         "encrypted": _encrypted(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED)),
         "badlzma": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_LZMA), b"a.dcm"),
+        "nulname": _nul_named(zip_bytes({"a.dcm": ct})),
         "badbzip2": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_BZIP2), b"BZh"),
     }
 
