@@ -320,6 +320,8 @@ def _check_transfer_syntax(data: bytes, name: str) -> None:
         syntax = meta.get("TransferSyntaxUID")
     except _PYDICOM_ERRORS as e:
         raise TruncatedFileError(f"{name}: DICOM file meta is damaged or cut short ({e})") from e
+    if not meta:
+        raise TruncatedFileError(f"{name}: no DICOM file meta after the DICM prefix")
     if not syntax:
         raise UnsupportedTransferSyntaxError(
             f"{name}: no Transfer Syntax UID (0002,0010) in the file meta; "

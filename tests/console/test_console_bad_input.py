@@ -8,8 +8,9 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from client.limits import MIN_SIDE_PX
+from client.limits import MAX_FILE_BYTES, MIN_SIDE_PX
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -60,15 +61,28 @@ def _nothing_stored(storage, db_rows) -> bool:
 
 
 def _dicom(dicom_bytes, phantom_series, **changes) -> bytes:
+    """A phantom slice with fields changed or (None) removed; TransferSyntaxUID goes to the meta."""
     import pydicom
 
     dataset = pydicom.dcmread(io.BytesIO(phantom_series(1)[0]))
     for key, value in changes.items():
+        target = dataset.file_meta if key == "TransferSyntaxUID" else dataset
         if value is None:
-            delattr(dataset, key)
+            delattr(target, key)
         else:
-            setattr(dataset, key, value)
+            setattr(target, key, value)
     return dicom_bytes(dataset)
+
+
+def _zip_method(archive: bytes, method: int) -> bytes:
+    """Set the compression method of every entry, in local and central headers alike."""
+    data = bytearray(archive)
+    for signature, method_offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.find(signature)
+        while at != -1:
+            data[at + method_offset : at + method_offset + 2] = struct.pack("<H", method)
+            at = data.find(signature, at + 4)
+    return bytes(data)
 
 
 _FIELD = "InvalidDicomFieldError"
@@ -89,11 +103,30 @@ CASES = {
     "bad zip": (lambda f: [("series.zip", b"PK\x03\x04garbage")], 400, "BadArchiveError"),
     "zip slip": (lambda f: [("evil.zip", f["zipslip"])], 400, "BadArchiveError"),
     "zip with a bad member": (lambda f: [("mixed.zip", f["badzip"])], 415, "InvalidImageError"),
+    "zip of hidden files only": (lambda f: [("mac.zip", f["hidden_only"])], 400, "UploadError"),
+    "zip inside a zip": (lambda f: [("outer.zip", f["nested"])], 415, "InvalidImageError"),
+    "absolute path in a zip": (lambda f: [("abs.zip", f["absolute"])], 400, "BadArchiveError"),
+    "zip with an unknown compression method": (
+        lambda f: [("aes.zip", f["method99"])],
+        400,
+        "BadArchiveError",
+    ),
+    "zip member larger than a file may be": (
+        lambda f: [("big.zip", f["big_member"])],
+        413,
+        "ImageTooLargeError",
+    ),
     "encrypted zip member": (lambda f: [("locked.zip", f["encrypted"])], 400, "BadArchiveError"),
     "corrupt lzma zip member": (lambda f: [("a.zip", f["badlzma"])], 400, "BadArchiveError"),
     "corrupt bzip2 zip member": (lambda f: [("b.zip", f["badbzip2"])], 400, "BadArchiveError"),
     # Found by the fuzzer: a NUL leaves the name empty and ZipInfo.is_dir raised IndexError.
     "zip entry named by a NUL": (lambda f: [("n.zip", f["nulname"])], 400, "BadArchiveError"),
+    "deflated DICOM": (lambda f: [("z.dcm", f["deflated"])], 415, "UnsupportedTransferSyntaxError"),
+    "DICOM preamble without a file meta": (
+        lambda f: [("p.dcm", b"\0" * 128 + b"DICM")],
+        422,
+        "TruncatedFileError",
+    ),
     "non-numeric RescaleSlope": (lambda f: [("s.dcm", f["slope_abc"])], 422, _FIELD),
     "NaN RescaleSlope": (lambda f: [("s.dcm", f["slope_nan"])], 422, _FIELD),
     "infinite RescaleIntercept": (lambda f: [("i.dcm", f["intercept_inf"])], 422, _FIELD),
@@ -161,6 +194,14 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
         "encrypted": _encrypted(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED)),
         "badlzma": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_LZMA), b"a.dcm"),
         "nulname": _nul_named(zip_bytes({"a.dcm": ct})),
+        "hidden_only": zip_bytes({".DS_Store": b"finder", "__MACOSX/._a.dcm": b"fork"}),
+        "nested": zip_bytes({"inner.zip": zip_bytes({"a.dcm": ct})}),
+        "absolute": zip_bytes({"/etc/a.dcm": ct}),
+        "method99": _zip_method(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED), 99),
+        "big_member": zip_bytes({"a.dcm": bytes(MAX_FILE_BYTES + 1)}),
+        "deflated": _dicom(
+            dicom_bytes, phantom_series, TransferSyntaxUID=DeflatedExplicitVRLittleEndian
+        ),
         "badbzip2": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_BZIP2), b"BZh"),
     }
 
