@@ -19,9 +19,17 @@ from datetime import UTC, datetime
 from functools import cache
 
 import numpy as np
+from PIL import Image
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 
 AIR_HU, SKULL_HU, BRAIN_HU, CSF_HU, BLOOD_HU = -1000.0, 1000.0, 30.0, 5.0, 70.0
 #: Stored value = HU - intercept; the usual CT intercept.
@@ -103,6 +111,29 @@ def phantom_dicom(
     ds.RescaleSlope = 1
     ds.WindowCenter, ds.WindowWidth = 40, 80
     ds.PixelData = np.round(hu - RESCALE_INTERCEPT).astype(np.int16).tobytes()
+    return ds
+
+
+def compressed_phantom_dicom(
+    hu: np.ndarray, series: SeriesIds, syntax: str = JPEGBaseline8Bit
+) -> Dataset:
+    """The phantom as an 8-bit compressed slice: JPEG Baseline or lossless JPEG 2000.
+
+    Pillow encodes the frame (pydicom has no JPEG encoder); stored values are
+    (HU + 1024) / 8, so RescaleSlope 8 brings back HU to within 8. For format
+    and fault tests of the compressed decoding path.
+    """
+    formats = {JPEGBaseline8Bit: ("JPEG", {"quality": 95}), JPEG2000Lossless: ("JPEG2000", {})}
+    image_format, options = formats[syntax]
+    stored = np.clip(np.round((hu - RESCALE_INTERCEPT) / 8), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format=image_format, **options)
+    ds = phantom_dicom(hu, series)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope = 8
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
     return ds
 
 

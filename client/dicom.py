@@ -20,10 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
+from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from client.errors import (
     ImageTooLargeError,
@@ -61,6 +68,11 @@ _PYDICOM_ERRORS = (
 )
 #: A UI value: digits and dots, at most 64 characters (PS3.5 6.2).
 _UID_PATTERN = re.compile(r"[0-9.]{1,64}")
+#: JPEG start-of-frame markers, whose segment holds the frame size: SOF0 to SOF15 except
+#: DHT (C4), JPG (C8) and DAC (CC) (ITU-T T.81 table B.1), and JPEG-LS SOF55 (F7, T.87).
+_JPEG_SOF_MARKERS = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7})
+#: A JPEG 2000 codestream opens with SOC, then SIZ (ISO/IEC 15444-1 A.4.1, A.5.1).
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 #: PhotometricInterpretation values a CT image may have.
 _CT_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
@@ -106,7 +118,7 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
             Instance UID is missing or malformed.
         TruncatedFileError: the pixel data cannot be decoded.
     """
-    _check_transfer_syntax(data, name)
+    syntax = _check_transfer_syntax(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except _PYDICOM_ERRORS as e:
@@ -142,6 +154,7 @@ def read_dicom(data: bytes, name: str) -> tuple[DicomMeta, np.ndarray]:
             "not MONOCHROME1 or MONOCHROME2"
         )
 
+    _check_frame_size(ds, syntax, rows, cols, name)
     try:
         stored = ds.pixel_array
     except _PYDICOM_ERRORS as e:
@@ -302,8 +315,8 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_transfer_syntax(data: bytes, name: str) -> None:
-    """Refuse what the decoder cannot read, from the file meta alone.
+def _check_transfer_syntax(data: bytes, name: str) -> UID:
+    """Refuse what the decoder cannot read, from the file meta alone; return the syntax.
 
     The File Meta group (0002,eeee) is always Explicit VR Little Endian and is
     never deflated (PS3.10 section 7.1), so reading it costs no more than its
@@ -333,10 +346,80 @@ def _check_transfer_syntax(data: bytes, name: str) -> None:
             f"{name}: transfer syntax {syntax} ({syntax.name}) is not supported; "
             "send it uncompressed or JPEG Lossless"
         )
+    return syntax
 
 
 def _past_file_meta(tag: int, _vr: str | None, _length: int) -> bool:
     return tag >> 16 != 0x0002
+
+
+def _check_frame_size(ds: pydicom.Dataset, syntax: UID, rows: int, cols: int, name: str) -> None:
+    """Refuse a compressed frame whose own header disagrees with Rows and Columns.
+
+    The JPEG and JPEG 2000 codecs allocate what the codestream's header claims,
+    not what Rows and Columns say: a 4 KB JPEG whose frame header claims
+    65535 x 65535 px takes gigabytes and seconds before it fails. RLE output is
+    sized from Rows and Columns, which are checked already.
+    """
+    if syntax in JPEG2000TransferSyntaxes:
+        frame_size = _j2k_frame_size
+    elif syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        frame_size = _jpeg_frame_size
+    else:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, *_PYDICOM_ERRORS) as e:
+        raise TruncatedFileError(
+            f"{name}: PixelData (7FE0,0010) holds no readable compressed frame ({e})"
+        ) from e
+    size = frame_size(frame)
+    if size is None:
+        raise TruncatedFileError(
+            f"{name}: PixelData (7FE0,0010) frame header cannot be read ({syntax.name})"
+        )
+    if size != (rows, cols):
+        raise InvalidDicomFieldError(
+            f"{name}: PixelData (7FE0,0010) holds a {size[1]}x{size[0]} px frame, "
+            f"but Rows and Columns say {cols}x{rows}"
+        )
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG or JPEG-LS frame header, or None if there is none.
+
+    Markers are walked from SOI to the first SOF (ITU-T T.81 B.1.1, T.87 for
+    SOF55), skipping fill bytes; each other segment is skipped by its length.
+    """
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    offset = 2
+    while offset + 9 <= len(frame):
+        if frame[offset] != 0xFF:
+            return None
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            offset += 1
+            continue
+        if marker in _JPEG_SOF_MARKERS:
+            height, width = struct.unpack(">HH", frame[offset + 5 : offset + 9])
+            return height, width
+        (length,) = struct.unpack(">H", frame[offset + 2 : offset + 4])
+        offset += 2 + length
+    return None
+
+
+def _j2k_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG 2000 codestream's SIZ segment, or None if there is none.
+
+    SIZ follows SOC (ISO/IEC 15444-1 A.5.1): the image spans Xsiz - XOsiz by Ysiz - YOsiz.
+    A JP2 file wrapper, which some senders keep, puts boxes before the codestream.
+    """
+    at = frame.find(_J2K_SOC_SIZ, 0, 4096)
+    if at == -1 or len(frame) < at + 24:
+        return None
+    x_size, y_size, x_offset, y_offset = struct.unpack(">IIII", frame[at + 8 : at + 24])
+    return y_size - y_offset, x_size - x_offset
 
 
 def _decodable(syntax: UID) -> bool:

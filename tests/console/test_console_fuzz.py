@@ -1,9 +1,10 @@
 """Property-based fuzzing of everything a sender controls: image bytes, DICOM fields, zips.
 
-Valid PNG, JPEG, DICOM (the synthetic phantom) and zip inputs are mutated (byte
-flips, truncation, insertion, integers written over length fields, header
-fields rewritten) and fed to the decoder and to ``POST /api/scans``. The only
-allowed outcomes are a finite image or a typed error, and a 201 or a JSON 4xx.
+Valid PNG, JPEG, DICOM (the synthetic phantom, uncompressed and as JPEG) and
+zip inputs are mutated (byte flips, truncation, insertion, integers written
+over length fields, header fields rewritten) and fed to the decoder and to
+``POST /api/scans``. The only allowed outcomes are a finite image or a typed
+error, and a 201 or a JSON 4xx.
 
 HEMOTRIAGE_FUZZ_EXAMPLES sets the examples per property (default 100, so the
 file runs in seconds and derandomized, the same cases every run); ``make fuzz``
@@ -29,7 +30,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from benchmarks.phantoms import SeriesIds, dicom_bytes, head_phantom, phantom_dicom, with_raw_field
+from benchmarks.phantoms import (
+    SeriesIds,
+    compressed_phantom_dicom,
+    dicom_bytes,
+    head_phantom,
+    phantom_dicom,
+    with_raw_field,
+)
 from client.decode import DecodedImage, decode_bytes
 from client.errors import HemoTriageError
 
@@ -109,9 +117,11 @@ def _jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def _phantom() -> bytes:
+def _phantom(compressed: bool = False) -> bytes:
     """The 64 px phantom with fixed UIDs and date, so derandomized runs repeat exactly."""
-    ds = phantom_dicom(head_phantom(64), SeriesIds("1.2.3.1", "1.2.3.2"))
+    ids = SeriesIds("1.2.3.1", "1.2.3.2")
+    hu = head_phantom(64)
+    ds = compressed_phantom_dicom(hu, ids) if compressed else phantom_dicom(hu, ids)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.3"
     ds.StudyDate = "20260101"
     return dicom_bytes(ds)
@@ -128,6 +138,7 @@ def seeds() -> dict[str, bytes]:
             archive.writestr("series/b.png", png)
     return {
         "dcm": dicom,
+        "jpeg.dcm": _phantom(compressed=True),
         "png": png,
         "rgba.png": _png("RGBA"),
         "jpg": _jpeg(),
@@ -182,14 +193,14 @@ def mutated(draw, kinds: tuple[str, ...]):
     kind = draw(st.sampled_from(kinds))
     data = bytearray(seeds()[kind])
     if draw(st.booleans()):
-        if kind == "dcm":
+        if kind.endswith("dcm") and (kind == "dcm" or draw(st.booleans())):
             keyword = draw(st.sampled_from(sorted(DICOM_FIELDS)))
             value = draw(st.sampled_from(FIELD_VALUES))
             data = bytearray(with_raw_field(bytes(data), keyword, DICOM_FIELDS[keyword], value))
         elif kind.endswith("png"):
             field = draw(st.sampled_from([(0, 4), (4, 4), (8, 1), (9, 1), (10, 1), (12, 1)]))
             data = _png_ihdr(data, field[0], _int_bytes(draw, field[1], ">"))
-        elif kind == "jpg":
+        elif kind in ("jpg", "jpeg.dcm"):  # the JPEG frame in the DICOM file too
             field = draw(st.sampled_from([(0, 1), (1, 2), (3, 2), (5, 1)]))
             data = _jpeg_sof(data, field[0], _int_bytes(draw, field[1], ">"))
         else:
@@ -250,7 +261,7 @@ def _report(capsys, what: str, outcomes: Counter, start_s: float, start_rss: int
         )
 
 
-IMAGE_KINDS = ("dcm", "png", "rgba.png", "jpg")
+IMAGE_KINDS = ("dcm", "jpeg.dcm", "png", "rgba.png", "jpg")
 
 
 def _only_errors_logged(caplog) -> None:

@@ -9,9 +9,14 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+)
 
-from benchmarks.phantoms import SeriesIds, head_phantom, phantom_dicom
+from benchmarks.phantoms import SeriesIds, compressed_phantom_dicom, head_phantom, phantom_dicom
 from client import errors
 from client.decode import decode_bytes, decode_file
 
@@ -301,3 +306,38 @@ def test_decoded_hounsfield_units_are_always_finite(poisoned_dicom):
     assert np.isfinite(image.pixels).all()
     with pytest.raises(errors.InvalidDicomFieldError, match="float32"):
         decode_bytes(poisoned_dicom("RescaleSlope", "DS", b"1e36"), "steeper.dcm")
+
+
+def _forge_frame_size(data: bytes, height: int, width: int) -> bytes:
+    """Rewrite the size in the compressed frame's own header, leaving Rows and Columns alone."""
+    out = bytearray(data)
+    for sof in (b"\xff\xc0", b"\xff\xc3"):  # JPEG Baseline, JPEG Lossless (T.81 B.2.2)
+        if (at := out.find(sof, 132)) != -1:
+            out[at + 5 : at + 9] = struct.pack(">HH", height, width)
+            return bytes(out)
+    at = out.index(b"\xff\x4f\xff\x51")  # JPEG 2000 SOC + SIZ: Xsiz, Ysiz (15444-1 A.5.1)
+    out[at + 8 : at + 16] = struct.pack(">II", width, height)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEG2000Lossless])
+def test_decode_compressed_dicom(syntax):
+    hu = head_phantom(64)
+    image = decode_bytes(_dicom_bytes(compressed_phantom_dicom(hu, SeriesIds.new(), syntax)), "c")
+    np.testing.assert_allclose(image.pixels, np.clip(hu, -1024, 1016), atol=64)
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEG2000Lossless])
+def test_decode_refuses_a_compressed_frame_larger_than_rows_and_columns(syntax):
+    # The codec allocates what the frame header says: 65535 x 65535 took gigabytes.
+    # 8000 x 8000 shows the refusal without risking that memory if it regressed.
+    data = _dicom_bytes(compressed_phantom_dicom(head_phantom(64), SeriesIds.new(), syntax))
+    with pytest.raises(errors.InvalidDicomFieldError, match="8000x8000 px frame"):
+        decode_bytes(_forge_frame_size(data, 8000, 8000), "forged.dcm")
+
+
+def test_real_jpeg_lossless_slice_with_a_forged_frame_size_is_refused(data_dir: Path):
+    path = sorted((data_dir / "cq500_ct1" / "series_thin_every8").iterdir())[0]
+    forged = _forge_frame_size(path.read_bytes(), 8000, 8000)
+    with pytest.raises(errors.InvalidDicomFieldError, match="Rows and Columns say 512x512"):
+        decode_bytes(forged, path.name)
