@@ -119,11 +119,15 @@ def compressed_phantom_dicom(
 ) -> Dataset:
     """The phantom as an 8-bit compressed slice: JPEG Baseline or lossless JPEG 2000.
 
-    Pillow encodes the frame (pydicom has no JPEG encoder); stored values are
-    (HU + 1024) / 8, so RescaleSlope 8 brings back HU to within 8. For format
-    and fault tests of the compressed decoding path.
+    Pillow encodes the frame (pydicom has no JPEG encoder). Stored values are
+    (HU + 1024) / 8 with RescaleSlope 8, so HU come back to within 4 from JPEG
+    2000 and within the lossy error from JPEG Baseline. For format and fault
+    tests of the compressed decoding path.
     """
-    formats = {JPEGBaseline8Bit: ("JPEG", {"quality": 95}), JPEG2000Lossless: ("JPEG2000", {})}
+    formats = {
+        JPEGBaseline8Bit: ("JPEG", {"quality": 95}),
+        JPEG2000Lossless: ("JPEG2000", {"no_jp2": True}),
+    }
     image_format, options = formats[syntax]
     stored = np.clip(np.round((hu - RESCALE_INTERCEPT) / 8), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
