@@ -30,13 +30,13 @@ def _bomb_png(side: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-def _encrypted(archive: bytes) -> bytes:
-    """Set the "encrypted" flag (bit 0) of every entry, in local and central headers alike."""
+def _with_zip_field(archive: bytes, local_offset: int, central_offset: int, value: bytes) -> bytes:
+    """Write ``value`` into one field of every entry, in local and central headers alike."""
     data = bytearray(archive)
-    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+    for signature, offset in ((b"PK\x03\x04", local_offset), (b"PK\x01\x02", central_offset)):
         at = data.find(signature)
         while at != -1:
-            data[at + flag_offset] |= 0x01
+            data[at + offset : at + offset + len(value)] = value
             at = data.find(signature, at + 4)
     return bytes(data)
 
@@ -72,17 +72,6 @@ def _dicom(dicom_bytes, phantom_series, **changes) -> bytes:
         else:
             setattr(target, key, value)
     return dicom_bytes(dataset)
-
-
-def _zip_method(archive: bytes, method: int) -> bytes:
-    """Set the compression method of every entry, in local and central headers alike."""
-    data = bytearray(archive)
-    for signature, method_offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
-        at = data.find(signature)
-        while at != -1:
-            data[at + method_offset : at + method_offset + 2] = struct.pack("<H", method)
-            at = data.find(signature, at + 4)
-    return bytes(data)
 
 
 _FIELD = "InvalidDicomFieldError"
@@ -191,13 +180,14 @@ def corpus(kaggle_png, dicom_bytes, phantom_series, zip_bytes, poisoned_dicom):
         "nopixels": _dicom(dicom_bytes, phantom_series, PixelData=None),
         "zipslip": zip_bytes({"../../outside.dcm": ct}),
         "badzip": zip_bytes({"a.dcm": ct, "readme.txt": b"not a slice"}),
-        "encrypted": _encrypted(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED)),
+        # General purpose flags (bit 0: encrypted) and compression method (APPNOTE 4.3.7, 4.3.12).
+        "encrypted": _with_zip_field(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED), 6, 8, b"\x01"),
         "badlzma": _corrupt_member(zip_bytes({"a.dcm": ct}, zipfile.ZIP_LZMA), b"a.dcm"),
         "nulname": _nul_named(zip_bytes({"a.dcm": ct})),
         "hidden_only": zip_bytes({".DS_Store": b"finder", "__MACOSX/._a.dcm": b"fork"}),
         "nested": zip_bytes({"inner.zip": zip_bytes({"a.dcm": ct})}),
         "absolute": zip_bytes({"/etc/a.dcm": ct}),
-        "method99": _zip_method(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED), 99),
+        "method99": _with_zip_field(zip_bytes({"a.dcm": ct}, zipfile.ZIP_STORED), 8, 10, b"c\0"),
         "big_member": zip_bytes({"a.dcm": bytes(MAX_FILE_BYTES + 1)}),
         "deflated": _dicom(
             dicom_bytes, phantom_series, TransferSyntaxUID=DeflatedExplicitVRLittleEndian
