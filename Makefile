@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1s
 ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
 CONSOLE_URL ?= http://127.0.0.1:5000
 
-.PHONY: venv browser engines test lint train serve demo bench loadtest clean
+.PHONY: venv browser engines test lint fuzz train serve demo bench loadtest clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ lint: venv
 test: venv browser engines
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+## Property-based fuzzing of the decoder and POST /api/scans: 10,000 random cases per property.
+fuzz: venv
+	HEMOTRIAGE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/console/test_console_fuzz.py
 
 ## Retrain both models: 5-fold CV, evaluation, figures, final weights, MODEL_CARD.md.
 train: venv

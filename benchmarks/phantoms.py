@@ -13,13 +13,23 @@ ellipse of skull (about 1000 HU) around brain (30 HU) with two ventricles
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 
 import numpy as np
+from PIL import Image
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 
 AIR_HU, SKULL_HU, BRAIN_HU, CSF_HU, BLOOD_HU = -1000.0, 1000.0, 30.0, 5.0, 70.0
 #: Stored value = HU - intercept; the usual CT intercept.
@@ -104,11 +114,67 @@ def phantom_dicom(
     return ds
 
 
+def compressed_phantom_dicom(
+    hu: np.ndarray, series: SeriesIds, syntax: str = JPEGBaseline8Bit
+) -> Dataset:
+    """The phantom as an 8-bit compressed slice: JPEG Baseline or lossless JPEG 2000.
+
+    Pillow encodes the frame (pydicom has no JPEG encoder). Stored values are
+    (HU + 1024) / 8 with RescaleSlope 8, so HU come back to within 4 from JPEG
+    2000 and within the lossy error from JPEG Baseline. For format and fault
+    tests of the compressed decoding path.
+    """
+    formats = {
+        JPEGBaseline8Bit: ("JPEG", {"quality": 95}),
+        JPEG2000Lossless: ("JPEG2000", {"no_jp2": True}),
+    }
+    image_format, options = formats[syntax]
+    stored = np.clip(np.round((hu - RESCALE_INTERCEPT) / 8), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format=image_format, **options)
+    ds = phantom_dicom(hu, series)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope = 8
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
 def dicom_bytes(dataset: Dataset) -> bytes:
     """A dataset as Part 10 file bytes, as a scanner would send it."""
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def with_raw_field(data: bytes, keyword: str, vr: str, value: bytes) -> bytes:
+    """Part 10 bytes with one field's value replaced by raw bytes, valid or not (fault tests).
+
+    pydicom refuses to write a value its VR does not allow (``RescaleSlope``
+    ``abc``), so the element is rewritten in the Explicit VR Little Endian bytes:
+    in place when the file has it, else appended after the pixel data (pydicom
+    reads elements in any order). Only VRs with a 2-byte length (US, CS, DS, IS,
+    LO, UI...) fit, for the written element and the replaced one alike.
+
+    Args:
+        data: A file from :func:`dicom_bytes`.
+        keyword: The field, e.g. ``RescaleSlope``.
+        vr: The VR written into the element header.
+        value: The raw value; padded with a space to an even length (PS3.5 7.1.1).
+
+    Returns:
+        The altered file's bytes.
+    """
+    tag = tag_for_keyword(keyword)
+    value += b" " * (len(value) % 2)
+    group_element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    element = group_element + struct.pack("<2sH", vr.encode(), len(value)) + value
+    at = data.find(group_element + dictionary_VR(tag).encode(), 132)
+    if at == -1:
+        return data + element
+    (length,) = struct.unpack("<H", data[at + 6 : at + 8])
+    return data[:at] + element + data[at + 8 + length :]
 
 
 #: A hyperdense lesion right of the midline.

@@ -62,6 +62,23 @@ class MultiFrameDicomError(InvalidStudyError):
     """A multi-frame DICOM object; the triage path takes one slice per object."""
 
 
+class InvalidDicomFieldError(InvalidStudyError):
+    """A DICOM field is missing or holds a value the standard does not allow.
+
+    The message names the field (keyword and tag), so the sender's export can be fixed.
+    """
+
+
+class UnsupportedTransferSyntaxError(InvalidStudyError):
+    """A DICOM encoding the decoder does not read; re-send it uncompressed or JPEG Lossless.
+
+    Deflated Explicit VR Little Endian is among them: its body must be inflated
+    whole before one element can be read, so a small file can expand without bound.
+    """
+
+    http_status = 415
+
+
 class UnknownModelError(HemoTriageError):
     """The model name is not in the registry."""
 

@@ -68,7 +68,8 @@ DEFAULTS = {
     "PRIORITY_WEIGHT_FAILED": 500.0,
     "PRIORITY_WEIGHT_SCORE": 100.0,
     "PRIORITY_WEIGHT_WAIT_PER_MIN": 1.0,
-    # Upload limits: whole request, files per upload, uncompressed bytes per zip.
+    # Upload limits: whole request, files per upload (zip entries included), and the
+    # uncompressed bytes all the zips of one upload may expand to together.
     "MAX_CONTENT_LENGTH": 512 * 1024 * 1024,
     "MAX_UPLOAD_FILES": 1000,
     "MAX_ZIP_UNCOMPRESSED_BYTES": 1024 * 1024 * 1024,

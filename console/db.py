@@ -102,6 +102,9 @@ CREATE TABLE IF NOT EXISTS slices (
 
 CREATE INDEX IF NOT EXISTS slices_queue ON slices (status, priority, queued_at, id);
 CREATE INDEX IF NOT EXISTS slices_study ON slices (study_id);
+-- A SOP instance is one slice of its study however often (and however encoded) it is sent.
+CREATE UNIQUE INDEX IF NOT EXISTS slices_sop ON slices (study_id, sop_uid)
+    WHERE sop_uid IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS audit_log (
     id INTEGER PRIMARY KEY,

@@ -6,7 +6,9 @@ at the top level whose newest modification is older than ``INBOX_SETTLE_S``
 :func:`console.ingest.ingest` as the API: a single file, a zip, or a folder
 (its PNG/JPEG files grouped into one study named after the folder). Accepted
 entries are deleted once stored; refused ones move to ``INBOX_DIR/rejected``
-beside a ``.reason.txt`` that holds the typed error's message.
+beside a ``.reason.txt`` that holds the error's class and message, whatever
+the error (a file must never stop the watcher). A failing disk or database
+leaves the entry in place for the next scan.
 
     watcher = InboxWatcher(Path("/srv/inbox"), poll_s=2, settle_s=2, accept=accept)
     watcher.start()
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 REJECTED = "rejected"
 
 Accept = Callable[[list[IncomingFile], str | None], IngestResult]
+
+#: Failures of the disk or the database, not of an entry's content: the entry is retried.
+_TRANSIENT = (OSError, sqlite3.Error)
 
 
 class InboxWatcher:
@@ -73,36 +78,57 @@ class InboxWatcher:
         return self._thread is not None and self._thread.is_alive()
 
     def scan_once(self) -> int:
-        """Ingest or reject every settled entry; return how many were handled."""
+        """Ingest or reject every settled entry; return how many were handled.
+
+        An entry that meets a transient failure (disk, database) stays where it
+        is for the next scan, and the scan goes on to the other entries.
+        """
         (self.inbox / REJECTED).mkdir(parents=True, exist_ok=True)
         handled = 0
         now = time.time()
         for entry in sorted(self.inbox.iterdir()):
             if entry.name.startswith(".") or entry.name == REJECTED:
                 continue
-            if now - _newest_mtime(entry) < self.settle_s:
+            try:
+                if now - _newest_mtime(entry) < self.settle_s:
+                    continue
+                self._handle(entry)
+            except _TRANSIENT as e:
+                # The entry's name may carry a patient's name: log the error class only.
+                logger.warning("inbox entry left for a retry (%s)", type(e).__name__)
                 continue
-            self._handle(entry)
             handled += 1
         return handled
 
     def _handle(self, entry: Path) -> None:
+        """Ingest one entry, or move it to rejected/ whatever its content makes the ingest raise.
+
+        Raises:
+            OSError, sqlite3.Error: the disk or the database failed; retry later.
+        """
         label = entry.name if entry.is_dir() else None
         try:
             files = _read_entry(entry)
             result = self._accept(files, label)
-        except HemoTriageError as e:
+        except _TRANSIENT:
+            raise
+        except Exception as e:
+            if not isinstance(e, HemoTriageError):
+                # A file must never stop the watcher: an untyped failure is a decoder bug,
+                # reported as one, but the entry is set aside like any refused one.
+                logger.error("inbox entry failed with an untyped error (%s)", type(e).__name__)
             self._reject(entry, e)
             return
         _remove(entry)
         logger.info("inbox entry ingested into studies %s", result.study_ids)
 
-    def _reject(self, entry: Path, error: HemoTriageError) -> None:
+    def _reject(self, entry: Path, error: Exception) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         target = self.inbox / REJECTED / f"{stamp}-{entry.name}"
         shutil.move(entry, target)
+        # Names that are not UTF-8 reach Python as surrogates; write them as escapes.
         target.with_name(target.name + ".reason.txt").write_text(
-            f"{type(error).__name__}: {error}\n"
+            f"{type(error).__name__}: {error}\n", encoding="utf-8", errors="backslashreplace"
         )
         # The entry's name may carry a patient's name: log the error class only.
         logger.warning("inbox entry rejected (%s); moved to %s/", type(error).__name__, REJECTED)
@@ -111,8 +137,8 @@ class InboxWatcher:
         while not self._stop.is_set():
             try:
                 self.scan_once()
-            except (OSError, sqlite3.Error):
-                # A busy disk or a locked database is transient: the entry stays and is retried.
+            except _TRANSIENT:
+                # The inbox itself cannot be listed (unmounted, locked): try again next poll.
                 logger.exception("inbox scan failed; retrying in %.1f s", self.poll_s)
             self._stop.wait(self.poll_s)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import lzma
 import sqlite3
 import time
 import uuid
@@ -33,15 +34,34 @@ from werkzeug.utils import secure_filename
 
 from client.constants import PRIORITY_ROUTINE
 from client.decode import decode_bytes
+from client.errors import ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
 from client.registry import ModelSpec
 from console.errors import BadArchiveError, TooManyFilesError, UploadError
-from console.filestore import relative_path, remove, store_files
+from console.filestore import relative_path, remove, store_files, stored_path
 from console.queue import StudyChange, refresh_study
 
 logger = logging.getLogger(__name__)
 
 _ZIP_MAGIC = b"PK\x03\x04"
+#: Zip members are inflated this many bytes at a time, so a bomb stops at the budget.
+_ZIP_CHUNK_BYTES = 1024 * 1024
+#: General purpose flag bit 0: the member is encrypted (APPNOTE.TXT 4.4.4).
+_ZIP_ENCRYPTED_FLAG = 0x1
+#: What zipfile and its codecs raise on a damaged archive or member: a bad header
+#: (BadZipFile), a name that is not UTF-8 (ValueError), corrupt deflate, LZMA or
+#: bzip2 streams (zlib.error, LZMAError, OSError), cut data (EOFError), an unknown
+#: compression method (NotImplementedError).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+)
 #: Longest ``study`` label a client may send.
 MAX_LABEL_CHARS = 128
 
@@ -59,8 +79,10 @@ class IngestLimits:
     """Upload limits, from the app config.
 
     Attributes:
-        max_files: Most files in one upload, after expanding zips.
-        max_zip_bytes: Most uncompressed bytes one zip may expand to.
+        max_files: Most files in one upload, after expanding zips; every zip
+            entry counts, skipped ones (hidden, ``__MACOSX``) included.
+        max_zip_bytes: Most uncompressed bytes all the zips of one upload may
+            expand to together.
     """
 
     max_files: int
@@ -96,22 +118,67 @@ class _Checked:
     ingest_ms: float
 
 
+class _UploadBudget:
+    """One upload's file count and uncompressed zip bytes, spent across all its zips.
+
+    A budget per zip would let eight small zips each expand to the whole limit.
+    """
+
+    def __init__(self, limits: IngestLimits) -> None:
+        self._limits = limits
+        self._files = 0
+        self._zip_bytes = 0
+
+    def count_files(self, count: int) -> None:
+        """Spend ``count`` files (or zip entries).
+
+        Raises:
+            TooManyFilesError: the upload now holds more than ``max_files``.
+        """
+        self._files += count
+        if self._files > self._limits.max_files:
+            raise TooManyFilesError(
+                f"more than {self._limits.max_files} files (zip entries included) in one upload"
+            )
+
+    def check_declared(self, name: str, declared_bytes: int) -> None:
+        """Refuse a zip whose declared sizes alone exceed what is left (honest bombs, early).
+
+        Raises:
+            TooManyFilesError: the declared sizes do not fit the budget.
+        """
+        if self._zip_bytes + declared_bytes > self._limits.max_zip_bytes:
+            raise TooManyFilesError(
+                f"{name}: the upload's zips expand beyond {self._limits.max_zip_bytes} bytes"
+            )
+
+    def spend_zip_bytes(self, name: str, count: int) -> None:
+        """Spend ``count`` inflated bytes, as they are read.
+
+        Raises:
+            TooManyFilesError: the upload's zips now exceed ``max_zip_bytes``.
+        """
+        self._zip_bytes += count
+        self.check_declared(name, 0)
+
+
 def expand(files: Iterable[IncomingFile], limits: IngestLimits) -> list[IncomingFile]:
-    """Replace each zip archive by its member files; check the count limit.
+    """Replace each zip archive by its member files; check the upload's limits.
 
     Raises:
         UploadError: nothing to ingest.
-        BadArchiveError: a zip is damaged or holds an unsafe (absolute, ``..``) path.
+        BadArchiveError: a zip is damaged, encrypted or holds an unsafe (absolute, ``..``) path.
         TooManyFilesError: over ``limits.max_files`` files or ``limits.max_zip_bytes``.
+        ImageTooLargeError: a zip member is larger than one file may be.
     """
+    budget = _UploadBudget(limits)
     out: list[IncomingFile] = []
     for file in files:
         if file.data.startswith(_ZIP_MAGIC):
-            out.extend(_unzip(file, limits))
+            out.extend(_unzip(file, budget))
         else:
+            budget.count_files(1)
             out.append(file)
-        if len(out) > limits.max_files:
-            raise TooManyFilesError(f"more than {limits.max_files} files in one upload")
     if not out:
         raise UploadError("no files in the upload (multipart field 'files')")
     return out
@@ -203,10 +270,12 @@ def ingest(
     try:
         with db:
             db.execute("BEGIN IMMEDIATE")
-            result = _insert(db, spec, checked, source, priority)
+            result, kept = _insert(db, spec, checked, source, priority)
     except BaseException:
         remove(written)
         raise
+    # A SOP instance already stored under other bytes was written above but got no row.
+    remove(set(written) - {stored_path(storage_dir, relative) for relative in kept})
     logger.info(
         "accepted %d slices (%d duplicates) into studies %s from %s",
         len(result.slice_ids),
@@ -223,8 +292,14 @@ def _insert(
     checked: list[_Checked],
     source: str,
     priority: int,
-) -> IngestResult:
+) -> tuple[IngestResult, set[str]]:
+    """Insert the rows; return the result and the stored paths that rows now refer to.
+
+    A slice already in its study (the same bytes, or the same SOP Instance UID
+    in other bytes) is counted as a duplicate and gets no row.
+    """
     now = time.time()
+    kept: set[str] = set()
     study_ids: dict[str, int] = {}
     slice_ids: list[int] = []
     ingest_ms: list[float] = []
@@ -254,7 +329,8 @@ def _insert(
         cursor = db.execute(
             "INSERT INTO slices (study_id, filename, stored_path, sha256, sop_uid, "
             "instance_number, slice_position_mm, priority, queued_at, ingest_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_id, sha256) DO NOTHING "
+            # No conflict target: UNIQUE (study_id, sha256) and the slices_sop index both apply.
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING "
             "RETURNING id",
             (
                 study_ids[item.study_key],
@@ -275,6 +351,7 @@ def _insert(
         else:
             slice_ids.append(row["id"])
             ingest_ms.append(item.ingest_ms)
+            kept.add(_relative_path(item))
     touched = sorted(set(study_ids.values()))
     changes = []
     for study_id in touched:
@@ -287,43 +364,58 @@ def _insert(
                 (study_id,),
             )
             changes.append(refresh_study(db, study_id, spec))
-    return IngestResult(touched, slice_ids, duplicates, ingest_ms, changes)
+    return IngestResult(touched, slice_ids, duplicates, ingest_ms, changes), kept
 
 
 def _relative_path(item: _Checked) -> str:
     return relative_path(item.sha256, item.suffix)
 
 
-def _unzip(file: IncomingFile, limits: IngestLimits) -> list[IncomingFile]:
+def _unzip(file: IncomingFile, budget: _UploadBudget) -> list[IncomingFile]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(file.data))
-        infos = [i for i in archive.infolist() if not i.is_dir()]
-        members = [i for i in infos if not _ignored_member(i.filename)]
-        if len(members) > limits.max_files:
-            raise TooManyFilesError(f"{file.name}: more than {limits.max_files} files")
-        # Declared sizes can lie; reading is capped below, this refuses honest bombs early.
-        if sum(i.file_size for i in members) > limits.max_zip_bytes:
-            raise TooManyFilesError(f"{file.name}: expands beyond {limits.max_zip_bytes} bytes")
-        out, total = [], 0
-        for info in members:
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            if info.filename.startswith(("/", "\\")) or ".." in parts:
-                raise BadArchiveError(f"{file.name}: unsafe path {info.filename!r} in archive")
-            with archive.open(info) as member:
-                data = member.read(MAX_FILE_BYTES + 1)
-            total += len(data)
-            if len(data) > MAX_FILE_BYTES or total > limits.max_zip_bytes:
-                raise TooManyFilesError(f"{file.name}: a member expands beyond the limits")
-            out.append(IncomingFile(parts[-1], data))
-    except (
-        zipfile.BadZipFile,
-        zipfile.LargeZipFile,
-        zlib.error,
-        EOFError,
-        NotImplementedError,
-    ) as e:
+    except _ZIP_ERRORS as e:
         raise BadArchiveError(f"{file.name}: not a readable zip archive ({e})") from e
+    # zipfile cuts a name at its first NUL; an empty one breaks ZipInfo.is_dir (IndexError).
+    if any(not info.filename for info in archive.infolist()):
+        raise BadArchiveError(f"{file.name}: an entry has no name")
+    infos = [i for i in archive.infolist() if not i.is_dir()]
+    # Skipped entries still count: a zip of a million hidden files is no upload.
+    budget.count_files(len(infos))
+    members = [i for i in infos if not _ignored_member(i.filename)]
+    # Declared sizes can lie; reading is capped below, this refuses honest bombs early.
+    budget.check_declared(file.name, sum(i.file_size for i in members))
+    out = []
+    for info in members:
+        parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+        if info.filename.startswith(("/", "\\")) or ".." in parts:
+            raise BadArchiveError(f"{file.name}: unsafe path {info.filename!r} in archive")
+        if info.flag_bits & _ZIP_ENCRYPTED_FLAG:
+            raise BadArchiveError(f"{file.name}: {info.filename!r} is encrypted; send it unlocked")
+        try:
+            data = _read_member(archive, info, budget, file.name)
+        except _ZIP_ERRORS as e:
+            raise BadArchiveError(f"{file.name}: {info.filename!r} cannot be read ({e})") from e
+        out.append(IncomingFile(parts[-1], data))
     return out
+
+
+def _read_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _UploadBudget, name: str
+) -> bytes:
+    """Inflate one member a chunk at a time, stopping as soon as a limit is passed."""
+    chunks: list[bytes] = []
+    size = 0
+    with archive.open(info) as member:
+        while chunk := member.read(_ZIP_CHUNK_BYTES):
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise ImageTooLargeError(
+                    f"{name}: {info.filename!r} expands beyond {MAX_FILE_BYTES} bytes"
+                )
+            budget.spend_zip_bytes(name, len(chunk))
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _ignored_member(name: str) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.phantoms import SeriesIds, dicom_bytes, head_phantom, phantom_dicom, with_raw_field
 from build_engines.data import data_dir_from_env
 
 
@@ -21,6 +22,17 @@ def data_dir() -> Path:
     if not (path / "kaggle_head_ct").exists():
         pytest.skip(f"labelled data not found at {path} (set HEMOTRIAGE_DATA_DIR)")
     return path
+
+
+@pytest.fixture
+def poisoned_dicom():
+    """A new 64 px phantom CT slice with one field's value replaced by raw bytes."""
+
+    def make(keyword: str, vr: str, value: bytes) -> bytes:
+        data = dicom_bytes(phantom_dicom(head_phantom(64), SeriesIds.new()))
+        return with_raw_field(data, keyword, vr, value)
+
+    return make
 
 
 @pytest.fixture(scope="session")

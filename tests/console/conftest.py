@@ -54,9 +54,9 @@ def cq500_series(shared_data) -> list[Path]:
     return sorted(folder.glob("*.dcm"))
 
 
-def _zip_bytes(members: dict[str, bytes]) -> bytes:
+def _zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()

@@ -3,8 +3,10 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import ImplicitVRLittleEndian
 
 from client.constants import PRIORITY_URGENT
 from client.registry import get_model
@@ -104,6 +106,44 @@ def test_duplicate_upload_adds_nothing(api, upload, phantom_series, db_rows):
     assert second["study_ids"] == first["study_ids"]
     assert second["slice_ids"] == [] and second["duplicates"] == 2
     assert len(db_rows("SELECT * FROM slices")) == 2
+
+
+def _reencoded(data: bytes) -> bytes:
+    """The same SOP instance written again as Implicit VR Little Endian: other bytes."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _stored_files(storage) -> list:
+    return [p for p in (storage / "uploads").rglob("*") if p.is_file()]
+
+
+def test_resent_sop_instance_with_other_bytes_is_a_duplicate(
+    api, upload, phantom_series, storage, db_rows
+):
+    original = phantom_series(1)[0]
+    resent = _reencoded(original)
+    assert resent != original
+    first = upload(api, [("a.dcm", original)]).get_json()
+    second = upload(api, [("a-again.dcm", resent)]).get_json()
+    assert second["study_ids"] == first["study_ids"]
+    assert second["slice_ids"] == [] and second["duplicates"] == 1
+    assert len(db_rows("SELECT * FROM slices")) == 1
+    assert len(_stored_files(storage)) == 1  # the refused copy is not left in the store
+
+
+def test_one_sop_instance_twice_in_one_upload_is_stored_once(
+    api, upload, phantom_series, storage, db_rows
+):
+    original = phantom_series(1)[0]
+    body = upload(api, [("a.dcm", original), ("b.dcm", _reencoded(original))]).get_json()
+    assert len(body["slice_ids"]) == 1 and body["duplicates"] == 1
+    (row,) = db_rows("SELECT filename FROM slices")
+    assert row["filename"] == "a.dcm"
+    assert len(_stored_files(storage)) == 1
 
 
 def test_urgent_slices_are_claimed_first(api, upload, phantom_series, services, db_rows):

@@ -1,4 +1,6 @@
+import os
 import socket
+import threading
 import time
 
 import pytest
@@ -148,6 +150,42 @@ def test_inbox_thread_picks_up_a_dropped_file(app, services, phantom_series, db_
     services.inbox.start()
     (services.inbox.inbox / "drop.dcm").write_bytes(phantom_series(1)[0])
     assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
+
+
+def test_inbox_thread_survives_poisoned_entries_and_ingests_the_next_file(
+    app, services, phantom_series, poisoned_dicom, db_rows, caplog
+):
+    inbox, rejected = services.inbox.inbox, services.inbox.inbox / "rejected"
+    services.inbox.start()
+    # A damaged zip whose name is not UTF-8 (Latin-1 from a Windows share; os.fsdecode keeps
+    # the byte as a surrogate), and a DICOM with a poisoned field.
+    (inbox / os.fsdecode(b"M\xfcller.zip")).write_bytes(b"PK\x03\x04 not a zip")
+    (inbox / "poisoned.dcm").write_bytes(poisoned_dicom("InstanceNumber", "IS", b"abc"))
+    assert _wait_for(lambda: len(list(rejected.glob("*.reason.txt"))) == 2, timeout_s=10)
+    (inbox / "good.dcm").write_bytes(phantom_series(1)[0])
+    assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
+    assert [t for t in threading.enumerate() if t.name == "hemotriage-inbox" and t.is_alive()]
+    reasons = sorted(p.read_text() for p in rejected.glob("*.reason.txt"))
+    assert reasons[0].startswith("BadArchiveError: M\\udcfcller.zip")
+    assert reasons[1].startswith("InvalidDicomFieldError: poisoned.dcm: InstanceNumber")
+    # File names can carry a patient's name: the log has the error class only.
+    assert "BadArchiveError" in caplog.text
+    assert "ller" not in caplog.text and "poisoned" not in caplog.text
+
+
+def test_inbox_leaves_an_entry_for_a_retry_when_the_store_fails(
+    app, services, phantom_series, storage, db_rows
+):
+    inbox = services.inbox.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "slice.dcm").write_bytes(phantom_series(1)[0])
+    (storage / "uploads").write_bytes(b"")  # the store's folder is a file: writing fails
+    assert services.inbox.scan_once() == 0
+    assert (inbox / "slice.dcm").exists()
+    assert not any((inbox / "rejected").iterdir())
+    (storage / "uploads").unlink()
+    assert services.inbox.scan_once() == 1
+    assert len(db_rows("SELECT * FROM slices")) == 1
 
 
 @pytest.mark.integration
