@@ -102,9 +102,6 @@ CREATE TABLE IF NOT EXISTS slices (
 
 CREATE INDEX IF NOT EXISTS slices_queue ON slices (status, priority, queued_at, id);
 CREATE INDEX IF NOT EXISTS slices_study ON slices (study_id);
--- A SOP instance is one slice of its study however often (and however encoded) it is sent.
-CREATE UNIQUE INDEX IF NOT EXISTS slices_sop ON slices (study_id, sop_uid)
-    WHERE sop_uid IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS audit_log (
     id INTEGER PRIMARY KEY,
@@ -180,6 +177,7 @@ def init_db(path: str | Path) -> None:
         with db:
             db.execute("BEGIN IMMEDIATE")
             _add_missing_columns(db)
+            _index_sop_instances(db)
     finally:
         db.close()
 
@@ -202,6 +200,24 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE api_tokens SET expires_at = created_at + ?", (LEGACY_TOKEN_LIFETIME_S,)
             )
+
+
+def _index_sop_instances(db: sqlite3.Connection) -> None:
+    """One slice per SOP instance of a study, however often (and however encoded) it is sent.
+
+    Databases of earlier releases may hold the same SOP instance twice in a
+    study (and empty UIDs, all merged into one study): those later copies keep
+    their rows and results but lose the UID, so the unique index can be built.
+    """
+    db.execute("UPDATE slices SET sop_uid = NULL WHERE sop_uid = ''")
+    db.execute(
+        "UPDATE slices SET sop_uid = NULL WHERE sop_uid IS NOT NULL AND id NOT IN "
+        "(SELECT MIN(id) FROM slices WHERE sop_uid IS NOT NULL GROUP BY study_id, sop_uid)"
+    )
+    db.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS slices_sop ON slices (study_id, sop_uid) "
+        "WHERE sop_uid IS NOT NULL"
+    )
 
 
 def audit(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from client.errors import HemoTriageError, ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
+from console.errors import StorageBusyError, StorageFullError
 from console.ingest import IncomingFile, IngestResult
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ REJECTED = "rejected"
 Accept = Callable[[list[IncomingFile], str | None], IngestResult]
 
 #: Failures of the disk or the database, not of an entry's content: the entry is retried.
-_TRANSIENT = (OSError, sqlite3.Error)
+_TRANSIENT = (OSError, sqlite3.Error, StorageFullError, StorageBusyError)
 
 
 class InboxWatcher:
@@ -104,7 +105,8 @@ class InboxWatcher:
         """Ingest one entry, or move it to rejected/ whatever its content makes the ingest raise.
 
         Raises:
-            OSError, sqlite3.Error: the disk or the database failed; retry later.
+            OSError, sqlite3.Error, StorageFullError, StorageBusyError: the disk or the
+                database failed; retry later.
         """
         label = entry.name if entry.is_dir() else None
         try:

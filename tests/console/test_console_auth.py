@@ -356,6 +356,17 @@ def test_init_db_upgrades_a_database_of_the_old_schema_in_place(
             (hash_token("ht_legacy"), time.time()),
         )
         db.execute("INSERT INTO audit_log (at, username, action) VALUES (0, 'admin', 'login')")
+        # The old release stored a re-sent SOP instance twice, and UID-less DICOM as ''.
+        db.execute(
+            "INSERT INTO studies (study_key, label, source, priority, received_at, updated_at)"
+            " VALUES ('dicom:1/2', 'CT', 'api', 2, 0, 0)"
+        )
+        for sha, sop in (("a", "1.2.3"), ("b", "1.2.3"), ("c", ""), ("d", "")):
+            db.execute(
+                "INSERT INTO slices (study_id, filename, stored_path, sha256, sop_uid, priority,"
+                " queued_at) VALUES (1, 'x.dcm', 'x', ?, ?, 2, 0)",
+                (sha, sop),
+            )
     db.close()
 
     app = app_factory(storage)
@@ -371,6 +382,8 @@ def test_init_db_upgrades_a_database_of_the_old_schema_in_place(
     assert token["expires_at"] == pytest.approx(token["created_at"] + 365 * 86400)
     assert "purged_at" in {r["name"] for r in db.execute("PRAGMA table_info(slices)")}
     assert db.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'login'").fetchone()[0] == 3
+    sops = [r["sop_uid"] for r in db.execute("SELECT sop_uid FROM slices ORDER BY id")]
+    assert sops == ["1.2.3", None, None, None]  # every slice kept; the copies lost the UID
     db.close()
 
 
