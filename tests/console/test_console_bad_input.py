@@ -80,15 +80,18 @@ _FIELD = "InvalidDicomFieldError"
 def _mangled_meta(dicom_bytes, phantom_series) -> bytes:
     """Two zeroed bytes turn (0002,0013) into a second (0002,0000) pydicom cannot unpack.
 
-    What pydicom then reads depends on the bytes before it, so the SOP Instance
-    UID (also in the file meta) is fixed: a random one loses the pixel data
-    instead, about once in 40, and the case would not be one case.
+    What pydicom then reads depends on the bytes around it, so every UID is fixed:
+    with the phantom's random ones it lost the pixel data instead about once in 40,
+    and the case would not be one case.
     """
     import pydicom
 
     dataset = pydicom.dcmread(io.BytesIO(phantom_series(1)[0]))
     uid = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"
-    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = uid
+    for element in dataset.iterall():
+        if element.VR == "UI" and element.keyword != "SOPClassUID":
+            element.value = uid
+    dataset.file_meta.MediaStorageSOPInstanceUID = uid
     return dicom_bytes(dataset).replace(b"\x02\x00\x13\x00SH", b"\x02\x00\x00\x00\x00H", 1)
 
 
