@@ -2,6 +2,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,7 @@ from console.db import connect
 from console.dicom_node import DicomSettings
 from console.errors import DicomPortError
 from console.services import EXTENSION_KEY
+from tests.console.conftest import REPO, ConsoleServer
 
 SCANNER = "CTSCANNER"
 NODE = "HEMOTRIAGE"
@@ -375,6 +378,25 @@ def test_gunicorn_worker_runs_the_receiver(console_server, phantom_series):
     console_server.stop()
     log = console_server.log.read_text()
     assert f"DICOM receiver HEMOTRIAGE listening on 127.0.0.1:{console_server.dicom_port}" in log
+
+
+def test_gunicorn_with_the_dicom_port_taken_fails_to_boot_and_says_why(tmp_path):
+    server = ConsoleServer(tmp_path / "storage")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.dicom_port))
+        taken.listen()
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", "console/gunicorn.conf.py"],
+            env=server.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 3  # gunicorn: "Worker failed to boot."
+    assert f"DicomPortError: the DICOM receiver cannot listen on 127.0.0.1:{server.dicom_port}" in (
+        result.stderr
+    )
 
 
 def _readyz(url: str) -> dict:
