@@ -184,9 +184,13 @@ class DicomSettings:
         allowed = config["DICOM_ALLOWED_AES"] or ()
         if isinstance(allowed, str):
             allowed = allowed.split(",")
-        quiet_s = float(config["DICOM_QUIET_S"])
+        quiet = config["DICOM_QUIET_S"]
+        try:
+            quiet_s = float(quiet)
+        except (TypeError, ValueError):
+            quiet_s = 0.0  # refused just below, with the value as given
         if not quiet_s > 0:
-            raise ValueError(f"HEMOTRIAGE_DICOM_QUIET_S must be above 0, not {quiet_s}")
+            raise ValueError(f"HEMOTRIAGE_DICOM_QUIET_S must be seconds above 0, not {quiet!r}")
         destination = str(config["RESULTS_DESTINATION"] or "").strip()
         return cls(
             ae_title=_ae_title(str(config["DICOM_AE_TITLE"]), "HEMOTRIAGE_DICOM_AE_TITLE"),

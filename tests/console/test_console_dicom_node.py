@@ -345,6 +345,7 @@ def test_port_zero_turns_the_receiver_off(app_factory, storage):
         ("DICOM_PORT", "eleven"),
         ("DICOM_PORT", 70000),
         ("DICOM_QUIET_S", 0),
+        ("DICOM_QUIET_S", "ten"),
     ],
 )
 def test_malformed_dicom_settings_fail_app_creation(app_factory, storage, key, value):
