@@ -49,7 +49,7 @@ DEFAULTS = {
     "DICOM_BIND": "127.0.0.1",
     "DICOM_PORT": DEFAULT_DICOM_PORT,
     # Calling AE titles allowed to send, comma-separated ("CTSCANNER,PACSROUTER"); others are
-    # rejected at association. Empty: only senders on this host (loopback), never the network.
+    # rejected at association. Empty: only senders on this host's loopback, never the network.
     "DICOM_ALLOWED_AES": "",
     # A series is complete when no instance of it arrived for this long (as gateways do).
     "DICOM_QUIET_S": 10.0,

@@ -260,7 +260,7 @@ class DicomReceiver:
             "DICOM receiver %s listening on %s:%d (allowed calling AEs: %s)",
             self.settings.ae_title,
             *address,
-            ", ".join(self.settings.allowed_aes) or "any, from this host only",
+            ", ".join(self.settings.allowed_aes) or "any, over loopback only",
         )
 
     def stop(self, timeout_s: float = 10.0) -> None:
