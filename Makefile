@@ -52,7 +52,7 @@ train: venv
 serve: venv engines
 	$(BIN)/python -m build_engines serve
 
-## The main job: embedded Triton + the triage console; Ctrl-C stops both.
+## The main job: embedded Triton + the triage console (with its DICOM receiver); Ctrl-C stops both.
 demo: venv engines
 	$(BIN)/python -m console init-db
 	@$(BIN)/python -m console create-admin --username admin --if-missing --generate-password
@@ -62,6 +62,7 @@ demo: venv engines
 	until $(BIN)/python -c "import urllib.request as u; u.urlopen('$(CONSOLE_URL)/readyz', timeout=2)" 2>/dev/null; do \
 	  kill -0 $$triton 2>/dev/null && kill -0 $$console 2>/dev/null || exit 1; sleep 1; done; \
 	echo; echo "HemoTriage console ready: $(CONSOLE_URL)"; \
+	echo "DICOM receiver: AE title $${HEMOTRIAGE_DICOM_AE_TITLE:-HEMOTRIAGE} on $${HEMOTRIAGE_DICOM_BIND:-127.0.0.1}:$${HEMOTRIAGE_DICOM_PORT-11112} (send CT: $(BIN)/python -m pynetdicom storescu 127.0.0.1 $${HEMOTRIAGE_DICOM_PORT-11112} FILE.dcm -aec $${HEMOTRIAGE_DICOM_AE_TITLE:-HEMOTRIAGE})."; \
 	echo "Log in as admin (password printed above on the first run; more users: $(BIN)/python -m console create-user --username NAME --role clinician)."; \
 	echo "Ctrl-C stops the console and Triton."; \
 	wait $$console

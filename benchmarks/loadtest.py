@@ -60,6 +60,7 @@ class StackSettings:
 
     Attributes:
         console_port: gunicorn's port on 127.0.0.1.
+        dicom_port: The console's DICOM receiver on 127.0.0.1 (beside ``make demo``'s 11112).
         http_port: Triton HTTP.
         grpc_port: Triton gRPC (the console's classifier uses it).
         metrics_port: Triton metrics.
@@ -68,6 +69,7 @@ class StackSettings:
     """
 
     console_port: int = 5100
+    dicom_port: int = 11212
     http_port: int = 8100
     grpc_port: int = 8101
     metrics_port: int = 8102
@@ -137,6 +139,7 @@ class ConsoleStack:
             f"{ENV_PREFIX}STORAGE_DIR": str(root / "storage"),
             f"{ENV_PREFIX}DATABASE": str(self.database),
             f"{ENV_PREFIX}CONSOLE_BIND": f"127.0.0.1:{s.console_port}",
+            f"{ENV_PREFIX}DICOM_PORT": str(s.dicom_port),
             f"{ENV_PREFIX}TRITON_URL": triton.grpc_url,
             f"{ENV_PREFIX}TRITON_PROTOCOL": "grpc",
             f"{ENV_PREFIX}MODEL_NAME": s.models[0],

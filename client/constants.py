@@ -20,6 +20,8 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_CONSOLE_PORT = 5000
+#: IANA's registered "dicom" port (the well-known 104 needs root).
+DEFAULT_DICOM_PORT = 11112
 
 #: Triton tensor names, identical for every model in the repository.
 INPUT_NAME = "input"

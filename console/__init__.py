@@ -22,7 +22,7 @@ from pathlib import Path
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from client.constants import DEFAULT_GRPC_PORT, REPO_ROOT
+from client.constants import DEFAULT_DICOM_PORT, DEFAULT_GRPC_PORT, REPO_ROOT
 from client.errors import HemoTriageError
 from client.registry import get_model
 from client.triton_client import PROTOCOLS
@@ -42,6 +42,19 @@ DEFAULTS = {
     "INBOX_DIR": None,
     "INBOX_POLL_S": 2.0,
     "INBOX_SETTLE_S": 2.0,
+    # DICOM receiver (console/dicom_node.py): CT by C-STORE from scanners and PACS routers.
+    # DICOM_PORT 0 or "" turns it off. It listens on 127.0.0.1 only: a deployer whose
+    # scanners reach it over the network sets DICOM_BIND=0.0.0.0 (or the host's address).
+    "DICOM_AE_TITLE": "HEMOTRIAGE",
+    "DICOM_BIND": "127.0.0.1",
+    "DICOM_PORT": DEFAULT_DICOM_PORT,
+    # Calling AE titles allowed to send, comma-separated ("CTSCANNER,PACSROUTER"); others are
+    # rejected at association. Empty: only senders on this host's loopback, never the network.
+    "DICOM_ALLOWED_AES": "",
+    # A series is complete when no instance of it arrived for this long (as gateways do).
+    "DICOM_QUIET_S": 10.0,
+    # Where results go back, "AE@host:port" (checked at start); empty: results are not sent.
+    "RESULTS_DESTINATION": "",
     # Session signing key (default: random, kept in <STORAGE_DIR>/secret_key with mode 0600).
     "SECRET_KEY": None,
     # "triton" (TRITON_URL + TRITON_PROTOCOL) or "local" (in-process PyTorch).
@@ -116,7 +129,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         :meth:`console.services.Services.start`, called by gunicorn's hook).
 
     Raises:
-        ValueError: an invalid setting (classifier kind, protocol).
+        ValueError: an invalid setting (classifier kind, protocol, a ``DICOM_*`` value,
+            ``RESULTS_DESTINATION``).
         UnknownModelError: ``MODEL_NAME`` is not registered.
     """
     app = Flask(__name__, instance_relative_config=True)

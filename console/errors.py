@@ -88,6 +88,14 @@ class StorageBusyError(HemoTriageError):
     http_status = 503
 
 
+class DicomPortError(HemoTriageError):
+    """The DICOM receiver cannot listen; the deployer changes DICOM_PORT or DICOM_BIND.
+
+    The port is taken (another console, another DICOM node) or privileged, or the
+    bind address is not one of this host's.
+    """
+
+
 #: Free bytes below which a failed write is put down to a full disk.
 _NEARLY_FULL_BYTES = 1024 * 1024
 

@@ -1,10 +1,12 @@
 """gunicorn settings for the console: one process, many threads, the worker thread once.
 
-The queue worker, the inbox watcher and the SSE fan-out live in the process, so
-the console runs exactly one gunicorn worker process (``gthread``); its threads
-serve requests, and each open screen's ``/api/stream`` holds one thread. The
-background threads start in ``post_worker_init``, after the fork, in that one
-process.
+The queue worker, the inbox watcher, the DICOM receiver (which owns its port)
+and the SSE fan-out live in the process, so the console runs exactly one
+gunicorn worker process (``gthread``); its threads serve requests, and each
+open screen's ``/api/stream`` holds one thread. The background threads start in
+``post_worker_init``, after the fork, in that one process; a DICOM port that is
+taken stops the boot ("Worker failed to boot", exit 3) instead of running half
+a console.
 
     gunicorn -c console/gunicorn.conf.py
     HEMOTRIAGE_CONSOLE_BIND=0.0.0.0:5000 gunicorn -c console/gunicorn.conf.py
@@ -18,7 +20,7 @@ from client.constants import DEFAULT_CONSOLE_PORT, ENV_PREFIX
 wsgi_app = "console:create_app()"
 bind = os.environ.get(f"{ENV_PREFIX}CONSOLE_BIND", f"127.0.0.1:{DEFAULT_CONSOLE_PORT}")
 worker_class = "gthread"
-# One process: the queue, the inbox watcher and the SSE broker must not be duplicated.
+# One process: the queue, the inbox watcher, the DICOM port and the SSE broker are not shared.
 workers = 1
 # Requests plus one per open screen (SSE); raise for many screens.
 threads = int(os.environ.get(f"{ENV_PREFIX}CONSOLE_THREADS", "32"))
@@ -41,12 +43,15 @@ logconfig_dict = {
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        # pynetdicom narrates every association and C-STORE at INFO; console.dicom_node and
+        # console.ingest log what matters (listening, refusals, what was stored).
+        "pynetdicom": {"level": "WARNING"},
     },
 }
 
 
 def post_worker_init(worker):
-    """Start the queue worker and inbox watcher in the (only) worker process.
+    """Start the DICOM receiver, queue worker and inbox watcher in the (only) worker process.
 
     Also end the open SSE streams as soon as the worker is told to stop
     (SIGTERM: graceful; SIGINT/SIGQUIT: ``worker_int``). A stream never ends

@@ -4,7 +4,8 @@ Routes:
 
     GET /healthz   200 while the process answers
     GET /readyz    200 when the database takes writes, the classifier answers and the
-                   worker and inbox threads run (the worker's loop not stalled), else 503
+                   worker, inbox and DICOM receiver threads run (the worker's loop not
+                   stalled), else 503
     GET /metrics   Prometheus text format
 """
 

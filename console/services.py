@@ -1,10 +1,10 @@
-"""The console's long-lived parts, one set per app: events, metrics, worker, inbox.
+"""The console's long-lived parts, one set per app: events, metrics, worker, inbox, DICOM node.
 
 :func:`console.create_app` builds a :class:`Services` and keeps it in
 ``app.extensions["hemotriage"]``; nothing starts until :meth:`Services.start`
 (gunicorn's ``post_worker_init`` hook calls it in the one worker process, and
 tests call it when they need the threads). :meth:`Services.accept` is the one
-ingest entry point for the API, the upload page and the inbox.
+ingest entry point for the API, the upload page, the inbox and the DICOM receiver.
 
     services = current_services()
     result = services.accept(files, label=None, source="api")
@@ -23,6 +23,7 @@ from flask import Flask, current_app
 from client.constants import PRIORITY_ROUTINE
 from client.registry import ModelSpec, get_model
 from console.db import connect
+from console.dicom_node import DicomReceiver, DicomSettings
 from console.errors import storage_error
 from console.events import EventBroker, publish_study
 from console.inbox import InboxWatcher
@@ -51,6 +52,7 @@ class Services:
         metrics: Prometheus metrics.
         worker: The queue worker.
         inbox: The inbox watcher, or None when ``INBOX_DIR`` is empty.
+        dicom: The DICOM receiver, or None when ``DICOM_PORT`` is 0 or empty.
         cam: Grad-CAM overlays of the configured model.
     """
 
@@ -63,6 +65,7 @@ class Services:
     metrics: ConsoleMetrics
     worker: QueueWorker
     inbox: InboxWatcher | None
+    dicom: DicomReceiver | None
     cam: CamRenderer
 
     @classmethod
@@ -84,6 +87,7 @@ class Services:
             metrics=metrics,
             worker=QueueWorker(WorkerSettings.from_config(config), broker, metrics),
             inbox=None,
+            dicom=None,
             cam=CamRenderer(get_model(config["MODEL_NAME"])),
         )
         if config["INBOX_DIR"]:
@@ -93,6 +97,11 @@ class Services:
                 float(config["INBOX_SETTLE_S"]),
                 lambda files, label: services.accept(files, label, source="inbox"),
             )
+        dicom = DicomSettings.from_config(config)  # checked even when off (RESULTS_DESTINATION)
+        if dicom.port:
+            services.dicom = DicomReceiver(
+                dicom, lambda files: services.accept(files, None, source="dicom")
+            )
         metrics.watch_threads(services.thread_probes())
         return services
 
@@ -101,6 +110,8 @@ class Services:
         probes = {"worker": self.worker.is_alive}
         if self.inbox is not None:
             probes["inbox"] = self.inbox.is_alive
+        if self.dicom is not None:
+            probes["dicom"] = self.dicom.is_alive
         return probes
 
     def accept(
@@ -148,7 +159,15 @@ class Services:
             db.close()
 
     def start(self) -> None:
-        """Start the worker and the inbox watcher threads."""
+        """Start the DICOM receiver, the worker and the inbox watcher.
+
+        The receiver binds first, so a taken port fails before any thread runs.
+
+        Raises:
+            DicomPortError: the DICOM receiver cannot listen.
+        """
+        if self.dicom is not None:
+            self.dicom.start()
         self.worker.start()
         if self.inbox is not None:
             self.inbox.start()
@@ -157,6 +176,8 @@ class Services:
     def stop(self) -> None:
         """End the live streams and stop the threads (the current batch finishes first)."""
         self.broker.close()
+        if self.dicom is not None:
+            self.dicom.stop()
         if self.inbox is not None:
             self.inbox.stop()
         self.worker.stop()

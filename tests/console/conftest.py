@@ -73,6 +73,8 @@ def make_app(storage: Path, **overrides):
         "INBOX_POLL_S": 0.1,
         "INBOX_SETTLE_S": 0.0,
         "SSE_KEEPALIVE_S": 0.2,
+        # The DICOM receiver stays off unless a test gives it a free port (11112 may be taken).
+        "DICOM_PORT": 0,
     }
     config.update(overrides)
     return create_app(config)
@@ -270,12 +272,14 @@ class ConsoleServer:
 
     def __init__(self, storage: Path):
         self.port = _free_port()
+        self.dicom_port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
             "HEMOTRIAGE_STORAGE_DIR": str(storage),
             "HEMOTRIAGE_CLASSIFIER": "local",
             "HEMOTRIAGE_CONSOLE_BIND": f"127.0.0.1:{self.port}",
+            "HEMOTRIAGE_DICOM_PORT": str(self.dicom_port),
             "HEMOTRIAGE_CONSOLE_THREADS": "8",
             "HEMOTRIAGE_ADMIN_PASSWORD": ADMIN[1],
         }
