@@ -374,7 +374,7 @@ def _check_transfer_syntax(data: bytes, name: str) -> UID:
             "the pixel encoding is unknown"
         )
     syntax = UID(str(syntax)[:64])  # a UI value holds at most 64 characters (PS3.5 6.2)
-    if not _decodable(syntax):
+    if not decodable(syntax):
         raise UnsupportedTransferSyntaxError(
             f"{name}: transfer syntax {syntax} ({syntax.name}) is not supported; "
             "send it uncompressed or JPEG Lossless"
@@ -472,7 +472,7 @@ def _jp2_codestream_offset(frame: bytes) -> int | None:
     return None
 
 
-def _decodable(syntax: UID) -> bool:
+def decodable(syntax: UID) -> bool:
     """Whether an installed pydicom pixel decoder reads ``syntax`` (never the deflated one)."""
     if syntax == DeflatedExplicitVRLittleEndian:
         return False

@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_decoder
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -68,6 +67,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from client.dicom import decodable
 from client.errors import (
     HemoTriageError,
     MissingPixelDataError,
@@ -368,7 +368,7 @@ class DicomReceiver:
 
 def transfer_syntaxes() -> list[UID]:
     """The CT transfer syntaxes the receiver accepts: those an installed decoder reads."""
-    return [uid for uid in _CT_SYNTAXES if get_decoder(uid).is_available]
+    return [uid for uid in _CT_SYNTAXES if decodable(uid)]
 
 
 def _allowed(calling: str, peer: str, allowed_aes: tuple[str, ...]) -> bool:
