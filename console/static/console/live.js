@@ -61,7 +61,7 @@
     return fetch("/api/studies", { headers: { Accept: "application/json" } })
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (data) {
-        connection.hidden = source.readyState === EventSource.OPEN;
+        connection.hidden = source !== null && source.readyState === EventSource.OPEN;
         renderBanner(data.studies.filter(function (s) { return s.status === "flagged"; }));
         if (alertId !== undefined) {
           const study = data.studies.find(function (s) { return s.id === alertId; });
@@ -89,14 +89,27 @@
     beep();
   });
 
-  const source = new EventSource("/api/stream");
-  // Events sent while the stream was down are gone: redraw from the server on every (re)connect.
-  source.addEventListener("open", function () { connection.hidden = true; refresh(); });
-  source.addEventListener("error", function () { connection.hidden = false; });
-  source.addEventListener("study", function (event) {
-    const data = JSON.parse(event.data);
-    document.dispatchEvent(new CustomEvent("hemotriage:study", { detail: data }));
-    refresh(data.alert ? data.id : undefined);
-  });
-  refresh();
+  let source = null;
+
+  function start() {
+    source = new EventSource("/api/stream");
+    // Events sent while the stream was down are gone: redraw from the server on every (re)connect.
+    source.addEventListener("open", function () { connection.hidden = true; refresh(); });
+    source.addEventListener("error", function () { connection.hidden = false; });
+    source.addEventListener("study", function (event) {
+      const data = JSON.parse(event.data);
+      document.dispatchEvent(new CustomEvent("hemotriage:study", { detail: data }));
+      refresh(data.alert ? data.id : undefined);
+    });
+    refresh();
+  }
+
+  // The page's own scripts (worklist.js, study.js) come after this one and listen for the
+  // events it sends: start once every script has run, or the first list can be drawn to
+  // nobody (a fetch can finish while the next script is still downloading).
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
 })();
