@@ -146,9 +146,20 @@ def test_inbox_ingests_files_and_folders_and_rejects_bad_entries(
     assert (inbox / ".partial").exists()
 
 
+def _drop(inbox, name: str, data: bytes) -> None:
+    """Arrive whole, as a copier should: write under a hidden name, then rename.
+
+    The tests run with no settle time, so a file written in place could be read
+    while still empty by the running watcher (and rightly rejected).
+    """
+    partial = inbox / f".{name}.part"
+    partial.write_bytes(data)
+    partial.rename(inbox / name)
+
+
 def test_inbox_thread_picks_up_a_dropped_file(app, services, phantom_series, db_rows):
     services.inbox.start()
-    (services.inbox.inbox / "drop.dcm").write_bytes(phantom_series(1)[0])
+    _drop(services.inbox.inbox, "drop.dcm", phantom_series(1)[0])
     assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
 
 
@@ -159,10 +170,10 @@ def test_inbox_thread_survives_poisoned_entries_and_ingests_the_next_file(
     services.inbox.start()
     # A damaged zip whose name is not UTF-8 (Latin-1 from a Windows share; os.fsdecode keeps
     # the byte as a surrogate), and a DICOM with a poisoned field.
-    (inbox / os.fsdecode(b"M\xfcller.zip")).write_bytes(b"PK\x03\x04 not a zip")
-    (inbox / "poisoned.dcm").write_bytes(poisoned_dicom("InstanceNumber", "IS", b"abc"))
+    _drop(inbox, os.fsdecode(b"M\xfcller.zip"), b"PK\x03\x04 not a zip")
+    _drop(inbox, "poisoned.dcm", poisoned_dicom("InstanceNumber", "IS", b"abc"))
     assert _wait_for(lambda: len(list(rejected.glob("*.reason.txt"))) == 2, timeout_s=10)
-    (inbox / "good.dcm").write_bytes(phantom_series(1)[0])
+    _drop(inbox, "good.dcm", phantom_series(1)[0])
     assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
     assert [t for t in threading.enumerate() if t.name == "hemotriage-inbox" and t.is_alive()]
     reasons = sorted(p.read_text() for p in rejected.glob("*.reason.txt"))
