@@ -62,6 +62,16 @@ def _zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATE
     return buffer.getvalue()
 
 
+def wait_for(predicate, timeout_s: float = 120.0, interval_s: float = 0.05) -> bool:
+    """Poll an observable state (database rows, a server's report) until true or the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
 def make_app(storage: Path, **overrides):
     config = {
         "TESTING": True,

@@ -30,7 +30,7 @@ from console.db import connect
 from console.dicom_node import DicomSettings
 from console.errors import DicomPortError
 from console.services import EXTENSION_KEY
-from tests.console.conftest import REPO, ConsoleServer
+from tests.console.conftest import REPO, ConsoleServer, wait_for
 
 SCANNER = "CTSCANNER"
 NODE = "HEMOTRIAGE"
@@ -43,15 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
 
 
 @pytest.fixture
@@ -296,7 +287,7 @@ def test_receiver_logs_a_series_complete_when_it_goes_quiet(node, phantom_series
     caplog.set_level(logging.INFO, logger="console.dicom_node")
     _, services = node(DICOM_QUIET_S=0.2)
     _send(services.dicom.settings.port, phantom_series(1))
-    assert _wait_for(lambda: any("series complete" in r.message for r in caplog.records))
+    assert wait_for(lambda: any("series complete" in r.message for r in caplog.records))
 
 
 def test_receiver_thread_is_in_readyz_and_metrics(node):
@@ -373,7 +364,7 @@ def test_dicom_settings_are_read_from_their_documented_names(app_factory, storag
 
 def test_gunicorn_worker_runs_the_receiver(console_server, phantom_series):
     url = console_server.url + "/readyz"
-    assert _wait_for(lambda: _readyz(url).get("dicom") == "ok", timeout_s=60)
+    assert wait_for(lambda: _readyz(url).get("dicom") == "ok", timeout_s=60)
     statuses = _send(console_server.dicom_port, phantom_series(1), calling="ANYONE")
     assert [s.Status for s in statuses] == [0x0000]  # empty allow-list: this host may send
     console_server.stop()

@@ -23,15 +23,7 @@ from console import queue
 from console.db import connect
 from console.services import EXTENSION_KEY
 from console.worker import QueueWorker
-
-
-def _wait_for(predicate, timeout_s: float = 120.0, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
+from tests.console.conftest import ConsoleServer, wait_for
 
 
 def _statuses(db_rows) -> list[str]:
@@ -98,10 +90,10 @@ def test_batch_that_fails_between_claim_and_commit_goes_back_and_finishes_once(
         assert gated.entered.wait(60)  # the batch is claimed and inside predict
         locker.execute("BEGIN IMMEDIATE")  # another writer takes the database
         gated.gate.set()
-        assert _wait_for(lambda: "locked" in worker.state.last_error, timeout_s=30)
+        assert wait_for(lambda: "locked" in worker.state.last_error, timeout_s=30)
         assert set(_statuses(db_rows)) == {"processing"}  # held, not lost, not failed
         locker.rollback()
-        assert _wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=60)
+        assert wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=60)
     finally:
         gated.gate.set()
         locker.close()
@@ -121,7 +113,7 @@ def test_expired_claim_is_taken_back_by_the_lease_timer(
     client = _api_client(app, token_for)
     upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
     services.start()
-    assert _wait_for(lambda: set(_statuses(db_rows)) == {"classified"})
+    assert wait_for(lambda: set(_statuses(db_rows)) == {"classified"})
     # Two slices claimed by a worker that then hung (another node, a stuck thread).
     db = connect(app.config["DATABASE"])
     with db:
@@ -131,7 +123,7 @@ def test_expired_claim_is_taken_back_by_the_lease_timer(
             (time.time(),),
         )
     db.close()
-    assert _wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=30)
+    assert wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=30)
     assert [r["attempts"] for r in db_rows("SELECT attempts FROM slices ORDER BY id")] == [2, 2, 1]
 
 
@@ -151,7 +143,7 @@ def test_slice_claimed_by_every_crashed_run_fails_after_the_cap_with_its_reason(
     db.close()
     restarted = app_factory(storage, MAX_INFERENCE_ATTEMPTS=3, INBOX_DIR="")
     restarted.extensions[EXTENSION_KEY].start()
-    assert _wait_for(lambda: _statuses(db_rows) == ["failed", "classified"])
+    assert wait_for(lambda: _statuses(db_rows) == ["failed", "classified"])
     (failed,) = db_rows("SELECT error FROM slices WHERE status = 'failed'")
     assert "claimed 3 times without a result" in failed["error"]
     (study,) = db_rows("SELECT status FROM studies")
@@ -243,10 +235,10 @@ def test_full_disk_refuses_uploads_with_507_and_loses_no_accepted_slice(
     assert _stored_files(storage) == files_before  # nothing half-written is left
     services.start()  # the worker runs on a full disk: it may fail rounds, never lose slices
     filler.unlink()
-    assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 3)
+    assert wait_for(lambda: _statuses(db_rows) == ["classified"] * 3)
     again = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
     assert again.status_code == 201
-    assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 5)
+    assert wait_for(lambda: _statuses(db_rows) == ["classified"] * 5)
 
 
 @pytest.mark.integration
@@ -272,14 +264,14 @@ def test_triton_killed_with_work_queued_loses_nothing_and_uses_no_attempts(
     try:
         services.start()
         upload(client, [(f"a{i}.dcm", d) for i, d in enumerate(phantom_series(4))])
-        assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 4)
+        assert wait_for(lambda: _statuses(db_rows) == ["classified"] * 4)
         server.kill()
         upload(client, [(f"b{i}.dcm", d) for i, d in enumerate(phantom_series(4))])
-        assert _wait_for(lambda: services.worker.state.backoff_s > 0, timeout_s=60)
+        assert wait_for(lambda: services.worker.state.backoff_s > 0, timeout_s=60)
         assert client.get("/readyz").status_code == 503
         assert set(_statuses(db_rows)[4:]) <= {"queued", "processing"}
         server = EmbeddedTriton(settings).start()  # the same ports, as a restart would
-        assert _wait_for(lambda: _statuses(db_rows) == ["classified"] * 8)
+        assert wait_for(lambda: _statuses(db_rows) == ["classified"] * 8)
     finally:
         services.stop()
         server.stop()
@@ -315,7 +307,7 @@ def test_server_error_answers_fail_the_batch_after_the_cap_and_the_queue_flows_o
     )
     worker.start()
     try:
-        assert _wait_for(lambda: "classified" in _statuses(db_rows), timeout_s=60)
+        assert wait_for(lambda: "classified" in _statuses(db_rows), timeout_s=60)
     finally:
         worker.stop()
     statuses = _statuses(db_rows)
@@ -356,8 +348,6 @@ def _classified(database: Path) -> int:
 def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
     tmp_path, phantom_series
 ):
-    from tests.console.conftest import ConsoleServer
-
     storage = tmp_path / "storage"
     database = storage / "hemotriage.sqlite"
     server = ConsoleServer(storage).start()
@@ -367,7 +357,7 @@ def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
         for series in range(3):
             files = [(f"{series}-{i}.dcm", d) for i, d in enumerate(phantom_series(32))]
             accepted += _http_upload(server, token, files)["slice_ids"]
-        assert _wait_for(lambda: _classified(database) > 0, timeout_s=120)
+        assert wait_for(lambda: _classified(database) > 0, timeout_s=120)
         server.kill()
         done_at_kill = _classified(database)
     finally:
@@ -375,7 +365,7 @@ def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
     assert done_at_kill < len(accepted), "the queue finished before the kill; nothing tested"
     restarted = ConsoleServer(storage).start()
     try:
-        assert _wait_for(lambda: _classified(database) == len(accepted), timeout_s=180)
+        assert wait_for(lambda: _classified(database) == len(accepted), timeout_s=180)
     finally:
         restarted.stop()
     db = connect(database)

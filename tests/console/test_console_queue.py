@@ -1,28 +1,19 @@
 import os
 import socket
 import threading
-import time
 
 import pytest
 
 from console import queue
 from console.db import connect
 from console.services import EXTENSION_KEY
+from tests.console.conftest import wait_for
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout_s: float = 120.0, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
 
 
 def test_restart_requeues_processing_slices_and_finishes_them(
@@ -40,7 +31,7 @@ def test_restart_requeues_processing_slices_and_finishes_them(
 
     restarted = app_factory(storage)  # a new process on the same database
     restarted.extensions[EXTENSION_KEY].start()
-    assert _wait_for(
+    assert wait_for(
         lambda: {r["status"] for r in db_rows("SELECT status FROM slices")} == {"classified"}
     )
     (study,) = db_rows("SELECT * FROM studies WHERE id = ?", study_id)
@@ -68,7 +59,7 @@ def test_worker_backs_off_while_triton_is_unreachable_and_keeps_the_queue(
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"
     assert upload(client, [("p.dcm", phantom_series(1)[0])]).status_code == 201
     services.start()
-    assert _wait_for(lambda: services.worker.state.backoff_s >= 0.2, timeout_s=30)
+    assert wait_for(lambda: services.worker.state.backoff_s >= 0.2, timeout_s=30)
     assert not services.worker.state.classifier_ready
     assert "Triton" in services.worker.state.last_error
     assert [r["status"] for r in db_rows("SELECT status FROM slices")] == ["queued"]
@@ -105,13 +96,13 @@ def test_worker_resumes_by_itself_when_triton_comes_up(
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"
     upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
     services.start()
-    assert _wait_for(lambda: services.worker.state.backoff_s > 0, timeout_s=30)
+    assert wait_for(lambda: services.worker.state.backoff_s > 0, timeout_s=30)
     try:
         server = EmbeddedTriton(settings).start()
     except TritonNotInstalledError as e:
         pytest.skip(str(e))
     try:
-        assert _wait_for(
+        assert wait_for(
             lambda: {r["status"] for r in db_rows("SELECT status FROM slices")} == {"classified"},
             timeout_s=60,
         )
@@ -160,7 +151,7 @@ def _drop(inbox, name: str, data: bytes) -> None:
 def test_inbox_thread_picks_up_a_dropped_file(app, services, phantom_series, db_rows):
     services.inbox.start()
     _drop(services.inbox.inbox, "drop.dcm", phantom_series(1)[0])
-    assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
+    assert wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
 
 
 def test_inbox_thread_survives_poisoned_entries_and_ingests_the_next_file(
@@ -172,9 +163,9 @@ def test_inbox_thread_survives_poisoned_entries_and_ingests_the_next_file(
     # the byte as a surrogate), and a DICOM with a poisoned field.
     _drop(inbox, os.fsdecode(b"M\xfcller.zip"), b"PK\x03\x04 not a zip")
     _drop(inbox, "poisoned.dcm", poisoned_dicom("InstanceNumber", "IS", b"abc"))
-    assert _wait_for(lambda: len(list(rejected.glob("*.reason.txt"))) == 2, timeout_s=10)
+    assert wait_for(lambda: len(list(rejected.glob("*.reason.txt"))) == 2, timeout_s=10)
     _drop(inbox, "good.dcm", phantom_series(1)[0])
-    assert _wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
+    assert wait_for(lambda: len(db_rows("SELECT * FROM slices")) == 1, timeout_s=10)
     assert [t for t in threading.enumerate() if t.name == "hemotriage-inbox" and t.is_alive()]
     reasons = sorted(p.read_text() for p in rejected.glob("*.reason.txt"))
     assert reasons[0].startswith("BadArchiveError: M\\udcfcller.zip")
