@@ -204,8 +204,14 @@ def _typed_error(error: HemoTriageError):
 
 
 def _storage_failure(error: sqlite3.OperationalError):
-    """A locked or full database in any request: a typed 503/507, not an HTML 500."""
-    return _typed_error(storage_error(error, Path(current_app.config["DATABASE"]).parent))
+    """A locked or full database in any request: a typed 503/507, not an HTML 500.
+
+    Any other OperationalError is a bug in the SQL, and stays a 500.
+    """
+    typed = storage_error(error, Path(current_app.config["DATABASE"]).parent)
+    if typed is None:
+        raise error
+    return _typed_error(typed)
 
 
 def _too_large(error: RequestEntityTooLarge):

@@ -24,7 +24,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from client.constants import PRIORITY_ROUTINE, PRIORITY_URGENT
 from console import alerts
 from console.auth import role_required
-from console.db import audit, get_db
+from console.db import get_db
 from console.errors import UploadError
 from console.events import format_sse
 from console.ingest import IncomingFile
@@ -56,19 +56,15 @@ def upload_scans():
     if priority_name not in _PRIORITIES:
         raise UploadError(f"priority must be one of {', '.join(_PRIORITIES)}")
     source = "upload" if g.via == "session" else "api"
-    result = current_services().accept(
-        files, request.form.get("study"), source, _PRIORITIES[priority_name]
-    )
     via = f"token {g.token_name}" if g.via == "token" else "upload page"
-    with get_db() as db:
-        audit(
-            db,
-            g.user["username"],
-            "upload",
-            result.study_ids[0],
-            f"{len(result.slice_ids)} slices ({result.duplicates} duplicates) into studies "
-            f"{', '.join(map(str, result.study_ids))} via {via}",
-        )
+    result = current_services().accept(
+        files,
+        request.form.get("study"),
+        source,
+        _PRIORITIES[priority_name],
+        actor=g.user["username"],
+        via=via,
+    )
     body = {
         "study_id": result.study_ids[0],
         "study_ids": result.study_ids,

@@ -100,12 +100,31 @@ class DicomPortError(HemoTriageError):
 _NEARLY_FULL_BYTES = 1024 * 1024
 
 
-def storage_error(error: OSError | sqlite3.Error, folder: Path) -> HemoTriageError:
-    """The typed error a sender sees when storing an upload failed for lack of disk or lock.
+#: SQLite result codes of the disk or the lock, not of the SQL (extended codes share the prefix).
+_STORAGE_SQLITE_CODES = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+)
+
+
+def storage_error(error: OSError | sqlite3.Error, folder: Path) -> HemoTriageError | None:
+    """The typed error a sender sees when storing failed for lack of disk or lock.
 
     SQLite reports a full disk as "database or disk is full" or, in WAL mode,
     as a plain "disk I/O error", so the free space of ``folder`` decides too.
+
+    Returns:
+        :class:`StorageFullError` or :class:`StorageBusyError`; None when the
+        error is not the storage's (a bug in the SQL): "send it again" would not help.
     """
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorname", "") or ""
+        if not code.startswith(_STORAGE_SQLITE_CODES):
+            return None
     text = str(error)
     full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in text
     with contextlib.suppress(OSError):

@@ -37,6 +37,7 @@ from client.decode import decode_bytes
 from client.errors import ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
 from client.registry import ModelSpec
+from console.db import audit
 from console.errors import BadArchiveError, TooManyFilesError, UploadError
 from console.filestore import relative_path, remove, store_files, stored_path
 from console.queue import StudyChange, refresh_study
@@ -246,8 +247,10 @@ def ingest(
     label: str | None = None,
     source: str = "api",
     priority: int = PRIORITY_ROUTINE,
+    actor: str | None = None,
+    via: str | None = None,
 ) -> IngestResult:
-    """Validate, store and queue an upload; all or nothing.
+    """Validate, store, queue and audit an upload; all or nothing.
 
     Args:
         db: Connection outside any open transaction.
@@ -258,6 +261,8 @@ def ingest(
         label: ``study`` label grouping PNG/JPEG files.
         source: Where it came from (``api``, ``upload``, ``inbox``), shown on the worklist.
         priority: Queue priority of the new slices (``PRIORITY_URGENT`` first).
+        actor: Who the audit log names (a user; default: ``source``).
+        via: How it came, for the audit row (``token pacs-bridge``; default: ``source``).
 
     Returns:
         The studies touched, the new slice ids and how many files were duplicates.
@@ -271,6 +276,15 @@ def ingest(
         with db:
             db.execute("BEGIN IMMEDIATE")
             result, kept = _insert(db, spec, checked, source, priority)
+            # In the upload's own transaction: no upload is kept without its audit row.
+            audit(
+                db,
+                actor or source,
+                "upload",
+                result.study_ids[0],
+                f"{len(result.slice_ids)} slices ({result.duplicates} duplicates) into studies "
+                f"{', '.join(map(str, result.study_ids))} via {via or source}",
+            )
     except BaseException:
         remove(written)
         raise

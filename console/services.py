@@ -120,8 +120,14 @@ class Services:
         label: str | None,
         source: str,
         priority: int = PRIORITY_ROUTINE,
+        *,
+        actor: str | None = None,
+        via: str | None = None,
     ) -> IngestResult:
-        """Ingest an upload, publish the studies it touched and wake the worker.
+        """Ingest and audit an upload, publish the studies it touched and wake the worker.
+
+        ``actor`` and ``via`` name who sent it and how in the audit log (see
+        :func:`console.ingest.ingest`; default: the source).
 
         Raises:
             HemoTriageError: the typed reason the upload was refused (nothing stored),
@@ -129,10 +135,13 @@ class Services:
                 :class:`~console.errors.StorageBusyError` included.
         """
         try:
-            result = self._ingest(files, label, source, priority)
+            result = self._ingest(files, label, source, priority, actor, via)
         except (OSError, sqlite3.Error) as e:
+            typed = storage_error(e, self.storage_dir)
+            if typed is None:
+                raise
             logger.error("upload not stored: %s: %s", type(e).__name__, e)
-            raise storage_error(e, self.storage_dir) from e
+            raise typed from e
         for ingest_ms in result.ingest_ms:
             self.metrics.stage_seconds.labels("ingest").observe(ingest_ms / 1000)
         for change in result.changes:
@@ -141,7 +150,13 @@ class Services:
         return result
 
     def _ingest(
-        self, files: list[IncomingFile], label: str | None, source: str, priority: int
+        self,
+        files: list[IncomingFile],
+        label: str | None,
+        source: str,
+        priority: int,
+        actor: str | None,
+        via: str | None,
     ) -> IngestResult:
         db = connect(self.database, self.worker.settings.busy_timeout_s)
         try:
@@ -154,6 +169,8 @@ class Services:
                 label=label,
                 source=source,
                 priority=priority,
+                actor=actor,
+                via=via,
             )
         finally:
             db.close()

@@ -130,7 +130,6 @@ class WorkerState:
         last_error: The latest failure, ``Class: message`` ("" before any).
         last_error_at: When it happened (epoch seconds; 0 before any).
         backoff_s: The wait after the latest failure (0 while all is well).
-        running: The thread was started and not stopped.
         heartbeat_at: When the loop last came round (a stalled loop stops it).
     """
 
@@ -138,7 +137,6 @@ class WorkerState:
     last_error: str = ""
     last_error_at: float = 0.0
     backoff_s: float = 0.0
-    running: bool = False
     heartbeat_at: float = 0.0
 
 
@@ -186,7 +184,6 @@ class QueueWorker:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="hemotriage-worker", daemon=True)
-        self.state.running = True
         self.state.heartbeat_at = time.time()
         self._thread.start()
 
@@ -224,7 +221,6 @@ class QueueWorker:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
-        self.state.running = False
         with self._classifier_lock:
             classifier, self._classifier = self._classifier, None
         # TritonClassifier holds connections (and gRPC threads); LocalClassifier holds none.

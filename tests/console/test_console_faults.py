@@ -8,6 +8,7 @@ and reads the outcome from the database and the console's own reports.
 
 import contextlib
 import dataclasses
+import sqlite3
 import subprocess
 import threading
 import time
@@ -376,3 +377,17 @@ def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
     assert [r["id"] for r in rows] == sorted(accepted)  # every accepted slice, no other
     assert {r["status"] for r in rows} == {"classified"}
     assert max(r["attempts"] for r in rows) <= 2
+
+
+def test_only_disk_and_lock_failures_are_told_to_send_again(tmp_path):
+    from console.errors import StorageBusyError, storage_error
+
+    first, second = connect(tmp_path / "a.sqlite", 0.1), connect(tmp_path / "a.sqlite", 0.1)
+    first.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as locked:
+        second.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as bad_sql:
+        second.execute("SELECT no_such_column FROM slices")
+    first.rollback()
+    assert isinstance(storage_error(locked.value, tmp_path), StorageBusyError)
+    assert storage_error(bad_sql.value, tmp_path) is None  # a bug stays a 500, never "retry"
