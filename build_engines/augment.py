@@ -1,10 +1,13 @@
 """CT-aware augmentation of cached model views (uint8, (S, S)).
 
-Geometry stays plausible for an axial head slice (small rotations and scales,
-left-right flips, shifts that keep the head in frame); intensity jitter mimics
-other scanners' reconstruction kernels and exports (gamma, contrast, noise,
-resolution loss). The output goes through the client's ``normalize``, the same
-call serving uses.
+Geometry stays plausible for an axial head slice (small rotations, left-right
+flips, shifts that keep the head in frame) and varies what differs between
+patients: head size and shape in the view (children's round heads and adults'
+long ones fill the square view differently, and the out-of-fold false alarms
+clustered on round, small heads). Intensity jitter mimics other scanners'
+reconstruction kernels and exports (gamma, contrast, noise, resolution loss,
+JPEG compression as in video-frame and web exports). The output goes through
+the client's ``normalize``, the same call serving uses.
 
     rng = np.random.default_rng(0)
     batch = augment_batch(views[idx], rng, out_size=160)   # float32 (N, S', S') in [0, 1]
@@ -21,9 +24,13 @@ def augment_view(view: np.ndarray, rng: np.random.Generator, out_size: int) -> n
     size = view.shape[0]
     image = view.astype(np.float32) / 255.0
     angle = rng.uniform(-15, 15)
-    scale = rng.uniform(0.88, 1.12)
+    scale = rng.uniform(0.75, 1.12)
+    aspect = np.exp(rng.uniform(-0.12, 0.12))  # round or long head: stretch one axis
     shift = rng.uniform(-0.06, 0.06, size=2) * size
     matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+    stretch = np.array([aspect, 1 / aspect])  # about the centre, after the rotation
+    matrix = matrix * stretch[:, None]
+    matrix[:, 2] += (size / 2) * (1 - stretch)
     matrix[:, 2] += shift
     if rng.random() < 0.5:  # left-right flip: bleeds occur on either side
         matrix[0] = -matrix[0]
@@ -40,9 +47,17 @@ def augment_view(view: np.ndarray, rng: np.random.Generator, out_size: int) -> n
             (out_size, out_size),
             interpolation=cv2.INTER_LINEAR,
         )
-    gamma = np.exp(rng.uniform(-0.25, 0.25))
+    if rng.random() < 0.3:  # lossy export (ct_ich_dev frames are JPEG from scanner video)
+        quality = int(rng.integers(30, 90))
+        encoded = cv2.imencode(
+            ".jpg",
+            np.round(np.clip(image, 0, 1) * 255).astype(np.uint8),
+            [cv2.IMWRITE_JPEG_QUALITY, quality],
+        )[1]
+        image = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+    gamma = np.exp(rng.uniform(-0.35, 0.35))
     image = np.clip(image, 0.0, 1.0) ** gamma
-    image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05)
+    image = image * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06)
     if rng.random() < 0.5:
         image = image + rng.normal(0.0, rng.uniform(0.005, 0.03), image.shape).astype(np.float32)
     return np.clip(image, 0.0, 1.0).astype(np.float32)

@@ -7,12 +7,19 @@ model trains on every patient for the median best-epoch count of the folds.
 Out-of-fold predictions are written to ``oof.csv`` so evaluation and figures
 can be regenerated without retraining (``python -m build_engines evaluate``).
 
+A run is resumable fold by fold: each fold's model, out-of-fold probabilities
+and out-of-fold slice embeddings (the plain view and a few augmented views,
+the series model's training input) are saved under ``.cache/runs/<run key>/``
+as the fold finishes, and a rerun of the same configuration skips what exists.
+
     run_training(get_model("resnet18"), TrainConfig(), data_dir, report_dir, WEIGHTS_DIR)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import inspect
 import json
 import logging
 import time
@@ -24,14 +31,21 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
+from build_engines import augment
 from build_engines.data import SOURCES, Dataset, SliceRecord, load_dataset
 from build_engines.reference import reference_predictions
 from build_engines.report import write_report
-from build_engines.train import TrainConfig, predict_views, train_model
+from build_engines.train import TrainConfig, embed_views, train_model
+from client.constants import REPO_ROOT
 from client.registry import PREPROCESSING_VERSION, ModelSpec
 from client.torch_models import save_weights
 
 logger = logging.getLogger(__name__)
+
+#: Fold results of every training configuration (git-ignored, reused by reruns).
+RUNS_DIR = REPO_ROOT / ".cache" / "runs"
+#: Augmented views embedded per out-of-fold slice, besides the plain view.
+EMBEDDING_AUGMENTED_VIEWS = 2
 
 OOF_COLUMNS = (
     "path",
@@ -72,6 +86,7 @@ def run_training(
     weights_dir: Path,
     n_folds: int = 5,
     records: list[SliceRecord] | None = None,
+    runs_dir: Path = RUNS_DIR,
 ) -> dict:
     """Cross-validate, evaluate, train the final model and write weights, facts and figures.
 
@@ -80,19 +95,19 @@ def run_training(
     """
     report_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir, spec, records)
+    run_dir = run_directory(spec, config, dataset, n_folds, runs_dir)
     oof = np.full(len(dataset.records), np.nan)
     fold_of = np.full(len(dataset.records), -1)
     histories, best_epochs = [], []
     for fold, (train_idx, test_idx) in enumerate(patient_folds(dataset, n_folds, config.seed)):
-        fit_idx, stop_idx = _stopping_split(dataset, train_idx, config.seed + fold)
-        result = train_model(
-            spec, dataset, fit_idx, stop_idx, config, desc=f"{spec.name} fold {fold + 1}/{n_folds}"
-        )
-        oof[test_idx] = predict_views(result.model, dataset.views[test_idx], spec)
+        saved = run_dir / f"fold{fold}.npz"
+        if not saved.exists():
+            _run_fold(spec, config, dataset, fold, n_folds, train_idx, test_idx, saved)
+        stored = np.load(saved)
+        oof[test_idx] = stored["probabilities"][0]
         fold_of[test_idx] = fold
-        histories.append(result.history)
-        best_epochs.append(result.best_epoch)
-        logger.info("fold %d best epoch %d", fold + 1, result.best_epoch)
+        histories.append(json.loads(str(stored["history"])))
+        best_epochs.append(int(stored["best_epoch"]))
     _write_oof(report_dir / "oof.csv", dataset, fold_of, oof)
 
     final_epochs = max(1, int(np.median(best_epochs)))
@@ -111,6 +126,9 @@ def run_training(
     training = {
         "config": asdict(config),
         "folds": n_folds,
+        "fold_results": str(
+            run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
+        ),
         "best_epochs": best_epochs,
         "final_epochs": final_epochs,
         "histories": histories,
@@ -132,6 +150,59 @@ def run_training(
     }
     (weights_dir / f"{spec.name}.json").write_text(json.dumps(facts, indent=1) + "\n")
     return report
+
+
+def run_directory(
+    spec: ModelSpec, config: TrainConfig, dataset: Dataset, n_folds: int, runs_dir: Path
+) -> Path:
+    """Where one configuration's fold results live: keyed by everything that shapes them."""
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                spec.name,
+                asdict(config),
+                n_folds,
+                PREPROCESSING_VERSION,
+                [str(r.path) for r in dataset.records],
+                inspect.getsource(augment),
+            ]
+        ).encode()
+    ).hexdigest()[:12]
+    path = runs_dir / f"{spec.name}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run_fold(
+    spec: ModelSpec,
+    config: TrainConfig,
+    dataset: Dataset,
+    fold: int,
+    n_folds: int,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    saved: Path,
+) -> None:
+    """Train one fold; save its model and its out-of-fold probabilities and embeddings."""
+    fit_idx, stop_idx = _stopping_split(dataset, train_idx, config.seed + fold)
+    result = train_model(
+        spec, dataset, fit_idx, stop_idx, config, desc=f"{spec.name} fold {fold + 1}/{n_folds}"
+    )
+    save_weights(result.model, saved.with_suffix(".safetensors"))
+    probabilities, embeddings = embed_views(
+        result.model, dataset.views[test_idx], spec, EMBEDDING_AUGMENTED_VIEWS, config.seed + fold
+    )
+    partial = saved.with_suffix(".partial.npz")
+    np.savez(
+        partial,
+        test_idx=test_idx,
+        probabilities=probabilities,
+        embeddings=embeddings.astype(np.float16),
+        history=json.dumps(result.history),
+        best_epoch=result.best_epoch,
+    )
+    partial.replace(saved)  # a fold counts as done only once it is whole
+    logger.info("fold %d best epoch %d", fold + 1, result.best_epoch)
 
 
 def _write_oof(path: Path, dataset: Dataset, fold_of: np.ndarray, oof: np.ndarray) -> None:

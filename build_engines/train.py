@@ -25,7 +25,7 @@ from build_engines.augment import augment_batch, resize_batch
 from build_engines.data import Dataset
 from client.preprocess import normalize
 from client.registry import ModelSpec
-from client.torch_models import build_model
+from client.torch_models import SliceNet, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,16 @@ class TrainConfig:
     filters and batch-norm statistics to what serving feeds the model.
     """
 
-    epochs: int = 8
+    epochs: int = 12
     low_res: int = 128
     finetune_epochs: int = 1
-    samples_per_epoch: int = 640
+    samples_per_epoch: int = 1280
     batch_size: int = 32
     lr: float = 2e-3
     finetune_lr_factor: float = 0.1
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
-    patience: int = 3
+    patience: int = 4
     seed: int = 0
     pretrained: bool = False
 
@@ -239,3 +239,40 @@ def predict_views(
             logits = model(x.to(device, memory_format=torch.channels_last))
             out.append(torch.softmax(logits.float(), 1)[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.empty(0)
+
+
+def embed_views(
+    model: torch.nn.Module,
+    views: np.ndarray,
+    spec: ModelSpec,
+    augmented: int,
+    seed: int,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """P(hemorrhage) and pooled embeddings of the plain view and ``augmented`` random views.
+
+    Returns:
+        Probabilities (1 + augmented, N) and embeddings (1 + augmented, N, D),
+        the plain view first; at the serving size.
+    """
+    net = SliceNet(copy.deepcopy(model), spec.arch).eval()
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    probabilities, embeddings = [], []
+    for view in range(1 + augmented):
+        p_out, e_out = [], []
+        with torch.inference_mode():
+            for start in range(0, len(views), batch_size):
+                chunk = views[start : start + batch_size]
+                images = (
+                    resize_batch(chunk, spec.input_size)
+                    if view == 0
+                    else augment_batch(chunk, rng, spec.input_size)
+                )
+                x = torch.from_numpy(normalize(images, spec))
+                p, e = net(x.to(device, memory_format=torch.channels_last))
+                p_out.append(p[:, 1].float().cpu().numpy())
+                e_out.append(e.float().cpu().numpy())
+        probabilities.append(np.concatenate(p_out))
+        embeddings.append(np.concatenate(e_out))
+    return np.stack(probabilities), np.stack(embeddings)

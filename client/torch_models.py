@@ -23,11 +23,42 @@ from client.registry import ModelSpec
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
+#: The final linear head of each architecture: its input is the pooled embedding.
+_HEAD_ATTRIBUTE = {"mobilenet_v2": "classifier", "resnet18": "fc"}
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """A freshly initialized torchvision ``spec.arch`` with a 2-class head."""
     return getattr(torchvision.models, spec.arch)(weights=None, num_classes=NUM_CLASSES)
+
+
+class SliceNet(torch.nn.Module):
+    """A slice classifier that also returns its pooled embedding.
+
+    The embedding (what the final linear head reads) is the series model's
+    input, so the one forward pass that scores a slice also describes it for
+    the series context. The graph ends in a softmax: outputs are (N, 2)
+    probabilities [normal, hemorrhage] and (N, D) embeddings.
+    """
+
+    def __init__(self, model: torch.nn.Module, arch: str) -> None:
+        super().__init__()
+        attribute = _HEAD_ATTRIBUTE[arch]
+        self.head = getattr(model, attribute)
+        setattr(model, attribute, torch.nn.Identity())
+        self.body = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) normalized slices to probabilities and embeddings."""
+        embedding = self.body(x)
+        return torch.softmax(self.head(embedding), dim=1), embedding
+
+
+def embedding_size(spec: ModelSpec) -> int:
+    """Length of ``spec``'s slice embedding (the head's input features)."""
+    head = getattr(build_model(spec), _HEAD_ATTRIBUTE[spec.arch])
+    linear = head if isinstance(head, torch.nn.Linear) else head[-1]
+    return linear.in_features
 
 
 def file_sha256(path: Path) -> str:

@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import numpy as np
+
 from build_engines.crossval import run_training
 from build_engines.data import index_records
 from build_engines.train import TrainConfig
@@ -8,11 +10,16 @@ from client.registry import get_model
 from client.torch_models import file_sha256
 
 
-def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tmp_path):
+def _small_subset(data_dir: Path):
+    """12 kaggle patients and 4 trauma series: enough for 2 stratified folds."""
     records = index_records(data_dir)
     kaggle = [r for r in records if r.source == "kaggle_head_ct"]
     trauma = {"ct_ich_dev/049", "ct_ich_dev/050", "ct_ich_dev/070", "ct_ich_dev/071"}
-    subset = kaggle[:6] + kaggle[-6:] + [r for r in records if r.patient in trauma]
+    return kaggle[:6] + kaggle[-6:] + [r for r in records if r.patient in trauma]
+
+
+def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tmp_path):
+    subset = _small_subset(data_dir)
     config = TrainConfig(epochs=2, low_res=64, samples_per_epoch=32, batch_size=16)
     report = run_training(
         get_model("mobilenet_v2"),
@@ -22,6 +29,7 @@ def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tm
         tmp_path / "weights",
         n_folds=2,
         records=subset,
+        runs_dir=tmp_path / "runs",
     )
     assert 0.0 <= report["pooled"]["roc_auc"]["value"] <= 1.0
     for figure in ("curves.png", "roc.png", "confusion_slices.png"):
@@ -30,3 +38,22 @@ def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tm
     assert facts["weights_sha256"] == file_sha256(tmp_path / "weights" / "mobilenet_v2.safetensors")
     assert 0.0 <= facts["threshold"] <= 1.0
     assert len(facts["reference_predictions"]) == 5
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    fold = np.load(run_dir / "fold0.npz")
+    n_test = len(fold["test_idx"])
+    assert fold["probabilities"].shape == (3, n_test)  # plain view + 2 augmented
+    assert fold["embeddings"].shape == (3, n_test, 1280)
+
+
+def test_a_rerun_resumes_from_the_saved_folds(data_dir: Path, tmp_path):
+    """A run stopped after its folds picks them up again instead of retraining."""
+    subset = _small_subset(data_dir)
+    config = TrainConfig(epochs=1, low_res=64, samples_per_epoch=16, batch_size=8)
+    runs = tmp_path / "runs"
+    args = (get_model("mobilenet_v2"), config, data_dir, tmp_path / "report", tmp_path / "w")
+    first = run_training(*args, n_folds=2, records=subset, runs_dir=runs)
+    folds = sorted(next(runs.iterdir()).glob("fold*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in folds]
+    second = run_training(*args, n_folds=2, records=subset, runs_dir=runs)
+    assert [f.stat().st_mtime_ns for f in folds] == stamps
+    assert second["pooled"]["roc_auc"] == first["pooled"]["roc_auc"]
