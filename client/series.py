@@ -22,6 +22,10 @@ import numpy as np
 
 #: Slices whose head covers less of the model view than this are not scored.
 MIN_HEAD_FRACTION = 0.12
+#: Slice logits are clipped to this magnitude before the series model reads them.
+MAX_LOGIT = 8.0
+#: Per-slice features before the (optional) embedding: logit, head fraction, position.
+BASE_FEATURES = 3
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,27 @@ def series_score(probabilities: Sequence[float], head_fractions: Sequence[float]
     best = int(np.argmax(pair))
     key = int(scored[best] if sp[best] >= sp[best + 1] else scored[best + 1])
     return SeriesScore(float(pair[best]), key, float(sp.max()), int(sp.size))
+
+
+def series_features(
+    probabilities: Sequence[float],
+    head_fractions: Sequence[float],
+    embeddings: np.ndarray | None = None,
+) -> np.ndarray:
+    """The series model's input: one row per slice, in anatomical order.
+
+    Columns: the slice logit (clipped to +-8), the head fraction, the position
+    along the series (0 at the first slice, 1 at the last), then the slice
+    embedding when the series model reads one.
+
+    Returns:
+        float32 array (T, 3) or (T, 3 + D).
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-6, 1 - 1e-6)
+    logit = np.clip(np.log(p / (1 - p)), -MAX_LOGIT, MAX_LOGIT)
+    head = np.asarray(head_fractions, dtype=np.float64)
+    position = np.linspace(0.0, 1.0, p.size) if p.size > 1 else np.zeros(1)
+    columns = [np.stack([logit, head, position], axis=1)]
+    if embeddings is not None:
+        columns.append(np.asarray(embeddings, dtype=np.float64).reshape(p.size, -1))
+    return np.concatenate(columns, axis=1).astype(np.float32)

@@ -54,6 +54,84 @@ class SliceNet(torch.nn.Module):
         return torch.softmax(self.head(embedding), dim=1), embedding
 
 
+class SeriesNet(torch.nn.Module):
+    """The series model: refines each slice's logit with its neighbours and scores the series.
+
+    Input (B, T, F) per-slice features from :func:`client.series.series_features`,
+    the slice logit first. A bidirectional GRU or a dilated temporal convolution
+    (``kind``) gives each slice its neighbours' context; the refined slice logit
+    is the slice model's logit plus a learned correction, and the series logit is
+    the highest refined slice logit plus a learned correction from the pooled
+    context. Both corrections start at zero, so an untrained series model is
+    the slice model with a maximum over slices.
+    """
+
+    def __init__(
+        self, n_features: int, kind: str = "gru", hidden: int = 32, dropout: float = 0.2
+    ) -> None:
+        super().__init__()
+        if kind not in ("gru", "tcn"):
+            raise ValueError(f"series model kind must be 'gru' or 'tcn', got {kind!r}")
+        self.kind = kind
+        self.project = torch.nn.Sequential(
+            torch.nn.Dropout(dropout), torch.nn.Linear(n_features, hidden), torch.nn.GELU()
+        )
+        if kind == "gru":
+            self.context = torch.nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        else:
+            self.context = torch.nn.Sequential(
+                torch.nn.Conv1d(hidden, 2 * hidden, 3, padding=1),
+                torch.nn.GELU(),
+                torch.nn.Conv1d(2 * hidden, 2 * hidden, 3, padding=2, dilation=2),
+                torch.nn.GELU(),
+            )
+        self.slice_head = torch.nn.Linear(2 * hidden, 1)
+        self.series_head = torch.nn.Linear(4 * hidden, 1)
+        for head in (self.slice_head, self.series_head):
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+
+    def forward(
+        self, features: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) features to refined slice logits (B, T) and series logits (B,).
+
+        ``lengths`` (B,) marks zero-padded series in a training batch; serving
+        sends one series at a time and leaves it out.
+        """
+        hidden = self.project(features)
+        mask = None
+        if lengths is not None:
+            mask = torch.arange(features.shape[1])[None] < lengths[:, None]
+            hidden = hidden * mask[..., None]
+        if self.kind == "gru" and lengths is not None:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(
+                hidden, lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            context = torch.nn.utils.rnn.pad_packed_sequence(
+                self.context(packed)[0], batch_first=True, total_length=features.shape[1]
+            )[0]
+        elif self.kind == "gru":
+            context = self.context(hidden)[0]
+        else:
+            context = self.context(hidden.transpose(1, 2)).transpose(1, 2)
+        slice_logits = features[..., 0] + self.slice_head(context).squeeze(-1)
+        if mask is None:
+            pooled = torch.cat([context.amax(1), context.mean(1)], dim=-1)
+            top = slice_logits.amax(1)
+        else:
+            outside = ~mask[..., None]
+            pooled = torch.cat(
+                [
+                    context.masked_fill(outside, -1e4).amax(1),
+                    (context * mask[..., None]).sum(1) / lengths[:, None],
+                ],
+                dim=-1,
+            )
+            top = slice_logits.masked_fill(~mask, -1e4).amax(1)
+        return slice_logits, top + self.series_head(pooled).squeeze(-1)
+
+
 def embedding_size(spec: ModelSpec) -> int:
     """Length of ``spec``'s slice embedding (the head's input features)."""
     head = getattr(build_model(spec), _HEAD_ATTRIBUTE[spec.arch])

@@ -1,0 +1,173 @@
+"""``python -m build_engines series``: choose, evaluate and train the series model.
+
+Reads the out-of-fold slice outputs of a finished slice-model run (the fold
+results named in its ``training.json``), compares the series scores by nested
+cross-validation (maximum slice, neighbour pair, and each series-model variant),
+writes ``series.json`` and ``series_roc.png`` to the report folder, trains the
+chosen series model on every series and records it in the weights sidecar
+(``series_model``: variant, weights hash, threshold).
+
+The variant served is the one with the best nested specificity at the nested
+threshold on ``ct_ich_dev`` series (ties: higher ROC-AUC). Its threshold is the
+highest one that keeps ``TARGET_SENSITIVITY`` of the out-of-fold series scores
+of all ``ct_ich_dev`` patients.
+
+    python -m build_engines series --model mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+from tqdm import tqdm
+
+from build_engines.data import load_dataset
+from build_engines.evaluate import binary_metrics, bootstrap_ci, threshold_for_sensitivity
+from build_engines.report import TARGET_SENSITIVITY
+from build_engines.series_model import (
+    FIXED_RULES,
+    NestedResult,
+    SeriesVariant,
+    fixed_rule_scorer,
+    load_series_table,
+    nested_evaluation,
+    series_model_scorer,
+    train_series_model,
+)
+from client.constants import REPO_ROOT
+from client.registry import ModelSpec
+from client.torch_models import save_weights
+
+logger = logging.getLogger(__name__)
+
+#: The series-model designs compared (choose by measurement, as the issue asks).
+VARIANTS = (
+    SeriesVariant("gru", embeddings=False),
+    SeriesVariant("gru", embeddings=True),
+    SeriesVariant("tcn", embeddings=False),
+    SeriesVariant("tcn", embeddings=True),
+)
+#: Sensitivities at which series specificity is reported (15/16: one missed bleed of 16).
+REPORTED_SENSITIVITIES = (1.0, 15 / 16)
+
+
+def run_series_stage(
+    spec: ModelSpec,
+    data_dir: Path,
+    report_dir: Path,
+    weights_dir: Path,
+    variants: tuple[SeriesVariant, ...] = VARIANTS,
+) -> dict:
+    """Nested comparison, final series model, report, figure and weights-sidecar entry."""
+    training = json.loads((report_dir / "training.json").read_text())
+    run_dir = REPO_ROOT / training["fold_results"]
+    dataset = load_dataset(data_dir, spec)
+    folds = [np.load(run_dir / f"fold{k}.npz") for k in range(training["folds"])]
+    table = load_series_table(folds, dataset)
+
+    results: list[NestedResult] = [
+        nested_evaluation(table, fixed_rule_scorer(rule), name, TARGET_SENSITIVITY)
+        for name, rule in FIXED_RULES.items()
+    ]
+    n_folds = len({s.fold for s in table})
+    progress = tqdm(total=len(variants) * n_folds * n_folds, desc="series models", unit="fit")
+    models: dict[str, NestedResult] = {}
+    for variant in variants:
+        result = nested_evaluation(
+            table, series_model_scorer(variant, progress), variant.name, TARGET_SENSITIVITY
+        )
+        results.append(result)
+        models[variant.name] = result
+    progress.close()
+
+    summary = {r.name: _summarize(r) for r in results}
+    best = max(
+        variants,
+        key=lambda v: (
+            summary[v.name]["nested"]["specificity"]["value"],
+            summary[v.name]["roc_auc"]["value"],
+        ),
+    )
+    chosen = models[best.name]
+    threshold = threshold_for_sensitivity(chosen.labels, chosen.scores, TARGET_SENSITIVITY)
+    final = train_series_model(table, best)
+    weights_path = weights_dir / f"{spec.name}_series.safetensors"
+    sha256 = save_weights(final, weights_path)
+
+    report = {
+        "model": spec.name,
+        "target_sensitivity": TARGET_SENSITIVITY,
+        "series": len(table),
+        "decision_series": len(chosen.labels),
+        "scores": summary,
+        "chosen": {**asdict(best), "name": best.name, "threshold": threshold},
+    }
+    (report_dir / "series.json").write_text(json.dumps(report, indent=1))
+    _plot_roc(results, report_dir / "series_roc.png", spec.name)
+
+    facts_path = weights_dir / f"{spec.name}.json"
+    facts = json.loads(facts_path.read_text())
+    facts["series_model"] = {
+        "kind": best.kind,
+        "embeddings": best.embeddings,
+        "hidden": best.hidden,
+        "threshold": threshold,
+        "weights_sha256": sha256,
+    }
+    facts_path.write_text(json.dumps(facts, indent=1) + "\n")
+    logger.info("series model %s, threshold %.4f", best.name, threshold)
+    return report
+
+
+def _summarize(result: NestedResult) -> dict:
+    """ROC-AUC, nested-threshold metrics and specificity at fixed sensitivities, with CIs."""
+    y, s, patients = result.labels, result.scores, np.array(result.patients)
+    nested = binary_metrics(y, result.flagged.astype(float), 0.5)
+    nested_ci = bootstrap_ci(y, result.flagged.astype(float), patients, 0.5)
+    out = {
+        "roc_auc": _with_ci(y, s, patients, "roc_auc", 0.5),
+        "nested": {
+            m: {"value": nested[m], "low": nested_ci[m][0], "high": nested_ci[m][1]}
+            for m in ("recall", "specificity", "precision")
+        },
+        "nested_thresholds": result.thresholds,
+    }
+    for sensitivity in REPORTED_SENSITIVITIES:
+        t = threshold_for_sensitivity(y, s, sensitivity)
+        out[f"specificity_at_sensitivity_{sensitivity:.4f}"] = _with_ci(
+            y, s, patients, "specificity", t
+        )
+    return out
+
+
+def _with_ci(y, s, patients, metric: str, threshold: float) -> dict:
+    value = binary_metrics(y, s, threshold)[metric]
+    low, high = bootstrap_ci(y, s, patients, threshold)[metric]
+    return {"value": value, "low": low, "high": high}
+
+
+def _plot_roc(results: list[NestedResult], path: Path, name: str) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for result in results:
+        fpr, tpr, _ = roc_curve(result.labels, result.scores)
+        auc = roc_auc_score(result.labels, result.scores)
+        ax.plot(fpr, tpr, label=f"{result.name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title=f"{name}: ct_ich_dev series, nested out of fold",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
