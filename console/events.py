@@ -75,9 +75,14 @@ class Subscription:
 
 
 class EventBroker:
-    """Publish/subscribe for named JSON events; thread-safe."""
+    """Publish/subscribe for named JSON events; thread-safe.
 
-    def __init__(self) -> None:
+    Args:
+        alerts: False in shadow mode (console/shadow.py): study events never carry an alert.
+    """
+
+    def __init__(self, alerts: bool = True) -> None:
+        self.alerts = alerts
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
         self._closed = False
@@ -145,6 +150,7 @@ def publish_study(broker: EventBroker, change: StudyChange) -> None:
 
     Every screen redraws the study from ``/api/studies`` on it, and raises the
     alarm when ``alert`` is true; ingest, the worker and acknowledging all send it.
+    A broker of shadow mode never raises the alarm.
     """
     broker.publish(
         "study",
@@ -152,7 +158,7 @@ def publish_study(broker: EventBroker, change: StudyChange) -> None:
             "id": change.study_id,
             "status": change.after,
             "before": change.before,
-            "alert": change.newly_flagged,
+            "alert": change.newly_flagged and broker.alerts,
         },
     )
 
