@@ -204,9 +204,11 @@ def init_db(path: str | Path) -> None:
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """``ALTER TABLE ADD COLUMN`` what an older schema lacks, carrying old meanings over.
 
-    Administrators of the old ``is_admin`` flag keep the admin role. Tokens of
-    the old schema become upload-only (closed by default: issue a ``--scope
-    full`` token where a client reads) and expire a year after they were made.
+    Administrators of the old ``is_admin`` flag keep the admin role. A study
+    flagged before flags were held keeps its score as the one that raised it.
+    Tokens of the old schema become upload-only (closed by default: issue a
+    ``--scope full`` token where a client reads) and expire a year after they
+    were made.
     """
     for table, column, definition in _ADDED_COLUMNS:
         present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -215,6 +217,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         if (table, column) == ("users", "role") and "is_admin" in present:
             db.execute("UPDATE users SET role = 'admin' WHERE is_admin")
+        if (table, column) == ("studies", "flag_score"):
+            db.execute("UPDATE studies SET flag_score = score WHERE flagged_at IS NOT NULL")
         if (table, column) == ("api_tokens", "expires_at"):
             db.execute(
                 "UPDATE api_tokens SET expires_at = created_at + ?", (LEGACY_TOKEN_LIFETIME_S,)

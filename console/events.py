@@ -150,15 +150,19 @@ def publish_study(broker: EventBroker, change: StudyChange) -> None:
 
     Every screen redraws the study from ``/api/studies`` on it, and raises the
     alarm when ``alert`` is true; ingest, the worker and acknowledging all send it.
-    A broker of shadow mode never raises the alarm.
+    A broker of shadow mode never raises the alarm, and names only the study:
+    each screen reads what its user may see (console/shadow.py).
     """
+    if not broker.alerts:
+        broker.publish("study", {"id": change.study_id, "alert": False})
+        return
     broker.publish(
         "study",
         {
             "id": change.study_id,
             "status": change.after,
             "before": change.before,
-            "alert": change.newly_flagged and broker.alerts,
+            "alert": change.newly_flagged,
         },
     )
 

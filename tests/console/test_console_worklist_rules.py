@@ -1,5 +1,7 @@
 """Worklist rules from practice: a flag is never downgraded, and shadow mode alerts nobody."""
 
+from pathlib import Path
+
 import pytest
 
 from console import create_app
@@ -98,7 +100,9 @@ def test_shadow_mode_records_results_but_alerts_nobody_and_shows_them_to_admins_
         drain(services)
         events = _events(subscription)
     assert {e["id"] for e in events} == {study_id, waiting["study_id"]}
-    assert not any(e["alert"] for e in events)
+    assert all(e == {"id": e["id"], "alert": False} for e in events)  # no status to screens
+    metrics = admin.get("/metrics").get_data(as_text=True)
+    assert "hemotriage_time_to_alert_seconds_count 0.0" in metrics  # flagged, never alerted
 
     db = connect(shadow_app.config["DATABASE"])
     study = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
@@ -158,3 +162,26 @@ def test_shadow_mode_is_read_from_the_environment(tmp_path, monkeypatch):
         assert app.extensions[EXTENSION_KEY].broker.alerts is False
     finally:
         app.extensions[EXTENSION_KEY].stop()
+
+
+def test_an_upgraded_database_keeps_the_score_that_flagged_each_study(tmp_path, app_factory):
+    storage = tmp_path / "old"
+    storage.mkdir()
+    db = connect(storage / "hemotriage.sqlite")
+    db.executescript((Path(__file__).parents[1] / "assets" / "console_schema_v1.sql").read_text())
+    with db:
+        for status, score, flagged_at in (("flagged", 0.8, 5.0), ("negative", 0.1, None)):
+            db.execute(
+                "INSERT INTO studies (study_key, label, source, priority, status, score, "
+                "flagged_at, received_at, updated_at) VALUES (?, 'CT', 'api', 2, ?, ?, ?, 0, 0)",
+                (status, status, score, flagged_at),
+            )
+    db.close()
+    app = app_factory(storage)
+    db = connect(app.config["DATABASE"])
+    try:
+        rows = db.execute("SELECT flag_score FROM studies ORDER BY id").fetchall()
+        assert [r["flag_score"] for r in rows] == [0.8, None]
+        assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0  # the new table
+    finally:
+        db.close()
