@@ -27,6 +27,7 @@ from client.errors import HemoTriageError
 from client.registry import get_model
 from client.triton_client import PROTOCOLS
 from console.errors import storage_error
+from console.shadow import parse_shadow_mode
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ DEFAULTS = {
     "DICOM_QUIET_S": 10.0,
     # Where results go back, "AE@host:port" (checked at start); empty: results are not sent.
     "RESULTS_DESTINATION": "",
+    # Shadow mode, for a site's validation period (console/shadow.py): classify and record
+    # everything, but raise no alert, give flags no worklist boost, send nothing outward
+    # (results to PACS included) and show results to admins only. Every page says so.
+    "SHADOW_MODE": False,
     # Session signing key (default: random, kept in <STORAGE_DIR>/secret_key with mode 0600).
     "SECRET_KEY": None,
     # "triton" (TRITON_URL + TRITON_PROTOCOL) or "local" (in-process PyTorch).
@@ -130,7 +135,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     Raises:
         ValueError: an invalid setting (classifier kind, protocol, a ``DICOM_*`` value,
-            ``RESULTS_DESTINATION``).
+            ``RESULTS_DESTINATION``, ``SHADOW_MODE``).
         UnknownModelError: ``MODEL_NAME`` is not registered.
     """
     app = Flask(__name__, instance_relative_config=True)
@@ -140,16 +145,30 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     _resolve_paths(app)
 
-    from console import alerts, api, auth, db, latency, ops, retention, security, worklist
+    from console import (
+        alerts,
+        api,
+        auth,
+        db,
+        feedback,
+        latency,
+        ops,
+        retention,
+        security,
+        shadow,
+        worklist,
+    )
     from console.services import EXTENSION_KEY, Services
 
     db.init_app(app)
     auth.init_app(app)
     security.init_app(app)
     retention.init_app(app)
+    shadow.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(worklist.bp)
     app.register_blueprint(alerts.bp)
+    app.register_blueprint(feedback.bp)
     app.register_blueprint(latency.bp)
     app.register_blueprint(ops.bp)
     app.after_request(ops.count_request)
@@ -171,6 +190,7 @@ def _resolve_paths(app: Flask) -> None:
     if config["TRITON_PROTOCOL"] not in PROTOCOLS:
         raise ValueError(f"HEMOTRIAGE_TRITON_PROTOCOL must be one of {PROTOCOLS}")
     get_model(config["MODEL_NAME"])
+    config["SHADOW_MODE"] = parse_shadow_mode(config["SHADOW_MODE"])
     storage_dir = Path(config["STORAGE_DIR"] or app.instance_path)
     storage_dir.mkdir(parents=True, exist_ok=True)
     config["STORAGE_DIR"] = str(storage_dir)

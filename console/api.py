@@ -1,9 +1,12 @@
-"""The JSON API: upload scans, read the worklist, acknowledge, and the live stream.
+"""The JSON API: upload scans, read the worklist, acknowledge, feedback, and the live stream.
 
     curl -H "Authorization: Bearer $TOKEN" -F files=@a.dcm -F files=@b.dcm localhost:5000/api/scans
     # -> 201 {"study_id": 1, "study_ids": [1], "slice_ids": [1, 2], "duplicates": 0}
     curl -H "Authorization: Bearer $TOKEN" http://localhost:5000/api/studies
     curl -N -H "Authorization: Bearer $TOKEN" http://localhost:5000/api/stream
+    curl -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \
+        -d '{"verdict": "false", "note": "calcified falx"}' localhost:5000/api/studies/7/feedback
+    curl -H "Authorization: Bearer $TOKEN" "http://localhost:5000/api/accuracy?days=30"
 
 ``POST /api/scans`` is the one route upload-only tokens (scanners, PACS
 bridges) may use; every accepted upload is audited with the token's name (or
@@ -18,17 +21,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from client.constants import PRIORITY_ROUTINE, PRIORITY_URGENT
-from console import alerts
+from console import alerts, feedback
+from console.accuracy import accuracy_by_version, parse_window
 from console.auth import role_required
 from console.db import get_db
-from console.errors import UploadError
+from console.errors import InvalidRequestError, UploadError
 from console.events import format_sse
 from console.ingest import IncomingFile
 from console.services import current_services
+from console.shadow import require_results_visible, results_visible
 from console.studies import study_detail, worklist
 
 logger = logging.getLogger(__name__)
@@ -79,8 +85,9 @@ def list_studies():
     """The worklist, highest priority first, with the rule that ordered it."""
     services = current_services()
     return jsonify(
-        studies=worklist(get_db(), services.rule),
+        studies=worklist(get_db(), services.rule, show_results=results_visible()),
         rule=services.rule.formula(),
+        shadow_mode=services.shadow_mode,
         worker={
             "classifier_ready": services.worker.state.classifier_ready,
             "backoff_s": services.worker.state.backoff_s,
@@ -91,8 +98,41 @@ def list_studies():
 
 @bp.get("/studies/<int:study_id>")
 def get_study(study_id: int):
-    """One study with all its slices, probabilities and stage timings."""
-    return jsonify(study_detail(get_db(), study_id, current_services().rule))
+    """One study with all its slices, probabilities, stage timings and readers' feedback."""
+    db = get_db()
+    visible = results_visible()
+    detail = study_detail(db, study_id, current_services().rule, show_results=visible)
+    detail["feedback"] = feedback.history(db, study_id) if visible else []
+    return jsonify(detail)
+
+
+@bp.post("/studies/<int:study_id>/feedback")
+def post_feedback(study_id: int):
+    """A reader's verdict on the model's result: JSON ``{"verdict": "confirmed"|"false", "note"}``.
+
+    Returns:
+        201 with the stored verdict (``outcome``: true/false positive/negative); 400 for a bad
+        body or verdict, 409 for a study without a result yet.
+    """
+    require_results_visible()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequestError(
+            'send a JSON object {"verdict": "confirmed" or "false", "note": "..."}'
+        )
+    note = body.get("note")
+    if note is not None and not isinstance(note, str):
+        raise InvalidRequestError("note must be text")
+    row = feedback.record_feedback(get_db(), study_id, g.user, body.get("verdict"), note)
+    return jsonify(dict(row)), 201
+
+
+@bp.get("/accuracy")
+def accuracy():
+    """PPV, false-positive rate and confirmed misses per model version (``?days=7|30|all``)."""
+    days = parse_window(request.args.get("days"))
+    rows = accuracy_by_version(get_db(), days, time.time())
+    return jsonify(days=days, versions=[asdict(r) for r in rows])
 
 
 @bp.post("/studies/<int:study_id>/acknowledge")

@@ -1,4 +1,4 @@
-"""SQLite storage: studies, slices (the persistent queue), users, API tokens, audit log.
+"""SQLite storage: studies, slices (the persistent queue), users, API tokens, audit, feedback.
 
 The database runs in WAL mode with ``synchronous=FULL``, so a committed upload
 survives a power cut and readers (the worklist, the SSE stream) never block the
@@ -10,8 +10,9 @@ worker's writes. Request handlers use one connection per request through
 
 :func:`init_db` also upgrades a database made by an earlier release: columns
 added since (``users.role``, ``api_tokens.scope`` and ``expires_at``,
-``audit_log.client_addr``, ``slices.purged_at``) are added in place, so data
-is never rebuilt or lost.
+``audit_log.client_addr``, ``slices.purged_at``, ``studies.flag_score``) are
+added in place, and new tables (``feedback``) created, so data is never rebuilt
+or lost.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ CREATE TABLE IF NOT EXISTS studies (
     flagged_at REAL,
     acknowledged_at REAL,
     acknowledged_by TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    flag_score REAL
 );
 
 CREATE TABLE IF NOT EXISTS slices (
@@ -114,6 +116,22 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 
 CREATE INDEX IF NOT EXISTS audit_action ON audit_log (action, at);
+
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies (id),
+    at REAL NOT NULL,
+    username TEXT NOT NULL,
+    outcome TEXT NOT NULL CHECK (outcome IN
+        ('true_positive', 'false_positive', 'true_negative', 'false_negative')),
+    note TEXT NOT NULL DEFAULT '',
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    score REAL NOT NULL,
+    threshold REAL NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS feedback_study ON feedback (study_id, id);
 """
 
 #: Columns added since the first release: (table, column, definition as in SCHEMA).
@@ -123,6 +141,7 @@ _ADDED_COLUMNS = (
     ("api_tokens", "expires_at", "REAL"),
     ("audit_log", "client_addr", "TEXT"),
     ("slices", "purged_at", "REAL"),
+    ("studies", "flag_score", "REAL"),
 )
 #: Lifetime given to API tokens issued before tokens expired (the default of ``create-token``).
 LEGACY_TOKEN_LIFETIME_S = 365 * 86400
@@ -185,9 +204,11 @@ def init_db(path: str | Path) -> None:
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """``ALTER TABLE ADD COLUMN`` what an older schema lacks, carrying old meanings over.
 
-    Administrators of the old ``is_admin`` flag keep the admin role. Tokens of
-    the old schema become upload-only (closed by default: issue a ``--scope
-    full`` token where a client reads) and expire a year after they were made.
+    Administrators of the old ``is_admin`` flag keep the admin role. A study
+    flagged before flags were held keeps its score as the one that raised it.
+    Tokens of the old schema become upload-only (closed by default: issue a
+    ``--scope full`` token where a client reads) and expire a year after they
+    were made.
     """
     for table, column, definition in _ADDED_COLUMNS:
         present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -196,6 +217,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         if (table, column) == ("users", "role") and "is_admin" in present:
             db.execute("UPDATE users SET role = 'admin' WHERE is_admin")
+        if (table, column) == ("studies", "flag_score"):
+            db.execute("UPDATE studies SET flag_score = score WHERE flagged_at IS NOT NULL")
         if (table, column) == ("api_tokens", "expires_at"):
             db.execute(
                 "UPDATE api_tokens SET expires_at = created_at + ?", (LEGACY_TOKEN_LIFETIME_S,)

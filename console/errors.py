@@ -24,6 +24,12 @@ class UploadError(HemoTriageError):
     http_status = 400
 
 
+class InvalidRequestError(HemoTriageError):
+    """A field or query parameter has a value the console does not take (a feedback verdict)."""
+
+    http_status = 400
+
+
 class BadArchiveError(UploadError):
     """A ``.zip`` upload that cannot be read, or holds unsafe entries."""
 

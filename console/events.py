@@ -75,9 +75,14 @@ class Subscription:
 
 
 class EventBroker:
-    """Publish/subscribe for named JSON events; thread-safe."""
+    """Publish/subscribe for named JSON events; thread-safe.
 
-    def __init__(self) -> None:
+    Args:
+        alerts: False in shadow mode (console/shadow.py): study events never carry an alert.
+    """
+
+    def __init__(self, alerts: bool = True) -> None:
+        self.alerts = alerts
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
         self._closed = False
@@ -145,7 +150,12 @@ def publish_study(broker: EventBroker, change: StudyChange) -> None:
 
     Every screen redraws the study from ``/api/studies`` on it, and raises the
     alarm when ``alert`` is true; ingest, the worker and acknowledging all send it.
+    A broker of shadow mode never raises the alarm, and names only the study:
+    each screen reads what its user may see (console/shadow.py).
     """
+    if not broker.alerts:
+        broker.publish("study", {"id": change.study_id, "alert": False})
+        return
     broker.publish(
         "study",
         {

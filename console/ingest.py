@@ -40,7 +40,7 @@ from client.registry import ModelSpec
 from console.db import audit
 from console.errors import BadArchiveError, TooManyFilesError, UploadError
 from console.filestore import relative_path, remove, store_files, stored_path
-from console.queue import StudyChange, refresh_study
+from console.queue import StudyChange, refresh_study, reopen
 
 logger = logging.getLogger(__name__)
 
@@ -372,11 +372,7 @@ def _insert(
         if db.execute(
             "SELECT 1 FROM slices WHERE study_id = ? AND status = 'queued'", (study_id,)
         ).fetchone():
-            # New slices reopen a study: its earlier acknowledgement no longer covers them.
-            db.execute(
-                "UPDATE studies SET acknowledged_at = NULL, acknowledged_by = NULL WHERE id = ?",
-                (study_id,),
-            )
+            reopen(db, study_id)
             changes.append(refresh_study(db, study_id, spec))
     return IngestResult(touched, slice_ids, duplicates, ingest_ms, changes), kept
 

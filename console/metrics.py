@@ -1,7 +1,8 @@
 """Prometheus metrics of one console app, on its own registry (served at ``/metrics``).
 
 Each app owns a :class:`prometheus_client.CollectorRegistry`, so tests can
-build many apps in one process. Queue depth is read from SQLite at scrape time.
+build many apps in one process. Queue depth and the readers' feedback
+statistics (console/accuracy.py) are read from SQLite at scrape time.
 
     metrics = ConsoleMetrics(database_path)
     metrics.stage_seconds.labels("inference").observe(0.012)
@@ -10,12 +11,14 @@ build many apps in one process. Queue depth is read from SQLite at scrape time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from console.accuracy import WINDOWS, accuracy_by_version
 from console.db import connect
 from console.queue import depth
 
@@ -42,6 +45,70 @@ class _QueueDepthCollector:
         finally:
             db.close()
         yield family
+
+
+class _AccuracyCollector:
+    """Readers' verdicts, PPV, false-positive rate and misses per model version and window.
+
+    Gauges, not counters: a verdict can be changed, and windows slide. A rate
+    whose denominator is 0 (no reviewed flag yet) has no sample.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self._database = database
+
+    def collect(self):
+        version = ["model", "version", "window"]
+        flagged = GaugeMetricFamily(
+            "hemotriage_feedback_flagged_studies",
+            "Studies flagged, reviewed or not",
+            labels=version,
+        )
+        verdicts = GaugeMetricFamily(
+            "hemotriage_feedback_studies",
+            "Reviewed studies by the outcome of their last verdict",
+            labels=[*version, "outcome"],
+        )
+        misses = GaugeMetricFamily(
+            "hemotriage_feedback_confirmed_misses",
+            "Negative studies a reader marked as a missed hemorrhage",
+            labels=version,
+        )
+        rates = {
+            "ppv": GaugeMetricFamily(
+                "hemotriage_feedback_ppv",
+                "Confirmed flags of reviewed flags, with its Wilson 95% interval",
+                labels=[*version, "bound"],
+            ),
+            "false_positive_rate": GaugeMetricFamily(
+                "hemotriage_feedback_false_positive_rate",
+                "False flags of reviewed flags, with its Wilson 95% interval",
+                labels=[*version, "bound"],
+            ),
+        }
+        db = connect(self._database)
+        try:
+            now = time.time()
+            for window, days in WINDOWS.items():
+                for row in accuracy_by_version(db, days, now):
+                    labels = [row.model_name, row.model_version, window]
+                    flagged.add_metric(labels, row.flagged)
+                    misses.add_metric(labels, row.false_negatives)
+                    for outcome, n in (
+                        ("true_positive", row.true_positives),
+                        ("false_positive", row.false_positives),
+                        ("true_negative", row.true_negatives),
+                        ("false_negative", row.false_negatives),
+                    ):
+                        verdicts.add_metric([*labels, outcome], n)
+                    for name, family in rates.items():
+                        rate = getattr(row, name)
+                        if rate.total:
+                            for bound in ("estimate", "low", "high"):
+                                family.add_metric([*labels, bound], getattr(rate, bound))
+        finally:
+            db.close()
+        yield from (flagged, verdicts, misses, *rates.values())
 
 
 class _ThreadCollector:
@@ -110,6 +177,7 @@ class ConsoleMetrics:
             registry=self.registry,
         )
         self.registry.register(_QueueDepthCollector(database))
+        self.registry.register(_AccuracyCollector(database))
 
     def watch_threads(self, probes: dict[str, Callable[[], bool]]) -> None:
         """Report ``hemotriage_thread_up`` for each named liveness probe."""

@@ -56,11 +56,16 @@ class PriorityRule:
 
     @classmethod
     def from_config(cls, config: dict) -> PriorityRule:
-        """Read ``PRIORITY_WEIGHT_{FLAGGED,FAILED,SCORE,WAIT_PER_MIN}``."""
+        """Read ``PRIORITY_WEIGHT_{FLAGGED,FAILED,SCORE,WAIT_PER_MIN}``.
+
+        In shadow mode (console/shadow.py) the model moves nothing: the flagged
+        and score weights are 0, whatever they are set to.
+        """
+        model_weight = 0.0 if config["SHADOW_MODE"] else 1.0
         return cls(
-            flagged=float(config["PRIORITY_WEIGHT_FLAGGED"]),
+            flagged=model_weight * float(config["PRIORITY_WEIGHT_FLAGGED"]),
             failed=float(config["PRIORITY_WEIGHT_FAILED"]),
-            score=float(config["PRIORITY_WEIGHT_SCORE"]),
+            score=model_weight * float(config["PRIORITY_WEIGHT_SCORE"]),
             wait_per_min=float(config["PRIORITY_WEIGHT_WAIT_PER_MIN"]),
         )
 
@@ -73,7 +78,8 @@ class PriorityRule:
         return PriorityTerms(
             flagged=self.flagged if status == "flagged" else 0.0,
             failed=self.failed if status == "failed" else 0.0,
-            score=self.score * (study["score"] or 0.0),
+            # A flag keeps the score that raised it: a lower later result moves nothing down.
+            score=self.score * max(study["score"] or 0.0, study["flag_score"] or 0.0),
             waiting=self.wait_per_min * waiting_min,
         )
 

@@ -185,6 +185,11 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
     threshold (a single classified slice uses the slice threshold); a study with
     no classified slice is ``failed``. An acknowledged study stays acknowledged.
 
+    A flag is never downgraded by a later result (more slices, a re-decision):
+    the study stays ``flagged``, first on the worklist, until a person
+    acknowledges it. The later score is recorded beside ``flag_score``, the
+    highest score that flagged it, so the study page can say it scored lower.
+
     Returns:
         The status before and after, and whether the study has just been flagged.
     """
@@ -213,10 +218,21 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
                 flagged_at = study["flagged_at"] or now
         if study["acknowledged_at"] is not None:
             status = "acknowledged"
+    flag_score = study["flag_score"]
+    if status == "flagged":
+        flag_score = max(score, flag_score or score)
+    elif study["flagged_at"] is not None:
+        # Only :func:`reopen` clears a flag, after a person acknowledged it.
+        flagged_at = study["flagged_at"]
+        if study["acknowledged_at"] is None:
+            status = "flagged"
+            if score is None:  # new slices still in the queue: show what raised the flag
+                score, threshold = study["score"], study["threshold"]
+                key_slice_id = study["key_slice_id"]
     db.execute(
         "UPDATE studies SET status = ?, score = ?, threshold = ?, key_slice_id = ?, "
-        "finished_at = ?, flagged_at = ?, model_name = ?, model_version = ?, updated_at = ? "
-        "WHERE id = ?",
+        "finished_at = ?, flagged_at = ?, flag_score = ?, model_name = ?, model_version = ?, "
+        "updated_at = ? WHERE id = ?",
         (
             status,
             score,
@@ -224,6 +240,7 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
             key_slice_id,
             finished_at,
             flagged_at,
+            flag_score,
             spec.name,
             model_version(spec),
             now,
@@ -232,6 +249,21 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
     )
     newly_flagged = status == "flagged" and study["flagged_at"] is None
     return StudyChange(study_id, study["status"], status, newly_flagged)
+
+
+def reopen(db: sqlite3.Connection, study_id: int) -> None:
+    """New slices arrived: an earlier acknowledgement no longer covers the study.
+
+    A flag a person acknowledged is spent too, so the new slices get a fresh
+    decision (and a new flag alerts again); a flag nobody acknowledged yet
+    stands (see :func:`refresh_study`).
+    """
+    db.execute(
+        "UPDATE studies SET flagged_at = CASE WHEN acknowledged_at IS NULL THEN flagged_at END, "
+        "flag_score = CASE WHEN acknowledged_at IS NULL THEN flag_score END, "
+        "acknowledged_at = NULL, acknowledged_by = NULL WHERE id = ?",
+        (study_id,),
+    )
 
 
 def model_version(spec: ModelSpec) -> str:

@@ -54,6 +54,10 @@ class Services:
         inbox: The inbox watcher, or None when ``INBOX_DIR`` is empty.
         dicom: The DICOM receiver, or None when ``DICOM_PORT`` is 0 or empty.
         cam: Grad-CAM overlays of the configured model.
+        shadow_mode: The one "send nothing" predicate (console/shadow.py): True during a
+            site's validation period. Results are classified and recorded, but no alert is
+            raised and nothing leaves the console: every outward path (the results outbox
+            to PACS, any notifier) checks it before queuing or sending.
     """
 
     spec: ModelSpec
@@ -67,13 +71,15 @@ class Services:
     inbox: InboxWatcher | None
     dicom: DicomReceiver | None
     cam: CamRenderer
+    shadow_mode: bool
 
     @classmethod
     def from_app(cls, app: Flask) -> Services:
         """Build (without starting) the services from ``app.config``."""
         config = app.config
         database = Path(config["DATABASE"])
-        broker = EventBroker()
+        shadow_mode = bool(config["SHADOW_MODE"])
+        broker = EventBroker(alerts=not shadow_mode)
         metrics = ConsoleMetrics(database)
         services = cls(
             spec=get_model(config["MODEL_NAME"]),
@@ -89,6 +95,7 @@ class Services:
             inbox=None,
             dicom=None,
             cam=CamRenderer(get_model(config["MODEL_NAME"])),
+            shadow_mode=shadow_mode,
         )
         if config["INBOX_DIR"]:
             services.inbox = InboxWatcher(
@@ -188,7 +195,11 @@ class Services:
         self.worker.start()
         if self.inbox is not None:
             self.inbox.start()
-        logger.info("console services started (model %s)", self.spec.name)
+        logger.info(
+            "console services started (model %s%s)",
+            self.spec.name,
+            ", SHADOW MODE: no alerts, nothing sent" if self.shadow_mode else "",
+        )
 
     def stop(self) -> None:
         """End the live streams and stop the threads (the current batch finishes first)."""

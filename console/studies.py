@@ -4,6 +4,10 @@ Queries shared by the pages and the API:
 
     rows = worklist(get_db(), rule)        # ordered, with each study's priority terms
     study = get_study(get_db(), 7)         # raises StudyNotFoundError
+
+In shadow mode only administrators see what the model said (console/shadow.py):
+for everyone else ``show_results=False`` blanks the scores, the key slice and
+the decision (a flagged or negative study reads ``classified``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ _PUBLIC_COLUMNS = (
     "flagged_at",
     "acknowledged_at",
     "acknowledged_by",
+    "flag_score",
 )
+#: What the model said about a study, blanked when results are hidden (shadow mode).
+_RESULT_COLUMNS = ("score", "threshold", "key_slice_id", "flagged_at", "flag_score")
+_SLICE_RESULT_COLUMNS = ("probability", "head_fraction")
 _SLICE_COLUMNS = (
     "id",
     "filename",
@@ -68,10 +76,24 @@ def get_study(db: sqlite3.Connection, study_id: int) -> sqlite3.Row:
 
 
 def study_json(
-    study: sqlite3.Row, rule: PriorityRule, now: float, slice_counts: dict[str, int] | None = None
+    study: sqlite3.Row,
+    rule: PriorityRule,
+    now: float,
+    slice_counts: dict[str, int] | None = None,
+    *,
+    show_results: bool = True,
 ) -> dict:
-    """A study as the API returns it, with its priority terms and time to alert."""
+    """A study as the API returns it, with its priority terms and time to alert.
+
+    ``scored_lower``: the study stays flagged although a later result scored
+    below the one that flagged it (console/queue.py never downgrades a flag).
+    """
     out = {k: study[k] for k in _PUBLIC_COLUMNS}
+    out["scored_lower"] = (
+        study["status"] == "flagged"
+        and study["flag_score"] is not None
+        and study["score"] < study["flag_score"]
+    )
     terms = rule.explain(study, now)
     out["priority"] = {
         "total": round(terms.total, 3),
@@ -81,10 +103,17 @@ def study_json(
         study["flagged_at"] - study["received_at"] if study["flagged_at"] else None
     )
     out["slices"] = slice_counts or {}
+    out["result_hidden"] = not show_results
+    if not show_results:
+        out.update(dict.fromkeys(_RESULT_COLUMNS), time_to_alert_s=None, scored_lower=False)
+        if out["status"] in ("flagged", "negative"):
+            out["status"] = "classified"
     return out
 
 
-def worklist(db: sqlite3.Connection, rule: PriorityRule, limit: int = 500) -> list[dict]:
+def worklist(
+    db: sqlite3.Connection, rule: PriorityRule, limit: int = 500, *, show_results: bool = True
+) -> list[dict]:
     """The most recent studies as JSON, highest priority first."""
     now = time.time()
     studies = db.execute(
@@ -99,12 +128,17 @@ def worklist(db: sqlite3.Connection, rule: PriorityRule, limit: int = 500) -> li
         listed,
     ):
         counts.setdefault(row["study_id"], {})[row["status"]] = row["n"]
-    items = [study_json(s, rule, now, counts.get(s["id"], {})) for s in studies]
+    items = [
+        study_json(s, rule, now, counts.get(s["id"], {}), show_results=show_results)
+        for s in studies
+    ]
     items.sort(key=lambda s: (-s["priority"]["total"], s["received_at"]))
     return items
 
 
-def study_detail(db: sqlite3.Connection, study_id: int, rule: PriorityRule) -> dict:
+def study_detail(
+    db: sqlite3.Connection, study_id: int, rule: PriorityRule, *, show_results: bool = True
+) -> dict:
     """One study with every slice (key slice first, then anatomical order).
 
     Raises:
@@ -115,6 +149,8 @@ def study_detail(db: sqlite3.Connection, study_id: int, rule: PriorityRule) -> d
     counts: dict[str, int] = {}
     for s in slices:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
-    out = study_json(study, rule, time.time(), counts)
-    out["slice_list"] = sorted(slices, key=lambda s: s["id"] != study["key_slice_id"])
+        if not show_results:
+            s.update(dict.fromkeys(_SLICE_RESULT_COLUMNS))
+    out = study_json(study, rule, time.time(), counts, show_results=show_results)
+    out["slice_list"] = sorted(slices, key=lambda s: s["id"] != out["key_slice_id"])
     return out

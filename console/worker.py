@@ -389,7 +389,8 @@ class QueueWorker:
             study = db.execute("SELECT * FROM studies WHERE id = ?", (change.study_id,)).fetchone()
             if change.newly_flagged:
                 alert_s = study["flagged_at"] - study["received_at"]
-                self._metrics.time_to_alert_seconds.observe(alert_s)
+                if self._broker.alerts:  # shadow mode flags without alerting anyone
+                    self._metrics.time_to_alert_seconds.observe(alert_s)
                 logger.warning(
                     "study %d (%s) FLAGGED: score %.3f >= %.3f, %.2f s after upload",
                     study["id"],

@@ -19,9 +19,11 @@ from flask import Blueprint, Response, render_template
 
 from console.db import get_db
 from console.errors import ImagePurgedError, StudyNotFoundError
+from console.feedback import MAX_NOTE_CHARS, history, model_decision
 from console.filestore import stored_path
 from console.render import slice_png
 from console.services import current_services
+from console.shadow import require_results_visible, results_visible
 from console.studies import study_detail
 
 bp = Blueprint("worklist", __name__)
@@ -49,10 +51,19 @@ def upload():
 
 @bp.get("/studies/<int:study_id>")
 def study(study_id: int):
-    """One study: key slice first, every slice browsable, with scores and timings."""
+    """One study: key slice first, every slice browsable, with scores, timings and feedback."""
     services = current_services()
-    detail = study_detail(get_db(), study_id, services.rule)
-    return render_template("worklist/study.html", study=detail, spec=services.spec)
+    db = get_db()
+    visible = results_visible()
+    detail = study_detail(db, study_id, services.rule, show_results=visible)
+    return render_template(
+        "worklist/study.html",
+        study=detail,
+        spec=services.spec,
+        feedback=history(db, study_id) if visible else [],
+        decision=model_decision(detail) if visible else None,
+        max_note_chars=MAX_NOTE_CHARS,
+    )
 
 
 @bp.get("/studies/<int:study_id>/slices/<int:slice_id>.png")
@@ -65,6 +76,7 @@ def slice_image(study_id: int, slice_id: int):
 @bp.get("/studies/<int:study_id>/slices/<int:slice_id>/cam.png")
 def slice_cam(study_id: int, slice_id: int):
     """The Grad-CAM overlay of the slice (computed on the PyTorch weights)."""
+    require_results_visible()
     path = _slice_path(study_id, slice_id)
     return _png(current_services().cam.overlay_png(path))
 

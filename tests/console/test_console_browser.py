@@ -1,4 +1,4 @@
-"""Headless Debian chromium: log in, upload a real hemorrhage slice, see the alert live."""
+"""Headless chromium: log in, upload a real hemorrhage slice, see the alert live, judge it."""
 
 import shutil
 from collections.abc import Iterator
@@ -130,3 +130,7 @@ def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice,
     browser.find_element(By.ID, "acknowledge").click()
     wait.until(lambda d: "acknowledged" in d.find_element(By.ID, "study-status").text.lower())
     assert not browser.find_element(By.ID, "alert-banner").is_displayed()
+
+    # The reader's verdict on the flag, from the same page.
+    browser.find_element(By.ID, "feedback-confirmed").click()
+    wait.until(lambda d: "true positive" in d.find_element(By.ID, "feedback-current").text)

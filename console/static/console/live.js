@@ -62,8 +62,10 @@
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (data) {
         connection.hidden = source !== null && source.readyState === EventSource.OPEN;
-        renderBanner(data.studies.filter(function (s) { return s.status === "flagged"; }));
-        if (alertId !== undefined) {
+        // Shadow mode (a validation period): flags are recorded, never announced.
+        renderBanner(data.shadow_mode ? [] :
+          data.studies.filter(function (s) { return s.status === "flagged"; }));
+        if (alertId !== undefined && !data.shadow_mode) {
           const study = data.studies.find(function (s) { return s.id === alertId; });
           if (study) { beep(); notify(study); }
         }
