@@ -2,6 +2,7 @@
 
 python -m build_engines train --model resnet18          # CV + final weights + figures
 python -m build_engines evaluate --model resnet18       # figures again, no training
+python -m build_engines series --model mobilenet_v2     # series model from the folds' outputs
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     write_report(spec, report_dir)
     check_cq500(spec, data_dir_from_env(), report_dir)
+    return 0
+
+
+def _series(args: argparse.Namespace) -> int:
+    from build_engines.data import data_dir_from_env
+    from build_engines.series_stage import run_series_stage
+
+    spec = get_model(args.model)
+    report_dir = args.report_dir or REPORTS_DIR / spec.name
+    report = run_series_stage(spec, data_dir_from_env(), report_dir)
+    logging.getLogger(__name__).info("best series score: %s", report["best"])
     return 0
 
 
@@ -104,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--model", required=True, choices=base_models)
     evaluate.add_argument("--report-dir", type=Path)
     evaluate.set_defaults(run=_evaluate)
+
+    series = sub.add_parser(
+        "series",
+        help="nested comparison of series scores (slice maximum, neighbour pair, series models)",
+    )
+    series.add_argument("--model", required=True, choices=base_models)
+    series.add_argument("--report-dir", type=Path)
+    series.set_defaults(run=_series)
 
     compare = sub.add_parser(
         "compare-init", help="ImageNet vs random start on one fold, equal budget"

@@ -20,9 +20,11 @@ scores are compared on equal terms.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,6 +124,34 @@ def load_series_table(fold_results: list[dict], dataset: Dataset) -> list[Series
     return series
 
 
+def series_from_oof_csv(path: Path) -> list[Series]:
+    """Series from a run's ``oof.csv`` alone: the plain view's probabilities, no embeddings.
+
+    For slice-model runs made before fold results were saved; only series
+    models that read no embeddings can train on these.
+    """
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["source"] in SERIES_SOURCES]
+    series = []
+    for patient in sorted({r["patient"] for r in rows}):
+        members = sorted(
+            (r for r in rows if r["patient"] == patient), key=lambda r: int(r["order"])
+        )
+        p = np.array([[float(r["probability"]) for r in members]], np.float32)
+        series.append(
+            Series(
+                patient,
+                members[0]["source"],
+                int(members[0]["fold"]),
+                np.array([int(r["label"]) for r in members]),
+                np.array([float(r["head_fraction"]) for r in members], np.float32),
+                p,
+                np.zeros((1, p.shape[1], 0), np.float16),
+            )
+        )
+    return series
+
+
 def train_series_model(series: list[Series], variant: SeriesVariant) -> SeriesNet:
     """Fit a series model on out-of-fold series, in zero-padded batches of 16.
 
@@ -178,7 +208,8 @@ def _training_sample(s: Series, rng: np.random.Generator, views: int, variant: S
     if len(keep) > 8 and rng.random() < 0.3:  # thicker slices
         keep = keep[rng.integers(0, 2) :: 2]
     features = s.features(rng.integers(0, views, len(s.labels)), variant.embeddings)[keep]
-    weight = 2.0 if s.source == DECISION_SOURCE else 1.0
+    # phe_sich has no normal series: its series labels would only teach "every series bleeds".
+    weight = 1.0 if s.source == DECISION_SOURCE else 0.0
     return features, s.labels[keep].astype(np.float32), weight
 
 

@@ -1,16 +1,15 @@
-"""``python -m build_engines series``: choose, evaluate and train the series model.
+"""``python -m build_engines series``: which series score to trust, measured honestly.
 
 Reads the out-of-fold slice outputs of a finished slice-model run (the fold
-results named in its ``training.json``), compares the series scores by nested
-cross-validation (maximum slice, neighbour pair, and each series-model variant),
-writes ``series.json`` and ``series_roc.png`` to the report folder, trains the
-chosen series model on every series and records it in the weights sidecar
-(``series_model``: variant, weights hash, threshold).
+results named in its ``training.json``, or its ``oof.csv`` for older runs),
+compares the series scores by nested cross-validation (maximum slice,
+neighbour pair, and each series-model variant) and writes ``series.json`` and
+``series_roc.png`` to the report folder; the model card shows both.
 
-The variant served is the one with the best nested specificity at the nested
-threshold on ``ct_ich_dev`` series (ties: higher ROC-AUC). Its threshold is the
-highest one that keeps ``TARGET_SENSITIVITY`` of the out-of-fold series scores
-of all ``ct_ich_dev`` patients.
+The best score is the one with the highest nested specificity at its nested
+threshold on ``ct_ich_dev`` series (ties: higher ROC-AUC). The console serves
+the neighbour pair (:func:`client.series.decide_series`); a series model is
+worth serving only once it wins here.
 
     python -m build_engines series --model mobilenet_v2
 """
@@ -36,16 +35,16 @@ from build_engines.report import TARGET_SENSITIVITY
 from build_engines.series_model import (
     FIXED_RULES,
     NestedResult,
+    Series,
     SeriesVariant,
     fixed_rule_scorer,
     load_series_table,
     nested_evaluation,
+    series_from_oof_csv,
     series_model_scorer,
-    train_series_model,
 )
 from client.constants import REPO_ROOT
 from client.registry import ModelSpec
-from client.torch_models import save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +63,12 @@ def run_series_stage(
     spec: ModelSpec,
     data_dir: Path,
     report_dir: Path,
-    weights_dir: Path,
     variants: tuple[SeriesVariant, ...] = VARIANTS,
 ) -> dict:
-    """Nested comparison, final series model, report, figure and weights-sidecar entry."""
-    training = json.loads((report_dir / "training.json").read_text())
-    run_dir = REPO_ROOT / training["fold_results"]
-    dataset = load_dataset(data_dir, spec)
-    folds = [np.load(run_dir / f"fold{k}.npz") for k in range(training["folds"])]
-    table = load_series_table(folds, dataset)
+    """Nested comparison of series scores; writes series.json and series_roc.png."""
+    table = _out_of_fold_series(spec, data_dir, report_dir)
+    if table[0].embeddings.shape[2] == 0:
+        variants = tuple(v for v in variants if not v.embeddings)
 
     results: list[NestedResult] = [
         nested_evaluation(table, fixed_rule_scorer(rule), name, TARGET_SENSITIVITY)
@@ -80,52 +76,49 @@ def run_series_stage(
     ]
     n_folds = len({s.fold for s in table})
     progress = tqdm(total=len(variants) * n_folds * n_folds, desc="series models", unit="fit")
-    models: dict[str, NestedResult] = {}
     for variant in variants:
-        result = nested_evaluation(
-            table, series_model_scorer(variant, progress), variant.name, TARGET_SENSITIVITY
+        results.append(
+            nested_evaluation(
+                table, series_model_scorer(variant, progress), variant.name, TARGET_SENSITIVITY
+            )
         )
-        results.append(result)
-        models[variant.name] = result
     progress.close()
 
     summary = {r.name: _summarize(r) for r in results}
     best = max(
-        variants,
-        key=lambda v: (
-            summary[v.name]["nested"]["specificity"]["value"],
-            summary[v.name]["roc_auc"]["value"],
+        summary,
+        key=lambda name: (
+            summary[name]["nested"]["specificity"]["value"],
+            summary[name]["roc_auc"]["value"],
         ),
     )
-    chosen = models[best.name]
-    threshold = threshold_for_sensitivity(chosen.labels, chosen.scores, TARGET_SENSITIVITY)
-    final = train_series_model(table, best)
-    weights_path = weights_dir / f"{spec.name}_series.safetensors"
-    sha256 = save_weights(final, weights_path)
-
     report = {
         "model": spec.name,
         "target_sensitivity": TARGET_SENSITIVITY,
         "series": len(table),
-        "decision_series": len(chosen.labels),
+        "decision_series": len(results[0].labels),
+        "embeddings": bool(table[0].embeddings.shape[2]),
+        "views": int(table[0].probabilities.shape[0]),
+        "variants": {v.name: asdict(v) for v in variants},
         "scores": summary,
-        "chosen": {**asdict(best), "name": best.name, "threshold": threshold},
+        "best": best,
     }
     (report_dir / "series.json").write_text(json.dumps(report, indent=1))
     _plot_roc(results, report_dir / "series_roc.png", spec.name)
-
-    facts_path = weights_dir / f"{spec.name}.json"
-    facts = json.loads(facts_path.read_text())
-    facts["series_model"] = {
-        "kind": best.kind,
-        "embeddings": best.embeddings,
-        "hidden": best.hidden,
-        "threshold": threshold,
-        "weights_sha256": sha256,
-    }
-    facts_path.write_text(json.dumps(facts, indent=1) + "\n")
-    logger.info("series model %s, threshold %.4f", best.name, threshold)
+    logger.info("best series score by nested cross-validation: %s", best)
     return report
+
+
+def _out_of_fold_series(spec: ModelSpec, data_dir: Path, report_dir: Path) -> list[Series]:
+    """The run's saved fold results (views and embeddings) or, for older runs, its oof.csv."""
+    training = json.loads((report_dir / "training.json").read_text())
+    if "fold_results" not in training:
+        logger.info("no saved fold results: series from oof.csv, plain views, no embeddings")
+        return series_from_oof_csv(report_dir / "oof.csv")
+    run_dir = REPO_ROOT / training["fold_results"]
+    dataset = load_dataset(data_dir, spec)
+    folds = [np.load(run_dir / f"fold{k}.npz") for k in range(training["folds"])]
+    return load_series_table(folds, dataset)
 
 
 def _summarize(result: NestedResult) -> dict:

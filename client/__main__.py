@@ -114,7 +114,7 @@ def _series_row(result: SeriesResult, spec: ModelSpec) -> list[str]:
         str(result.folder),
         spec.name,
         f"{result.series.score:.4f}",
-        _label(result.series.score, spec.series_threshold),
+        _label(result.series.score, result.series.threshold),
         result.key_slice.name,
         str(result.series.scored_slices),
         str(n_failed),

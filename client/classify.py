@@ -25,7 +25,7 @@ from client.decode import decode_file
 from client.errors import HemoTriageError
 from client.preprocess import head_fraction, model_view, normalize
 from client.registry import ModelSpec
-from client.series import SeriesScore, series_score
+from client.series import SeriesDecision, decide_series
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SeriesResult:
     """One folder scored as one series."""
 
     folder: Path
-    series: SeriesScore | None
+    series: SeriesDecision | None
     key_slice: Path | None
     slices: list[SliceResult]
 
@@ -133,13 +133,15 @@ def classify_files(
 
 
 def classify_series(folder: Path, classifier: Classifier, batch_size: int = 16) -> SeriesResult:
-    """Score every slice of a folder and aggregate them into one series score."""
+    """Score every slice of a folder and decide the series as the console does."""
     slices = classify_files(find_image_files([folder]), classifier, batch_size)
     scored = sorted((s for s in slices if s.probability is not None), key=lambda s: s.order_key)
     if not scored:
         return SeriesResult(folder, None, None, slices)
-    aggregate = series_score([s.probability for s in scored], [s.head_fraction for s in scored])
-    return SeriesResult(folder, aggregate, scored[aggregate.key_index].path, slices)
+    decision = decide_series(
+        classifier.spec, [s.probability for s in scored], [s.head_fraction for s in scored]
+    )
+    return SeriesResult(folder, decision, scored[decision.key_index].path, slices)
 
 
 def _order_key(path: Path, dicom) -> tuple:

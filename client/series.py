@@ -11,6 +11,14 @@ Near-blank slices (vertex caps, table-only frames) are ignored. A single-slice
 
     result = series_score([0.1, 0.8, 0.9, 0.2], [0.4, 0.5, 0.5, 0.4])
     result.score, result.key_index          # 0.8, 2
+
+Whether a study is flagged is decided in one place, :func:`decide_series`, for
+the console worker and ``python -m client classify --series`` alike: a lone
+image keeps the slice model's probability and slice threshold, a series gets
+the series score and the series threshold.
+
+    decision = decide_series(spec, probabilities, head_fractions)
+    decision.flagged, decision.score, decision.threshold, decision.key_index
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from client.registry import ModelSpec
 
 #: Slices whose head covers less of the model view than this are not scored.
 MIN_HEAD_FRACTION = 0.12
@@ -97,3 +107,47 @@ def series_features(
     if embeddings is not None:
         columns.append(np.asarray(embeddings, dtype=np.float64).reshape(p.size, -1))
     return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SeriesDecision:
+    """The triage decision on one study.
+
+    Attributes:
+        score: The score compared with ``threshold``.
+        threshold: The slice threshold for a lone image, else the series threshold.
+        flagged: ``score >= threshold``.
+        key_index: Index (in the given order) of the slice that carries the score.
+        method: ``single_slice`` or ``neighbour_pair``.
+        scored_slices: How many slices counted (enough head in view).
+    """
+
+    score: float
+    threshold: float
+    flagged: bool
+    key_index: int
+    method: str
+    scored_slices: int
+
+
+def decide_series(
+    spec: ModelSpec, probabilities: Sequence[float], head_fractions: Sequence[float]
+) -> SeriesDecision:
+    """Flag or clear one study from its classified slices, in anatomical order.
+
+    Raises:
+        ValueError: no slices, or the two sequences differ in length.
+    """
+    result = series_score(probabilities, head_fractions)
+    if len(probabilities) == 1:
+        method, threshold = "single_slice", spec.threshold
+    else:
+        method, threshold = "neighbour_pair", spec.series_threshold
+    return SeriesDecision(
+        result.score,
+        threshold,
+        result.score >= threshold,
+        result.key_index,
+        method,
+        result.scored_slices,
+    )

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from client.registry import ModelSpec
-from client.series import series_score
+from client.series import decide_series
 
 #: Study states that mean "a person still has to look at the result".
 FINISHED = ("flagged", "negative", "failed", "acknowledged")
@@ -180,10 +180,9 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
     """Recompute a study's status, score and key slice from its slices.
 
     Unfinished slices make it ``queued`` (none started) or ``processing``. Once
-    every slice is done, the classified ones are aggregated with
-    :func:`client.series.series_score` and compared with the spec's series
-    threshold (a single classified slice uses the slice threshold); a study with
-    no classified slice is ``failed``. An acknowledged study stays acknowledged.
+    every slice is done, :func:`client.series.decide_series` decides on the
+    classified ones (the same decision as the command line); a study with no
+    classified slice is ``failed``. An acknowledged study stays acknowledged.
 
     A flag is never downgraded by a later result (more slices, a re-decision):
     the study stays ``flagged``, first on the worklist, until a person
@@ -208,12 +207,12 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
         if not scored:
             status = "failed"
         else:
-            result = series_score(
-                [s["probability"] for s in scored], [s["head_fraction"] for s in scored]
+            decision = decide_series(
+                spec, [s["probability"] for s in scored], [s["head_fraction"] for s in scored]
             )
-            threshold = spec.series_threshold if len(scored) > 1 else spec.threshold
-            score, key_slice_id = result.score, scored[result.key_index]["id"]
-            status = "flagged" if score >= threshold else "negative"
+            score, threshold = decision.score, decision.threshold
+            key_slice_id = scored[decision.key_index]["id"]
+            status = "flagged" if decision.flagged else "negative"
             if status == "flagged":
                 flagged_at = study["flagged_at"] or now
         if study["acknowledged_at"] is not None:

@@ -1,6 +1,7 @@
 import pytest
 
-from client.series import series_score
+from client.registry import get_model
+from client.series import decide_series, series_score
 
 
 def test_single_bright_slice_does_not_flag_a_series():
@@ -29,3 +30,16 @@ def test_single_slice_series_scores_its_slice():
 def test_series_score_rejects_mismatched_inputs():
     with pytest.raises(ValueError):
         series_score([0.1, 0.2], [0.5])
+
+
+def test_a_lone_image_is_decided_by_the_slice_threshold_a_series_by_the_series_threshold():
+    """One decision for console and CLI: a one-slice study keeps the slice model's rule."""
+    spec = get_model("mobilenet_v2")
+    between = (spec.threshold + spec.series_threshold) / 2
+    lone = decide_series(spec, [between], [0.5])
+    assert (lone.method, lone.threshold) == ("single_slice", spec.threshold)
+    assert lone.flagged == (between >= spec.threshold)
+    pair = decide_series(spec, [between, between], [0.5, 0.5])
+    assert (pair.method, pair.threshold) == ("neighbour_pair", spec.series_threshold)
+    assert pair.flagged == (between >= spec.series_threshold)
+    assert lone.flagged != pair.flagged  # the thresholds differ, so the rule matters
