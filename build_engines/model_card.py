@@ -228,6 +228,7 @@ def _measured_extras(name: str) -> list[str]:
             f" the annotated box on {cam['hits']}/{cam['n_slices']} = {cam['hit_rate']:.3f}"
             f" (chance {cam['chance_rate']:.3f}; target ≥ 0.7)."
         )
+    lines.extend(_series_comparison(name))
     cq500 = _read_json(REPORTS_DIR / name / "cq500.json")
     if cq500:
         lines.append(
@@ -236,6 +237,42 @@ def _measured_extras(name: str) -> list[str]:
             f" {cq500['key_slice']}; slice probabilities from skull base to vertex:"
             f" {', '.join(f'{p:.2f}' for p in cq500['slice_probabilities_base_to_vertex'])}."
         )
+    return lines
+
+
+def _series_comparison(name: str) -> list[str]:
+    """The nested comparison of series scores (``python -m build_engines series``)."""
+    report = _read_json(REPORTS_DIR / name / "series.json")
+    if not report:
+        return []
+    inputs = "slice probabilities, head fraction and position"
+    if report["embeddings"]:
+        inputs += " and the slice embedding"
+    lines = [
+        f"
+Series scores compared by nested cross-validation on {report['decision_series']}"
+        " ct_ich_dev series (`python -m build_engines series`): each outer fold's series are"
+        " scored by a series model trained on the other folds' patients (ct_ich_dev and"
+        f" phe_sich, {report['series']} series, from out-of-fold slice outputs, {inputs}),"
+        " and its threshold (sensitivity"
+        f" ≥ {report['target_sensitivity']:.2f}) is chosen on inner folds only. Specificity"
+        " at a fixed sensitivity reads the pooled outer scores' ROC curve; 95% patient-"
+        "bootstrap CIs.
+",
+        "| series score | ROC-AUC | nested threshold: sensitivity | specificity |"
+        " specificity at sensitivity 1.0 | at 15/16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for score, block in report["scores"].items():
+        nested = block["nested"]
+        lines.append(
+            f"| {score}{' (best)' if score == report['best'] else ''} | {_fmt(block['roc_auc'])}"
+            f" | {_fmt(nested['recall'])} | {_fmt(nested['specificity'])}"
+            f" | {_fmt(block['specificity_at_sensitivity_1.0000'])}"
+            f" | {_fmt(block['specificity_at_sensitivity_0.9375'])} |"
+        )
+    lines.append(f"
+![series ROC](build_engines/reports/{name}/series_roc.png)")
     return lines
 
 

@@ -141,6 +141,9 @@ def study_detail(
 ) -> dict:
     """One study with every slice (key slice first, then anatomical order).
 
+    ``strip`` lists the slices skull base to vertex with their probabilities,
+    for the study page's probability strip along the series.
+
     Raises:
         StudyNotFoundError: no such study.
     """
@@ -153,4 +156,7 @@ def study_detail(
             s.update(dict.fromkeys(_SLICE_RESULT_COLUMNS))
     out = study_json(study, rule, time.time(), counts, show_results=show_results)
     out["slice_list"] = sorted(slices, key=lambda s: s["id"] != out["key_slice_id"])
+    out["strip"] = [
+        {"id": s["id"], "filename": s["filename"], "probability": s["probability"]} for s in slices
+    ]
     return out

@@ -229,6 +229,30 @@ def test_study_page_shows_key_slice_first_and_serves_model_view_png(
     assert other.status_code == 404
 
 
+def test_study_page_draws_the_probability_strip_along_the_series(
+    logged_in, upload, api, cq500_series, kaggle_png, services, drain
+):
+    files = [(p.name, p.read_bytes()) for p in cq500_series[:6]]
+    study_id = upload(api, files).get_json()["study_id"]
+    drain(services)
+    detail = logged_in.get(f"/api/studies/{study_id}").get_json()
+    page = logged_in.get(f"/studies/{study_id}").get_data(as_text=True)
+    strip = page.split('id="probability-strip"')[1].split("</figure>")[0]
+    bars = strip.split("<rect")[1:]
+    assert len(bars) == 6
+    # Skull base to vertex: the bars follow the anatomical order of the slice table.
+    table_order = [
+        s["id"] for s in sorted(detail["slice_list"], key=lambda s: s["slice_position_mm"])
+    ]
+    assert [int(b.split('data-slice="')[1].split('"')[0]) for b in bars] == table_order
+    (key_bar,) = [b for b in bars if " key" in b.split('class="')[1].split('"')[0]]
+    assert f'data-slice="{detail["key_slice_id"]}"' in key_bar
+    assert 'class="threshold"' in strip
+    lone = upload(api, [("000.png", kaggle_png.read_bytes())]).get_json()["study_id"]
+    drain(services)
+    assert 'id="probability-strip"' not in logged_in.get(f"/studies/{lone}").get_data(as_text=True)
+
+
 def test_gradcam_overlay_is_a_colour_png(logged_in, api, upload, kaggle_png, services, drain):
     study_id = upload(api, [("000.png", kaggle_png.read_bytes())]).get_json()["study_id"]
     drain(services)
