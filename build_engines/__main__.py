@@ -23,6 +23,7 @@ from client.registry import get_model, list_models
 def _train(args: argparse.Namespace) -> int:
     from build_engines.crossval import run_training
     from build_engines.data import data_dir_from_env
+    from build_engines.error_analysis import analyse_errors
 
     spec = get_model(args.model)
     config = TrainConfig(
@@ -35,6 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     weights_dir = args.weights_dir or WEIGHTS_DIR
     report = run_training(spec, config, data_dir_from_env(), report_dir, weights_dir, args.folds)
     logging.getLogger(__name__).info("pooled ROC-AUC %.4f", report["pooled"]["roc_auc"]["value"])
+    analyse_errors(report_dir, data_dir_from_env())
     if weights_dir == WEIGHTS_DIR:
         from build_engines.series_check import check_cq500
 
@@ -44,12 +46,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from build_engines.data import data_dir_from_env
+    from build_engines.error_analysis import analyse_errors
     from build_engines.report import write_report
     from build_engines.series_check import check_cq500
 
     spec = get_model(args.model)
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     write_report(spec, report_dir)
+    analyse_errors(report_dir, data_dir_from_env())
     check_cq500(spec, data_dir_from_env(), report_dir)
     return 0
 

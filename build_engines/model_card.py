@@ -228,6 +228,7 @@ def _measured_extras(name: str) -> list[str]:
             f" the annotated box on {cam['hits']}/{cam['n_slices']} = {cam['hit_rate']:.3f}"
             f" (chance {cam['chance_rate']:.3f}; target ≥ 0.7)."
         )
+    lines.extend(_error_analysis(name))
     lines.extend(_series_comparison(name))
     cq500 = _read_json(REPORTS_DIR / name / "cq500.json")
     if cq500:
@@ -238,6 +239,29 @@ def _measured_extras(name: str) -> list[str]:
             f" {', '.join(f'{p:.2f}' for p in cq500['slice_probabilities_base_to_vertex'])}."
         )
     return lines
+
+
+def _error_analysis(name: str) -> list[str]:
+    """Where the ct_ich_dev false alarms and misses are (``errors.json``)."""
+    errors = _read_json(REPORTS_DIR / name / "errors.json")
+    if not errors:
+        return []
+
+    def rates(groups: list[dict]) -> str:
+        return ", ".join(
+            f"{g['group']} {g['rate']:.2f} ({g['flagged']}/{g['slices']})" for g in groups
+        )
+
+    shares = errors["normal_series_flagged_share"]
+    return [
+        f"
+Where the errors are (ct_ich_dev, out of fold, slice threshold"
+        f" {errors['threshold']:.3f}): normal slices flagged by how much of the model view"
+        f" the head fills (quintiles): {rates(errors['normal_false_alarm_by_head_fraction'])};"
+        f" by skull fracture: {rates(errors['normal_false_alarm_by_fracture'])}. Sensitivity"
+        f" by subtype: {rates(errors['sensitivity_by_subtype'])}. Share of flagged slices in"
+        f" each of the {len(shares)} normal series: {', '.join(f'{x:.2f}' for x in shares)}."
+    ]
 
 
 def _series_comparison(name: str) -> list[str]:
