@@ -9,8 +9,16 @@ requests of at most ``spec.max_batch_size`` slices, with the caller's priority
 exponential backoff on transient failures. tritonclient's exceptions are
 wrapped into :mod:`client.errors` where they enter our code.
 
+``url`` may list several servers, comma-separated: requests are spread over
+the ready ones and a failed server leaves the rotation until a health check
+passes again (:mod:`client.triton_pool`, which says why the client balances
+rather than a Kubernetes Service). A request whose server goes away is sent
+once more at once to another ready server; inference has no side effects, so
+a repeat is safe.
+
     with TritonClassifier(get_model("resnet18"), url="localhost:8001", protocol="grpc") as c:
         probabilities = c.predict(batch, priority=PRIORITY_URGENT)
+    TritonClassifier(get_model("resnet18"), url="triton-0:8001,triton-1:8001", protocol="grpc")
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ import numpy as np
 
 from client.constants import INPUT_NAME, OUTPUT_NAME, PRIORITY_ROUTINE
 from client.errors import (
+    HemoTriageError,
     InferenceFailedError,
     InferenceTimeoutError,
     ModelNotReadyError,
     ServerUnavailableError,
 )
 from client.registry import ModelSpec
+from client.triton_pool import ServerPool, ServerStatus, parse_urls
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ _HEMORRHAGE = 1
 #: gRPC status codes (and HTTP statuses) worth another try: the server is restarting or busy.
 _TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 _TRANSIENT_HTTP = ("502", "503")
+#: Longest health check of a server out of rotation: it runs on a request's path.
+_RECHECK_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,18 +83,22 @@ class TritonClassifier:
 
     Args:
         spec: The registry entry; its name is the Triton model name.
-        url: ``host:port`` of Triton's HTTP (default 8000) or gRPC (8001) endpoint.
+        url: ``host:port`` of Triton's HTTP (default 8000) or gRPC (8001) endpoint,
+            or several, comma-separated.
         protocol: ``http`` or ``grpc``.
         timeout_s: Limit for connecting and for each request, in seconds.
         retries: Further attempts after a transient failure (connection refused,
-            503/UNAVAILABLE). Timeouts are not retried: the deadline is the caller's.
+            503/UNAVAILABLE), besides the one immediate retry on another server.
+            Timeouts are not retried: the deadline is the caller's.
         backoff_s: Wait before the first retry; doubled before each next one.
+        recheck_backoff_s: Wait before health-checking a failed server (one of
+            several) again; doubled after each failed check, up to 30 s.
 
     Raises:
-        ServerUnavailableError: the server does not answer or is not ready.
+        ServerUnavailableError: no server answers and is ready.
         ModelNotReadyError: the model is missing, not ready, or its input or
-            output do not match ``spec``.
-        ValueError: a bad protocol or a negative limit.
+            output do not match ``spec`` (on every server that answers).
+        ValueError: a bad protocol, URL list or limit.
     """
 
     def __init__(
@@ -93,13 +109,14 @@ class TritonClassifier:
         timeout_s: float = 30.0,
         retries: int = 2,
         backoff_s: float = 0.2,
+        recheck_backoff_s: float = 1.0,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
             raise ValueError("timeout_s must be positive, retries and backoff_s not negative")
         self.spec = spec
-        self.url = url
+        self.urls = parse_urls(url)
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.retries = retries
@@ -107,12 +124,15 @@ class TritonClassifier:
         self._local = threading.local()
         self._clients: list = []
         self._clients_lock = threading.Lock()
-        try:
-            self._check_server()
-            self._check_model()
-        except BaseException:
-            self.close()
-            raise
+        recheck_timeout_s = min(timeout_s, _RECHECK_TIMEOUT_S)
+        self._pool = ServerPool(
+            self.urls,
+            check=lambda u: self._check(u, recheck_timeout_s),
+            backoff_initial_s=recheck_backoff_s,
+        )
+        failures = self._check_all()
+        for server_url, error in failures.items():
+            self._pool.mark_down(server_url, error)
 
     def predict(self, batch: np.ndarray, priority: int = PRIORITY_ROUTINE) -> np.ndarray:
         """Score a float32 (N, 3, S, S) batch; return N probabilities of hemorrhage.
@@ -145,10 +165,29 @@ class TritonClassifier:
         ]
         return np.concatenate(parts)[:, _HEMORRHAGE].astype(np.float32)
 
-    def statistics(self) -> dict:
-        """Triton's inference statistics for this model (batch counts, queue times), as JSON."""
+    def statistics(self, url: str | None = None) -> dict:
+        """Triton's inference statistics for this model (batch counts, queue times), as JSON.
+
+        Args:
+            url: The server to ask; the first listed by default.
+        """
+        url = url or self.urls[0]
         timeout = _grpc_timeout(self.protocol, self.timeout_s)
-        return self._call(lambda c: _as_json(c.get_inference_statistics(self.spec.name, **timeout)))
+        return self._call(
+            url, lambda c: _as_json(c.get_inference_statistics(self.spec.name, **timeout))
+        )
+
+    def servers(self) -> tuple[ServerStatus, ...]:
+        """Each server's state as last seen: in rotation or not, and why (``/metrics``)."""
+        return self._pool.statuses()
+
+    def check_servers(self) -> tuple[ServerStatus, ...]:
+        """Health-check the failed servers whose backoff has passed; then :meth:`servers`.
+
+        Lets a readiness probe bring a restarted server back while no request flows.
+        """
+        self._pool.check_due()
+        return self._pool.statuses()
 
     def close(self) -> None:
         """Close every connection this classifier opened (one per calling thread)."""
@@ -163,124 +202,181 @@ class TritonClassifier:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _client(self):
-        """This thread's client: tritonclient's clients are not safe to share across threads."""
-        client = getattr(self._local, "client", None)
+    def _client(self, url: str):
+        """This thread's client of ``url``: tritonclient's are not safe to share across threads."""
+        clients = self._thread_clients()
+        client = clients.get(url)
         if client is None:
-            client = _make_client(self.url, self.protocol, self.timeout_s)
-            self._local.client = client
+            client = _make_client(url, self.protocol, self.timeout_s)
+            clients[url] = client
             with self._clients_lock:
                 self._clients.append(client)
         return client
 
+    def _thread_clients(self) -> dict:
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        return clients
+
     def _infer_with_retries(self, chunk: np.ndarray, priority: int) -> np.ndarray:
         attempt = 0
+        failed_over = False
         while True:
+            url = self._pool.acquire()
             try:
-                return self._infer(chunk, priority)
-            except ServerUnavailableError:
+                result = self._infer(url, chunk, priority)
+            except ServerUnavailableError as e:
+                self._pool.mark_down(url, e)
+                if not failed_over and self._pool.has_ready():
+                    failed_over = True
+                    logger.warning(
+                        "%s on %s unavailable; retrying at once on another server",
+                        self.spec.name,
+                        url,
+                    )
+                    continue
                 if attempt == self.retries:
                     raise
                 delay_s = self.backoff_s * 2**attempt
                 logger.warning(
                     "%s on %s unavailable (attempt %d/%d); retrying in %.2f s",
                     self.spec.name,
-                    self.url,
+                    url,
                     attempt + 1,
                     self.retries + 1,
                     delay_s,
                 )
                 time.sleep(delay_s)
                 attempt += 1
+            else:
+                self._pool.mark_up(url)
+                return result
+            finally:
+                self._pool.release(url)
 
-    def _infer(self, chunk: np.ndarray, priority: int) -> np.ndarray:
+    def _infer(self, url: str, chunk: np.ndarray, priority: int) -> np.ndarray:
         module = _module(self.protocol)
         tensor = module.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
         tensor.set_data_from_numpy(chunk)
         output = module.InferRequestedOutput(OUTPUT_NAME)
         timeout = _grpc_timeout(self.protocol, self.timeout_s)
         result = self._call(
+            url,
             lambda c: c.infer(
                 self.spec.name, [tensor], outputs=[output], priority=priority, **timeout
-            )
+            ),
         )
         return result.as_numpy(OUTPUT_NAME)
 
-    def _call(self, request):
-        """Run ``request(client)`` and translate tritonclient's failures into ours."""
+    def _call(self, url: str, request):
+        """Run ``request(client)`` on ``url`` and translate tritonclient's failures into ours."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            return request(self._client())
+            return request(self._client(url))
         except InferenceServerException as e:
-            raise self._translate(e) from e
+            raise self._translate(url, e) from e
         except TimeoutError as e:  # HTTP (geventhttpclient) network timeout
             raise InferenceTimeoutError(
-                f"{self.spec.name} on {self.url}: no answer within {self.timeout_s:g} s"
+                f"{self.spec.name} on {url}: no answer within {self.timeout_s:g} s"
             ) from e
         except OSError as e:  # connection refused or reset: the server went away
-            self._drop_client()
-            raise ServerUnavailableError(f"Triton at {self.url} ({self.protocol}): {e}") from e
+            self._drop_client(url)
+            raise ServerUnavailableError(f"Triton at {url} ({self.protocol}): {e}") from e
 
-    def _translate(self, e) -> Exception:
+    def _translate(self, url: str, e) -> Exception:
         status = str(e.status() or "")
-        message = f"{self.spec.name} on {self.url} ({self.protocol}): {e.message()}"
+        message = f"{self.spec.name} on {url} ({self.protocol}): {e.message()}"
         if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in (e.message() or "").lower():
             return InferenceTimeoutError(message)
         if status in _TRANSIENT_GRPC or status in _TRANSIENT_HTTP:
             return ServerUnavailableError(message)
         return InferenceFailedError(message)
 
-    def _drop_client(self) -> None:
-        client = getattr(self._local, "client", None)
+    def _drop_client(self, url: str) -> None:
+        client = self._thread_clients().pop(url, None)
         if client is not None:
-            self._local.client = None
             with self._clients_lock:
                 if client in self._clients:
                     self._clients.remove(client)
             client.close()
 
-    def _check_server(self) -> None:
+    def _check_all(self) -> dict[str, HemoTriageError]:
+        """Check every server at start; return the failures of those that are not usable.
+
+        Raises:
+            ServerUnavailableError, ModelNotReadyError: no server is usable; with
+                one server its own error, as before lists were accepted.
+        """
+        failures: dict[str, HemoTriageError] = {}
+        for url in self.urls:
+            try:
+                self._check(url, self.timeout_s)
+            except (ServerUnavailableError, ModelNotReadyError) as e:
+                failures[url] = e
+        if len(failures) < len(self.urls):
+            return failures
+        errors = list(failures.values())
+        if len(errors) == 1:
+            raise errors[0]
+        kind = next(
+            (type(e) for e in errors if isinstance(e, ModelNotReadyError)), ServerUnavailableError
+        )
+        detail = "; ".join(map(str, errors))
+        raise kind(f"none of {len(errors)} Triton servers is usable: {detail}")
+
+    def _check(self, url: str, timeout_s: float) -> None:
+        """Server ready, model ready and matching the registry, on a client of its own.
+
+        Raises:
+            ServerUnavailableError, ModelNotReadyError: see the class.
+        """
+        client = _make_client(url, self.protocol, timeout_s)
+        try:
+            self._check_server(client, url, timeout_s)
+            self._check_model(client, url, timeout_s)
+        finally:
+            client.close()
+
+    def _check_server(self, client, url: str, timeout_s: float) -> None:
         from tritonclient.utils import InferenceServerException
 
         try:
-            ready = self._client().is_server_ready(**_grpc_timeout(self.protocol, self.timeout_s))
+            ready = client.is_server_ready(**_grpc_timeout(self.protocol, timeout_s))
         except (InferenceServerException, OSError) as e:
             raise ServerUnavailableError(
-                f"no Triton server answers at {self.url} ({self.protocol}): {e}; "
+                f"no Triton server answers at {url} ({self.protocol}): {e}; "
                 "start one with 'python -m build_engines serve'"
             ) from e
         if not ready:
-            raise ServerUnavailableError(f"Triton at {self.url} is up but not ready")
+            raise ServerUnavailableError(f"Triton at {url} is up but not ready")
 
-    def _check_model(self) -> None:
+    def _check_model(self, client, url: str, timeout_s: float) -> None:
         from tritonclient.utils import InferenceServerException
 
         name = self.spec.name
-        timeout = _grpc_timeout(self.protocol, self.timeout_s)
-        client = self._client()
+        timeout = _grpc_timeout(self.protocol, timeout_s)
         try:
             if not client.is_model_ready(name, **timeout):
                 index = _as_json(client.get_model_repository_index(**timeout))
                 known = {m["name"]: m for m in _index_models(index)}
                 if name not in known:
                     raise ModelNotReadyError(
-                        f"model {name!r} is not in the repository of {self.url}; "
+                        f"model {name!r} is not in the repository of {url}; "
                         f"it serves {', '.join(sorted(known)) or 'nothing'}"
                     )
                 state = known[name].get("state", "UNKNOWN")
                 reason = known[name].get("reason", "")
-                raise ModelNotReadyError(
-                    f"model {name!r} on {self.url} is {state} {reason}".strip()
-                )
+                raise ModelNotReadyError(f"model {name!r} on {url} is {state} {reason}".strip())
             metadata = _as_json(client.get_model_metadata(name, **timeout))
         except InferenceServerException as e:
-            raise ModelNotReadyError(f"model {name!r} on {self.url}: {e.message()}") from e
+            raise ModelNotReadyError(f"model {name!r} on {url}: {e.message()}") from e
         except OSError as e:
-            raise ServerUnavailableError(f"Triton at {self.url}: {e}") from e
-        self._check_tensors(metadata)
+            raise ServerUnavailableError(f"Triton at {url}: {e}") from e
+        self._check_tensors(url, metadata)
 
-    def _check_tensors(self, metadata: dict) -> None:
+    def _check_tensors(self, url: str, metadata: dict) -> None:
         size = self.spec.input_size
         expected_in = {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, size, size]}
         expected_out = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 2]}
@@ -294,7 +390,7 @@ class TritonClassifier:
             ]
             if found != [expected]:
                 raise ModelNotReadyError(
-                    f"model {self.spec.name!r} on {self.url} has {role} {found}, "
+                    f"model {self.spec.name!r} on {url} has {role} {found}, "
                     f"the registry expects {expected}; rebuild the model repository"
                 )
 

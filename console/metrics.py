@@ -12,12 +12,13 @@ statistics (console/accuracy.py) are read from SQLite at scrape time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from client.triton_pool import ServerStatus
 from console.accuracy import WINDOWS, accuracy_by_version
 from console.db import connect
 from console.queue import depth
@@ -126,6 +127,23 @@ class _ThreadCollector:
         yield family
 
 
+class _TritonServerCollector:
+    """1 for each Triton server in the classifier's rotation, 0 for one taken out of it."""
+
+    def __init__(self, servers: Callable[[], Iterable[ServerStatus]]) -> None:
+        self._servers = servers
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "hemotriage_triton_server_up",
+            "1 while a Triton server is in the classifier's rotation, 0 while it is out",
+            labels=["url"],
+        )
+        for server in self._servers():
+            family.add_metric([server.url], 1.0 if server.up else 0.0)
+        yield family
+
+
 class ConsoleMetrics:
     """The console's counters, gauges and histograms.
 
@@ -182,3 +200,7 @@ class ConsoleMetrics:
     def watch_threads(self, probes: dict[str, Callable[[], bool]]) -> None:
         """Report ``hemotriage_thread_up`` for each named liveness probe."""
         self.registry.register(_ThreadCollector(probes))
+
+    def watch_triton(self, servers: Callable[[], Iterable[ServerStatus]]) -> None:
+        """Report ``hemotriage_triton_server_up`` for each server ``servers()`` lists."""
+        self.registry.register(_TritonServerCollector(servers))

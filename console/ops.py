@@ -5,7 +5,7 @@ Routes:
     GET /healthz   200 while the process answers
     GET /readyz    200 when the database takes writes, the classifier answers and the
                    worker, inbox and DICOM receiver threads run (the worker's loop not
-                   stalled), else 503
+                   stalled), else 503; with Triton, each server's state under "triton"
     GET /metrics   Prometheus text format
 """
 
@@ -35,7 +35,8 @@ def readyz():
     """Readiness: the database takes a write lock, the classifier answers, the threads run.
 
     The body also carries the worker's latest error, so an operator sees why
-    without reading logs.
+    without reading logs, and each Triton server's state (after health-checking
+    those due for it, so an idle console notices a restarted server too).
     """
     checks: dict[str, str] = {}
     try:
@@ -47,8 +48,9 @@ def readyz():
         checks["database"] = f"error: {e}"
     services = current_services()
     worker = services.worker
+    classifier = None
     try:
-        worker.classifier()
+        classifier = worker.classifier()
         checks["classifier"] = "ok"
     except HemoTriageError as e:
         checks["classifier"] = f"error: {e}"
@@ -68,6 +70,10 @@ def readyz():
             "backoff_s": state.backoff_s,
         },
     }
+    # Several Triton servers: one that is down does not make the console unready.
+    check_servers = getattr(classifier, "check_servers", None)
+    if check_servers is not None:
+        body["triton"] = {s.url: "up" if s.up else f"down: {s.reason}" for s in check_servers()}
     return jsonify(body), 200 if ready else 503
 
 

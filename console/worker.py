@@ -42,6 +42,7 @@ from client.errors import (
 )
 from client.preprocess import head_fraction, model_view, normalize
 from client.registry import ModelSpec, get_model
+from client.triton_pool import ServerStatus
 from console import queue
 from console.db import connect
 from console.events import EventBroker, publish_study
@@ -171,6 +172,7 @@ class QueueWorker:
         self._db = None
         self._next_lease_check = 0.0
         self._took_back_earlier_claims = False
+        metrics.watch_triton(self.triton_servers)
 
     def start(self) -> None:
         """Run the loop in a daemon thread (once).
@@ -251,6 +253,11 @@ class QueueWorker:
                 self.state.classifier_ready = True
                 self._metrics.classifier_up.set(1)
             return self._classifier
+
+    def triton_servers(self) -> tuple[ServerStatus, ...]:
+        """Each Triton server's state in the current classifier (none while unbuilt or local)."""
+        servers = getattr(self._classifier, "servers", None)  # no lock: a scrape never waits
+        return servers() if servers is not None else ()
 
     def run_once(self) -> int:
         """Classify one batch; return how many slices it finished (0: queue empty).
