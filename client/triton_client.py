@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from http.client import HTTPException
 from typing import Literal
 
 import numpy as np
@@ -276,12 +277,19 @@ class TritonClassifier:
         try:
             return request(self._client(url))
         except InferenceServerException as e:
-            raise self._translate(url, e) from e
+            error = self._translate(url, e)
+            if isinstance(error, ServerUnavailableError):
+                # A new gRPC channel connects at once; the old one may sit out its
+                # reconnect backoff long after the server is back.
+                self._drop_client(url)
+            raise error from e
         except TimeoutError as e:  # HTTP (geventhttpclient) network timeout
             raise InferenceTimeoutError(
                 f"{self.spec.name} on {url}: no answer within {self.timeout_s:g} s"
             ) from e
-        except OSError as e:  # connection refused or reset: the server went away
+        except (OSError, HTTPException) as e:
+            # Connection refused or reset, or (HTTP: geventhttpclient's HTTPConnectionClosed)
+            # closed before the answer: the server went away.
             self._drop_client(url)
             raise ServerUnavailableError(f"Triton at {url} ({self.protocol}): {e}") from e
 
