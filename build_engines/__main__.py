@@ -32,6 +32,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch,
         distill_weight=args.distill_weight if args.teacher else 0.0,
+        hard_negative_boost=args.hard_negative_boost if args.hard_negatives_from else 0.0,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
@@ -47,6 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         weights_dir,
         args.folds,
         teacher=teacher,
+        hard_negatives_from=args.hard_negatives_from,
     )
     logging.getLogger(__name__).info("pooled ROC-AUC %.4f", report["pooled"]["roc_auc"]["value"])
     analyse_errors(report_dir, data_dir_from_env())
@@ -135,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.7,
         help="share of the loss taken from the teacher (with --teacher)",
+    )
+    train.add_argument(
+        "--hard-negatives-from",
+        type=Path,
+        help="an earlier run's oof.csv: sample the normal slices it scored high more often",
+    )
+    train.add_argument(
+        "--hard-negative-boost",
+        type=float,
+        default=3.0,
+        help="a normal slice with out-of-fold probability p is drawn 1 + boost x p as often",
     )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)

@@ -127,6 +127,7 @@ def run_training(
     records: list[SliceRecord] | None = None,
     runs_dir: Path = RUNS_DIR,
     teacher: Teacher | None = None,
+    hard_negatives_from: Path | None = None,
 ) -> dict:
     """Cross-validate, evaluate, train the final model and write weights, facts and figures.
 
@@ -135,6 +136,8 @@ def run_training(
     """
     report_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir, spec, records)
+    if hard_negatives_from is not None:
+        dataset = replace(dataset, difficulty=read_difficulty(hard_negatives_from, dataset))
     run_dir = run_directory(spec, config, dataset, n_folds, runs_dir, teacher)
     oof = np.full(len(dataset.records), np.nan)
     fold_of = np.full(len(dataset.records), -1)
@@ -224,6 +227,16 @@ def run_directory(
     path = runs_dir / f"{spec.name}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_difficulty(oof_csv: Path, dataset: Dataset) -> np.ndarray:
+    """Per-slice out-of-fold probability from an earlier run's ``oof.csv`` (0 where absent)."""
+    with oof_csv.open() as f:
+        earlier = {r["path"]: float(r["probability"]) for r in csv.DictReader(f)}
+    return np.array(
+        [earlier.get(str(r.path.relative_to(r.path.parents[2])), 0.0) for r in dataset.records],
+        dtype=np.float32,
+    )
 
 
 def _run_fold(

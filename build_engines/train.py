@@ -71,6 +71,7 @@ class TrainConfig:
     pretrained: bool = False
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
+    hard_negative_boost: float = 0.0
 
 
 @dataclass
@@ -82,13 +83,27 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def sample_weights(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
-    """Sampling probability of each index so every (source, label) cell gets its share."""
+def sample_weights(
+    dataset: Dataset, indices: np.ndarray, hard_negative_boost: float = 0.0
+) -> np.ndarray:
+    """Sampling probability of each index so every (source, label) cell gets its share.
+
+    With ``hard_negative_boost`` and a dataset ``difficulty``, a normal slice is
+    drawn ``1 + boost x difficulty`` times as often as an easy one of its cell
+    (the cell's share stays the same): the false alarms an earlier model made
+    (busy mid-brain slices, round heads, fractures) are seen more often.
+    """
     cells = [(dataset.records[i].source, dataset.records[i].label) for i in indices]
-    counts: dict[tuple[str, int], int] = {}
-    for cell in cells:
-        counts[cell] = counts.get(cell, 0) + 1
-    weights = np.array([CELL_WEIGHTS[c] / counts[c] for c in cells])
+    within = np.ones(len(indices))
+    if hard_negative_boost and dataset.difficulty is not None:
+        normal = np.array([label == 0 for _, label in cells])
+        within[normal] += hard_negative_boost * dataset.difficulty[indices][normal]
+    totals: dict[tuple[str, int], float] = {}
+    for cell, w in zip(cells, within, strict=True):
+        totals[cell] = totals.get(cell, 0.0) + w
+    weights = np.array(
+        [CELL_WEIGHTS[c] * w / totals[c] for c, w in zip(cells, within, strict=True)]
+    )
     return weights / weights.sum()
 
 
@@ -122,7 +137,7 @@ class _EpochRunner:
         self.spec, self.dataset, self.train_idx, self.config = spec, dataset, train_idx, config
         self.teacher = None if teacher is None else teacher.to(_device()).eval()
         self.rng = np.random.default_rng(config.seed)
-        self.probabilities = sample_weights(dataset, train_idx)
+        self.probabilities = sample_weights(dataset, train_idx, config.hard_negative_boost)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.steps = config.samples_per_epoch // config.batch_size
 
