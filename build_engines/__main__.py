@@ -21,7 +21,7 @@ from client.registry import get_model, list_models
 
 
 def _train(args: argparse.Namespace) -> int:
-    from build_engines.crossval import run_training
+    from build_engines.crossval import Teacher, run_training
     from build_engines.data import data_dir_from_env
     from build_engines.error_analysis import analyse_errors
 
@@ -31,10 +31,25 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch,
+        distill_weight=args.distill_weight if args.teacher else 0.0,
+        hard_negative_boost=args.hard_negative_boost if args.hard_negatives_from else 0.0,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
-    report = run_training(spec, config, data_dir_from_env(), report_dir, weights_dir, args.folds)
+    teacher = None
+    if args.teacher:
+        teacher_spec = get_model(args.teacher)
+        teacher = Teacher.from_report(teacher_spec, REPORTS_DIR / teacher_spec.name)
+    report = run_training(
+        spec,
+        config,
+        data_dir_from_env(),
+        report_dir,
+        weights_dir,
+        args.folds,
+        teacher=teacher,
+        hard_negatives_from=args.hard_negatives_from,
+    )
     logging.getLogger(__name__).info("pooled ROC-AUC %.4f", report["pooled"]["roc_auc"]["value"])
     analyse_errors(report_dir, data_dir_from_env())
     if weights_dir == WEIGHTS_DIR:
@@ -111,6 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrained",
         action="store_true",
         help="start mobilenet_v2 from the dequantized ImageNet TFLite weights",
+    )
+    train.add_argument(
+        "--teacher",
+        choices=base_models,
+        help="distil from this model's last run (its fold models and served weights)",
+    )
+    train.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.7,
+        help="share of the loss taken from the teacher (with --teacher)",
+    )
+    train.add_argument(
+        "--hard-negatives-from",
+        type=Path,
+        help="an earlier run's oof.csv: sample the normal slices it scored high more often",
+    )
+    train.add_argument(
+        "--hard-negative-boost",
+        type=float,
+        default=3.0,
+        help="a normal slice with out-of-fold probability p is drawn 1 + boost x p as often",
     )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)

@@ -13,6 +13,10 @@ the series model's training input) are saved under ``.cache/runs/<run key>/``
 as the fold finishes, and a rerun of the same configuration skips what exists.
 
     run_training(get_model("resnet18"), TrainConfig(), data_dir, report_dir, WEIGHTS_DIR)
+
+A student can be distilled from a teacher's run (``Teacher``): fold k's
+student learns from the teacher's fold-k model, which never saw fold k's
+patients either, and the final student from the teacher's final weights.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import inspect
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,9 +42,44 @@ from build_engines.report import write_report
 from build_engines.train import TrainConfig, embed_views, train_model
 from client.constants import REPO_ROOT
 from client.registry import PREPROCESSING_VERSION, ModelSpec
-from client.torch_models import save_weights
+from client.torch_models import file_sha256, load_weights_file, save_weights
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A finished training run to distil from: its fold models and its final weights."""
+
+    spec: ModelSpec
+    run_dir: Path
+    final_weights: Path
+
+    @classmethod
+    def from_report(cls, spec: ModelSpec, report_dir: Path) -> Teacher:
+        """The run recorded in ``report_dir/training.json`` with the served weights.
+
+        Raises:
+            ValueError: that run kept no fold models (trained before runs were saved).
+        """
+        training = json.loads((report_dir / "training.json").read_text())
+        if "fold_results" not in training:
+            raise ValueError(f"{spec.name}'s run in {report_dir} kept no fold models; retrain it")
+        return cls(spec, REPO_ROOT / training["fold_results"], spec.weights_path)
+
+    def fold_model(self, fold: int, test_idx: np.ndarray) -> torch.nn.Module:
+        """The teacher's model of ``fold``, checked to have held out the same slices.
+
+        Raises:
+            ValueError: the teacher's folds differ (other data or seed).
+        """
+        held_out = np.load(self.run_dir / f"fold{fold}.npz")["test_idx"]
+        if not np.array_equal(np.sort(held_out), np.sort(test_idx)):
+            raise ValueError(
+                f"teacher fold {fold} held out other slices; use the same data and seed"
+            )
+        return load_weights_file(self.spec, self.run_dir / f"fold{fold}.safetensors")
+
 
 #: Fold results of every training configuration (git-ignored, reused by reruns).
 RUNS_DIR = REPO_ROOT / ".cache" / "runs"
@@ -87,6 +126,8 @@ def run_training(
     n_folds: int = 5,
     records: list[SliceRecord] | None = None,
     runs_dir: Path = RUNS_DIR,
+    teacher: Teacher | None = None,
+    hard_negatives_from: Path | None = None,
 ) -> dict:
     """Cross-validate, evaluate, train the final model and write weights, facts and figures.
 
@@ -95,14 +136,19 @@ def run_training(
     """
     report_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir, spec, records)
-    run_dir = run_directory(spec, config, dataset, n_folds, runs_dir)
+    if hard_negatives_from is not None:
+        dataset = replace(dataset, difficulty=read_difficulty(hard_negatives_from, dataset))
+    run_dir = run_directory(spec, config, dataset, n_folds, runs_dir, teacher)
     oof = np.full(len(dataset.records), np.nan)
     fold_of = np.full(len(dataset.records), -1)
     histories, best_epochs = [], []
     for fold, (train_idx, test_idx) in enumerate(patient_folds(dataset, n_folds, config.seed)):
         saved = run_dir / f"fold{fold}.npz"
         if not saved.exists():
-            _run_fold(spec, config, dataset, fold, n_folds, train_idx, test_idx, saved)
+            teacher_model = None if teacher is None else teacher.fold_model(fold, test_idx)
+            _run_fold(
+                spec, config, dataset, fold, n_folds, train_idx, test_idx, saved, teacher_model
+            )
         stored = np.load(saved)
         oof[test_idx] = stored["probabilities"][0]
         fold_of[test_idx] = fold
@@ -119,6 +165,7 @@ def run_training(
         None,
         replace(config, epochs=final_epochs),
         desc=f"{spec.name} final",
+        teacher=None if teacher is None else load_weights_file(teacher.spec, teacher.final_weights),
     )
     weights_path = weights_dir / f"{spec.name}.safetensors"
     sha256 = save_weights(final.model, weights_path)
@@ -146,6 +193,7 @@ def run_training(
         "preprocessing_version": PREPROCESSING_VERSION,
         "trained_at": training["trained_at"],
         "pretrained": config.pretrained,
+        "teacher": None if teacher is None else teacher.spec.name,
         "reference_predictions": reference_predictions(spec, weights_path, data_dir),
     }
     (weights_dir / f"{spec.name}.json").write_text(json.dumps(facts, indent=1) + "\n")
@@ -153,7 +201,12 @@ def run_training(
 
 
 def run_directory(
-    spec: ModelSpec, config: TrainConfig, dataset: Dataset, n_folds: int, runs_dir: Path
+    spec: ModelSpec,
+    config: TrainConfig,
+    dataset: Dataset,
+    n_folds: int,
+    runs_dir: Path,
+    teacher: Teacher | None = None,
 ) -> Path:
     """Where one configuration's fold results live: keyed by everything that shapes them."""
     key = hashlib.sha1(
@@ -165,12 +218,25 @@ def run_directory(
                 PREPROCESSING_VERSION,
                 [str(r.path) for r in dataset.records],
                 inspect.getsource(augment),
+                None
+                if teacher is None
+                else [teacher.run_dir.name, file_sha256(teacher.final_weights)],
             ]
         ).encode()
     ).hexdigest()[:12]
     path = runs_dir / f"{spec.name}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_difficulty(oof_csv: Path, dataset: Dataset) -> np.ndarray:
+    """Per-slice out-of-fold probability from an earlier run's ``oof.csv`` (0 where absent)."""
+    with oof_csv.open() as f:
+        earlier = {r["path"]: float(r["probability"]) for r in csv.DictReader(f)}
+    return np.array(
+        [earlier.get(str(r.path.relative_to(r.path.parents[2])), 0.0) for r in dataset.records],
+        dtype=np.float32,
+    )
 
 
 def _run_fold(
@@ -182,11 +248,18 @@ def _run_fold(
     train_idx: np.ndarray,
     test_idx: np.ndarray,
     saved: Path,
+    teacher: torch.nn.Module | None = None,
 ) -> None:
     """Train one fold; save its model and its out-of-fold probabilities and embeddings."""
     fit_idx, stop_idx = _stopping_split(dataset, train_idx, config.seed + fold)
     result = train_model(
-        spec, dataset, fit_idx, stop_idx, config, desc=f"{spec.name} fold {fold + 1}/{n_folds}"
+        spec,
+        dataset,
+        fit_idx,
+        stop_idx,
+        config,
+        desc=f"{spec.name} fold {fold + 1}/{n_folds}",
+        teacher=teacher,
     )
     save_weights(result.model, saved.with_suffix(".safetensors"))
     probabilities, embeddings = embed_views(

@@ -48,11 +48,17 @@ class SliceRecord:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Records plus their cached model views (uint8, 0-255 = [0, 1])."""
+    """Records plus their cached model views (uint8, 0-255 = [0, 1]).
+
+    ``difficulty`` (optional, per slice in [0, 1]) is how strongly an earlier
+    model's out-of-fold prediction called a normal slice a bleed; training
+    samples such hard negatives more often.
+    """
 
     records: list[SliceRecord]
     views: np.ndarray
     head_fractions: np.ndarray
+    difficulty: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:

@@ -17,6 +17,7 @@ on the confounders and not only on a pooled AUC:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def analyse_errors(report_dir: Path, data_dir: Path) -> dict:
 
     edges = np.quantile(head[normal], np.linspace(0, 1, _BINS + 1))
     by_head = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         members = normal & (head >= low) & (head <= high)
         by_head.append(_rate(f"{low:.2f}-{high:.2f}", flagged[members]))
     analysis = {

@@ -254,8 +254,7 @@ def _error_analysis(name: str) -> list[str]:
 
     shares = errors["normal_series_flagged_share"]
     return [
-        f"
-Where the errors are (ct_ich_dev, out of fold, slice threshold"
+        f"\nWhere the errors are (ct_ich_dev, out of fold, slice threshold"
         f" {errors['threshold']:.3f}): normal slices flagged by how much of the model view"
         f" the head fills (quintiles): {rates(errors['normal_false_alarm_by_head_fraction'])};"
         f" by skull fracture: {rates(errors['normal_false_alarm_by_fracture'])}. Sensitivity"
@@ -273,16 +272,14 @@ def _series_comparison(name: str) -> list[str]:
     if report["embeddings"]:
         inputs += " and the slice embedding"
     lines = [
-        f"
-Series scores compared by nested cross-validation on {report['decision_series']}"
+        f"\nSeries scores compared by nested cross-validation on {report['decision_series']}"
         " ct_ich_dev series (`python -m build_engines series`): each outer fold's series are"
         " scored by a series model trained on the other folds' patients (ct_ich_dev and"
         f" phe_sich, {report['series']} series, from out-of-fold slice outputs, {inputs}),"
         " and its threshold (sensitivity"
         f" ≥ {report['target_sensitivity']:.2f}) is chosen on inner folds only. Specificity"
         " at a fixed sensitivity reads the pooled outer scores' ROC curve; 95% patient-"
-        "bootstrap CIs.
-",
+        "bootstrap CIs.\n",
         "| series score | ROC-AUC | nested threshold: sensitivity | specificity |"
         " specificity at sensitivity 1.0 | at 15/16 |",
         "|---|---|---|---|---|---|",
@@ -295,8 +292,7 @@ Series scores compared by nested cross-validation on {report['decision_series']}
             f" | {_fmt(block['specificity_at_sensitivity_1.0000'])}"
             f" | {_fmt(block['specificity_at_sensitivity_0.9375'])} |"
         )
-    lines.append(f"
-![series ROC](build_engines/reports/{name}/series_roc.png)")
+    lines.append(f"\n![series ROC](build_engines/reports/{name}/series_roc.png)")
     return lines
 
 

@@ -50,6 +50,11 @@ class TrainConfig:
     the cost; the fine-tune phase (``finetune_epochs`` at the serving size, low
     learning rate, from the best low-resolution checkpoint) adapts the
     filters and batch-norm statistics to what serving feeds the model.
+
+    With a teacher, ``distill_weight`` of the loss is the teacher's softened
+    prediction on the same augmented view (Hinton et al. 2015, temperature
+    ``distill_temperature``), the rest the labels: no ImageNet ResNet weights
+    exist offline, and our MobileNetV2 teacher carries ImageNet features.
     """
 
     epochs: int = 12
@@ -64,6 +69,9 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     pretrained: bool = False
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    hard_negative_boost: float = 0.0
 
 
 @dataclass
@@ -75,13 +83,27 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def sample_weights(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
-    """Sampling probability of each index so every (source, label) cell gets its share."""
+def sample_weights(
+    dataset: Dataset, indices: np.ndarray, hard_negative_boost: float = 0.0
+) -> np.ndarray:
+    """Sampling probability of each index so every (source, label) cell gets its share.
+
+    With ``hard_negative_boost`` and a dataset ``difficulty``, a normal slice is
+    drawn ``1 + boost x difficulty`` times as often as an easy one of its cell
+    (the cell's share stays the same): the false alarms an earlier model made
+    (busy mid-brain slices, round heads, fractures) are seen more often.
+    """
     cells = [(dataset.records[i].source, dataset.records[i].label) for i in indices]
-    counts: dict[tuple[str, int], int] = {}
-    for cell in cells:
-        counts[cell] = counts.get(cell, 0) + 1
-    weights = np.array([CELL_WEIGHTS[c] / counts[c] for c in cells])
+    within = np.ones(len(indices))
+    if hard_negative_boost and dataset.difficulty is not None:
+        normal = np.array([label == 0 for _, label in cells])
+        within[normal] += hard_negative_boost * dataset.difficulty[indices][normal]
+    totals: dict[tuple[str, int], float] = {}
+    for cell, w in zip(cells, within, strict=True):
+        totals[cell] = totals.get(cell, 0.0) + w
+    weights = np.array(
+        [CELL_WEIGHTS[c] * w / totals[c] for c, w in zip(cells, within, strict=True)]
+    )
     return weights / weights.sum()
 
 
@@ -105,11 +127,17 @@ class _EpochRunner:
     """Runs sampled, augmented epochs of one model and scores held-out patients."""
 
     def __init__(
-        self, spec: ModelSpec, dataset: Dataset, train_idx: np.ndarray, config: TrainConfig
+        self,
+        spec: ModelSpec,
+        dataset: Dataset,
+        train_idx: np.ndarray,
+        config: TrainConfig,
+        teacher: torch.nn.Module | None = None,
     ):
         self.spec, self.dataset, self.train_idx, self.config = spec, dataset, train_idx, config
+        self.teacher = None if teacher is None else teacher.to(_device()).eval()
         self.rng = np.random.default_rng(config.seed)
-        self.probabilities = sample_weights(dataset, train_idx)
+        self.probabilities = sample_weights(dataset, train_idx, config.hard_negative_boost)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.steps = config.samples_per_epoch // config.batch_size
 
@@ -128,6 +156,8 @@ class _EpochRunner:
             y = torch.from_numpy(labels[batch]).to(_device())
             logits = model(x)
             loss = self.loss_fn(logits, y)
+            if self.teacher is not None:
+                loss = self._distill(loss, logits, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -140,6 +170,16 @@ class _EpochRunner:
             "train_loss": float(np.mean(losses)),
             "train_acc": correct / len(chosen),
         }
+
+    def _distill(self, label_loss, logits, x):
+        """Mix the label loss with the KL divergence from the teacher's softened output."""
+        t, weight = self.config.distill_temperature, self.config.distill_weight
+        with torch.no_grad():
+            target = torch.softmax(self.teacher(x) / t, dim=1)
+        soft = torch.nn.functional.kl_div(
+            torch.log_softmax(logits / t, dim=1), target, reduction="batchmean"
+        )
+        return (1 - weight) * label_loss + weight * t * t * soft
 
     def validate(self, model, stop_idx: np.ndarray, size: int) -> dict:
         p = predict_views(model, self.dataset.views[stop_idx], self.spec, size=size)
@@ -159,10 +199,15 @@ def train_model(
     stop_idx: np.ndarray | None,
     config: TrainConfig,
     desc: str = "train",
+    teacher: torch.nn.Module | None = None,
 ) -> TrainResult:
-    """Train on ``train_idx``; early-stop on ``stop_idx`` (None: all ``config.epochs``)."""
+    """Train on ``train_idx``; early-stop on ``stop_idx`` (None: all ``config.epochs``).
+
+    ``teacher`` (a trained model of the same input size and normalization) is
+    distilled with ``config.distill_weight``.
+    """
     torch.manual_seed(config.seed)
-    runner = _EpochRunner(spec, dataset, train_idx, config)
+    runner = _EpochRunner(spec, dataset, train_idx, config, teacher)
     calibration = dataset.views[runner.rng.choice(train_idx, size=64, p=runner.probabilities)]
     model = new_model(spec, config, calibration).to(_device(), memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(

@@ -160,11 +160,20 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
             f"{path.name} checksum {actual[:12]} does not match {expected[:12]}"
             f" recorded in {spec.facts_path.name}"
         )
-    model = build_model(spec)
-    state = {k: v.float() for k, v in load_file(path).items()}
-    model.load_state_dict(state)
+    model = load_weights_file(spec, path)
     logger.info("loaded %s (%s)", spec.name, actual[:12])
     return model.to(device).eval()
+
+
+def load_weights_file(spec: ModelSpec, path: Path) -> torch.nn.Module:
+    """``spec.arch`` with the fp16 safetensors at ``path`` as float32, in eval mode, unchecked.
+
+    For weights a training run wrote itself (fold models); served weights go
+    through :func:`load_model`, which checks them against their recorded hash.
+    """
+    model = build_model(spec)
+    model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+    return model.eval()
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> str:

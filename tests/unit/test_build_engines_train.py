@@ -1,9 +1,11 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from build_engines.crossval import run_training
+from build_engines.crossval import Teacher, run_training
 from build_engines.data import index_records
 from build_engines.train import TrainConfig
 from client.registry import get_model
@@ -57,3 +59,32 @@ def test_a_rerun_resumes_from_the_saved_folds(data_dir: Path, tmp_path):
     second = run_training(*args, n_folds=2, records=subset, runs_dir=runs)
     assert [f.stat().st_mtime_ns for f in folds] == stamps
     assert second["pooled"]["roc_auc"] == first["pooled"]["roc_auc"]
+
+
+def test_a_student_is_distilled_fold_by_fold_from_the_teachers_run(data_dir: Path, tmp_path):
+    """Fold k's student learns from the teacher's fold-k model; other folds are refused."""
+    subset = _small_subset(data_dir)
+    config = TrainConfig(epochs=1, low_res=64, samples_per_epoch=16, batch_size=8)
+    teacher_spec = get_model("mobilenet_v2")
+    runs = tmp_path / "runs"
+    run_training(teacher_spec, config, data_dir, tmp_path / "t", tmp_path / "tw", 2, subset, runs)
+    (teacher_run,) = runs.iterdir()
+    teacher = Teacher(teacher_spec, teacher_run, tmp_path / "tw" / "mobilenet_v2.safetensors")
+
+    run_training(
+        get_model("resnet18"),
+        replace(config, distill_weight=0.5),
+        data_dir,
+        tmp_path / "s",
+        tmp_path / "sw",
+        2,
+        subset,
+        runs,
+        teacher=teacher,
+    )
+    training = json.loads((tmp_path / "s" / "training.json").read_text())
+    assert training["config"]["distill_weight"] == 0.5
+    assert (tmp_path / "sw" / "resnet18.safetensors").exists()
+    held_out = np.load(teacher_run / "fold0.npz")["test_idx"]
+    with pytest.raises(ValueError, match="other slices"):
+        teacher.fold_model(0, held_out[1:])
