@@ -35,7 +35,9 @@ def _add_classify(subparsers) -> None:
     where.add_argument(
         "--local", action="store_true", help="run in-process on the committed weights"
     )
-    where.add_argument("--url", help="Triton server, host:port (HTTP 8000, gRPC 8001)")
+    where.add_argument(
+        "--url", help="Triton server, host:port (HTTP 8000, gRPC 8001); several comma-separated"
+    )
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--model", default="mobilenet_v2", choices=[s.name for s in list_models()])
     parser.add_argument("--series", action="store_true", help="each folder argument is one series")

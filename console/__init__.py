@@ -62,7 +62,9 @@ DEFAULTS = {
     "SHADOW_MODE": False,
     # Session signing key (default: random, kept in <STORAGE_DIR>/secret_key with mode 0600).
     "SECRET_KEY": None,
-    # "triton" (TRITON_URL + TRITON_PROTOCOL) or "local" (in-process PyTorch).
+    # "triton" (TRITON_URL + TRITON_PROTOCOL) or "local" (in-process PyTorch). TRITON_URL may
+    # list several servers, comma-separated: requests are spread over those that are ready
+    # (client/triton_pool.py; /readyz and /metrics show each one).
     "CLASSIFIER": "triton",
     "TRITON_URL": f"localhost:{DEFAULT_GRPC_PORT}",
     "TRITON_PROTOCOL": "grpc",

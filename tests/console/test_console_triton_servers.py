@@ -39,5 +39,5 @@ def test_readyz_and_metrics_report_each_triton_server(triton_server, app_factory
     assert (_up(metrics, up), _up(metrics, down)) == ("1.0", "0.0")
 
     with EmbeddedTriton(later):
-        assert wait_for(lambda: client.get("/readyz").get_json()["triton"][down] == "up", 30)
+        assert wait_for(lambda: client.get("/readyz").get_json()["triton"][down] == "up", 60)
         assert _up(client.get("/metrics").get_data(as_text=True), down) == "1.0"
