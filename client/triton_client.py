@@ -148,7 +148,8 @@ class TritonClassifier:
         Raises:
             ValueError: ``batch`` has the wrong shape or dtype.
             InferenceTimeoutError: a request exceeded ``timeout_s``.
-            ServerUnavailableError: the server stopped answering (after the retries).
+            ServerUnavailableError: no server answers (after one retry at once on
+                another ready server, then the retries with backoff).
             InferenceFailedError: the server answered with an error for this request.
         """
         expected = (3, self.spec.input_size, self.spec.input_size)
