@@ -180,6 +180,20 @@ def test_engine_job_runs_the_compose_build_commands_into_the_image_repository(re
         assert data_dir_from_env() == Path(data_dir)  # the build reads this very name
 
 
+def test_triton_waits_for_the_marker_the_engine_job_writes_after_the_build(resources):
+    [_, build] = _containers(resources[("Job", "build-engines")])
+    steps = [s.strip() for s in " ".join(build["command"][2:]).split("&&")]
+    build_mount = {m["name"]: m["mountPath"] for m in build["volumeMounts"]}["model-repository"]
+    assert steps[0] == f"rm -f {build_mount}/.built"  # a rebuild starts unmarked
+    assert steps[-1] == f"touch {build_mount}/.built"  # and is marked only if every step passed
+    statefulset = resources[("StatefulSet", "triton")]
+    [wait] = _pod(statefulset)["initContainers"]
+    [triton] = _pod(statefulset)["containers"]
+    wait_mount = {m["name"]: m["mountPath"] for m in wait["volumeMounts"]}["model-repository"]
+    assert f"until [ -f {wait_mount}/.built ]" in wait["command"][2]
+    assert wait["image"] == triton["image"]
+
+
 def test_console_runs_gunicorn_on_the_console_port_with_real_probes(resources, console_app):
     console = resources[("Deployment", "console")]
     container = next(c for c in _pod(console)["containers"] if c["name"] == "console")
