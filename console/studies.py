@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 
 from console.errors import StudyNotFoundError
+from console.outbox import delivery
 from console.priority import PriorityRule
 from console.queue import ordered_slices
 
@@ -34,6 +35,8 @@ _PUBLIC_COLUMNS = (
     "flagged_at",
     "acknowledged_at",
     "acknowledged_by",
+    "completed_at",
+    "result_version",
 )
 _SLICE_COLUMNS = (
     "id",
@@ -105,7 +108,11 @@ def worklist(db: sqlite3.Connection, rule: PriorityRule, limit: int = 500) -> li
 
 
 def study_detail(db: sqlite3.Connection, study_id: int, rule: PriorityRule) -> dict:
-    """One study with every slice (key slice first, then anatomical order).
+    """One study with every slice (key slice first, then anatomical order) and its results.
+
+    ``results`` lists the objects sent to the PACS for each completed version of a
+    DICOM series, with their delivery state (pending, sent, failed), attempts and
+    the last error.
 
     Raises:
         StudyNotFoundError: no such study.
@@ -117,4 +124,5 @@ def study_detail(db: sqlite3.Connection, study_id: int, rule: PriorityRule) -> d
         counts[s["status"]] = counts.get(s["status"], 0) + 1
     out = study_json(study, rule, time.time(), counts)
     out["slice_list"] = sorted(slices, key=lambda s: s["id"] != study["key_slice_id"])
+    out["results"] = delivery(db, study_id)
     return out
