@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1s
 ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
 CONSOLE_URL ?= http://127.0.0.1:5000
 
-.PHONY: venv browser engines test lint fuzz train serve demo bench loadtest clean
+.PHONY: venv browser orthanc engines test lint fuzz train serve demo bench loadtest clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
+## Debian Orthanc, the real PACS of the DICOM tests (started by them on free ports, never as a service).
+orthanc:
+	command -v Orthanc >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq orthanc; }
+
 ## ONNX fp32 (parity-checked against PyTorch) and INT8 models from the committed weights.
 engines: $(ENGINES)
 
@@ -33,8 +38,8 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium).
-test: venv browser engines
+## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium, real Orthanc).
+test: venv browser orthanc engines
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

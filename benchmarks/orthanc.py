@@ -112,6 +112,10 @@ class Orthanc:
             self._process.wait(timeout=30)
         self._process = None
 
+    def is_running(self) -> bool:
+        """The process runs (started and not stopped)."""
+        return self._process is not None and self._process.poll() is None
+
     def __enter__(self) -> Orthanc:
         return self.start()
 
@@ -130,9 +134,18 @@ class Orthanc:
     def _call(self, request: urllib.request.Request) -> dict | list:
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body else {}  # PUT answers with no body
         except urllib.error.HTTPError as e:
             raise OrthancError(f"{request.full_url}: {e.code} {e.read()[:500]!r}") from e
+
+    def register_node(self, node: tuple[str, int]) -> None:
+        """Point the ``hemotriage`` modality at another AE title and port (until a restart)."""
+        body = {"AET": node[0], "Host": "127.0.0.1", "Port": node[1]}
+        request = urllib.request.Request(
+            f"{self.url}/modalities/{NODE_ID}", data=json.dumps(body).encode(), method="PUT"
+        )
+        self._call(request)
 
     def upload(self, data: bytes) -> dict:
         """Store one DICOM file in Orthanc; its ``ID``, ``ParentSeries``, ``ParentStudy``."""

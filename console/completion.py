@@ -31,18 +31,17 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from client.errors import HemoTriageError
 from client.registry import ModelSpec
 from console.dicom_node import DicomPeer
 from console.filestore import stored_path
-from console.outbox import enqueue
+from console.outbox import enqueue, record_unbuilt
 from console.render import CamRenderer
 from console.results import SeriesResult, secondary_capture, structured_report
 
 logger = logging.getLogger(__name__)
 
-#: Builds a due series' result objects as ``(kind, dataset)``: ``sr``, ``sc``.
-MakeObjects = Callable[[sqlite3.Connection, "DueSeries"], list[tuple[str, Dataset]]]
+#: Builds a due series' result objects.
+MakeObjects = Callable[[sqlite3.Connection, "DueSeries"], list["ResultObject"]]
 
 
 @dataclass(frozen=True)
@@ -147,8 +146,15 @@ def complete_quiet_series(
             db.execute("BEGIN IMMEDIATE")
             if not mark_complete(db, series):
                 continue
-            for kind, dataset in objects:
-                enqueue(db, series.study_id, series.version, kind, dataset, destination)
+            for made in objects:
+                if made.dataset is None:
+                    record_unbuilt(
+                        db, series.study_id, series.version, made.kind, made.error, destination
+                    )
+                else:
+                    enqueue(
+                        db, series.study_id, series.version, made.kind, made.dataset, destination
+                    )
         logger.info(
             "series complete: study %d, %d slices, result version %d, %d objects queued",
             series.study_id,
@@ -158,6 +164,21 @@ def complete_quiet_series(
         )
         completed.add(series.study_id)
     return completed
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One result object of a series, or why it could not be built.
+
+    Attributes:
+        kind: ``sr`` or ``sc``.
+        dataset: The object, or None when building it failed.
+        error: Why it could not be built (None when it was).
+    """
+
+    kind: str
+    dataset: Dataset | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,12 +195,8 @@ class ResultMaker:
     storage_dir: Path
     cam: CamRenderer
 
-    def __call__(self, db: sqlite3.Connection, series: DueSeries) -> list[tuple[str, Dataset]]:
-        """The series' objects; none for a study with no classified slice (nothing to report).
-
-        A key slice Grad-CAM cannot explain (weights missing, say) still gets its SR;
-        the reason is logged.
-        """
+    def __call__(self, db: sqlite3.Connection, series: DueSeries) -> list[ResultObject]:
+        """The series' objects; none for a study with no classified slice (nothing to report)."""
         study = db.execute("SELECT * FROM studies WHERE id = ?", (series.study_id,)).fetchone()
         if study["score"] is None:
             logger.warning("study %d: no classified slice, no results to send", study["id"])
@@ -188,7 +205,6 @@ class ResultMaker:
             "SELECT stored_path FROM slices WHERE id = ?", (study["key_slice_id"],)
         ).fetchone()
         path = stored_path(self.storage_dir, key["stored_path"])
-        key_slice = pydicom.dcmread(path)
         result = SeriesResult(
             model_name=self.spec.name,
             model_version=study["model_version"],
@@ -199,15 +215,28 @@ class ResultMaker:
             slices=series.slices,
             version=series.version,
         )
-        objects = [("sr", structured_report(result, key_slice))]
-        try:
-            overlay = self.cam.overlay_rgb(path)
-        except HemoTriageError as e:
-            logger.error(
-                "study %d: no Grad-CAM secondary capture, only the SR (%s: %s)",
+
+        def key_slice() -> Dataset:
+            # The attributes only: the secondary capture's pixels are the Grad-CAM overlay.
+            return pydicom.dcmread(path, stop_before_pixels=True)
+
+        return [
+            _built("sr", study["id"], lambda: structured_report(result, key_slice())),
+            _built(
+                "sc",
                 study["id"],
-                type(e).__name__,
-                e,
-            )
-            return objects
-        return [*objects, ("sc", secondary_capture(result, key_slice, overlay))]
+                lambda: secondary_capture(result, key_slice(), self.cam.overlay_rgb(path)),
+            ),
+        ]
+
+
+def _built(kind: str, study_id: int, build: Callable[[], Dataset]) -> ResultObject:
+    """Build one object; a failure becomes its recorded reason, so the other still goes."""
+    try:
+        return ResultObject(kind, build())
+    except Exception as e:
+        # Whatever went wrong (a key slice file gone, weights missing for Grad-CAM, an
+        # attribute highdicom refuses) is logged and kept on the object's outbox row as
+        # 'failed', where the study page shows it; the series still completes.
+        logger.exception("study %d: the %s result object could not be built", study_id, kind)
+        return ResultObject(kind, None, f"could not be built: {type(e).__name__}: {e}")

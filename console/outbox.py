@@ -14,7 +14,9 @@ over one association per round. What can happen to a row:
   exponential backoff (``RESULTS_BACKOFF_INITIAL_S`` doubling up to
   ``RESULTS_BACKOFF_MAX_S``), however long it takes: a PACS that is down loses nothing;
 - the PACS refuses the object itself (any other failure status): ``failed``
-  with its status, since the same bytes would be refused again.
+  with its status, since the same bytes would be refused again;
+- the object could not be built (:func:`record_unbuilt`): ``failed`` from the
+  start, with the reason, so the study page says why nothing was sent.
 
 Every try counts in ``attempts`` and leaves its reason in ``last_error``; the
 study page, the study JSON and ``/metrics`` show them.
@@ -119,6 +121,23 @@ def enqueue(
             now,
             now,
         ),
+    )
+
+
+def record_unbuilt(
+    db: sqlite3.Connection,
+    study_id: int,
+    version: int,
+    kind: str,
+    error: str,
+    destination: DicomPeer,
+) -> None:
+    """Record an object that could not be built: a ``failed`` row with the reason, no bytes."""
+    now = time.time()
+    db.execute(
+        "INSERT INTO outbox (study_id, version, kind, destination, status, last_error, "
+        "next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)",
+        (study_id, version, kind, destination_name(destination), error, now, now),
     )
 
 

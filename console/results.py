@@ -14,6 +14,7 @@ DIAGNOSTIC USE": HemoTriage reorders a worklist, it does not diagnose.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import cv2
@@ -35,6 +36,19 @@ _WEIGHTS_SHA256 = hd.sr.CodedConcept("WSHA256", _SCHEME, "Model weights SHA-256"
 _SERIES_SCORE = hd.sr.CodedConcept("SCORE", _SCHEME, "Series hemorrhage score")
 _THRESHOLD = hd.sr.CodedConcept("THRESH", _SCHEME, "Decision threshold")
 _DECISION = hd.sr.CodedConcept("DECISION", _SCHEME, "Triage decision")
+#: Patient and study attributes our objects copy from the key slice: Type 1 and 2 in the
+#: Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1), which a scanner may leave out.
+_COPIED_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 #: The overlay is drawn at this many pixels a side, so the burned-in label is legible.
 _SC_SIZE_PX = 448
 _LABEL_BAND_PX = 28
@@ -117,7 +131,7 @@ def structured_report(result: SeriesResult, key_slice: Dataset) -> Dataset:
     root = hd.sr.ContainerContentItem(codes.DCM.CADProcessingAndFindingsSummary)
     root.ContentSequence = items
     return hd.sr.ComprehensiveSR(
-        evidence=[key_slice],
+        evidence=[_with_study_attributes(key_slice)],
         content=root,
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,
@@ -147,7 +161,7 @@ def secondary_capture(result: SeriesResult, key_slice: Dataset, overlay_rgb: np.
     label = f"{NOT_FOR_DIAGNOSTIC_USE} - Grad-CAM, score {result.score:.3f}"
     pixels = _labelled(overlay_rgb, label)
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=key_slice,
+        ref_dataset=_with_study_attributes(key_slice),
         pixel_array=pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -167,6 +181,18 @@ def secondary_capture(result: SeriesResult, key_slice: Dataset, overlay_rgb: np.
         f"{key_slice.SOPInstanceUID} ({result.decision})."
     )
     return image
+
+
+def _with_study_attributes(key_slice: Dataset) -> Dataset:
+    """A copy of the key slice with every copied attribute present, as highdicom expects.
+
+    A sender may leave Type 2 attributes out; they are then present and empty.
+    """
+    filled = copy.deepcopy(key_slice)
+    for keyword in _COPIED_ATTRIBUTES:
+        if keyword not in filled:
+            setattr(filled, keyword, None)
+    return filled
 
 
 def _description(result: SeriesResult, what: str) -> str:
