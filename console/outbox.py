@@ -267,6 +267,7 @@ class ResultsThread:
         self._changed = changed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The latest failed round, ``Class: message`` ("" before any), for ``/readyz``.
         self.last_error = ""
 
     def start(self) -> None:

@@ -275,7 +275,9 @@ def test_receiver_thread_is_in_readyz_and_metrics(node):
     console, services = node()
     services.start()
     client = console.test_client()
-    assert client.get("/readyz").get_json()["checks"]["dicom"] == "ok"
+    ready = client.get("/readyz").get_json()
+    assert ready["checks"]["dicom"] == ready["checks"]["results"] == "ok"
+    assert ready["results"] == {"last_error": ""}
     assert 'hemotriage_thread_up{thread="dicom"} 1.0' in client.get("/metrics").get_data(
         as_text=True
     )
