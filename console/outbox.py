@@ -44,6 +44,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 
 from console.db import connect
 from console.dicom_node import DicomPeer
+from console.threads import LoopThread
 
 logger = logging.getLogger(__name__)
 
@@ -265,29 +266,21 @@ class ResultsThread:
         self.settings = settings
         self._complete = complete
         self._changed = changed
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread("hemotriage-results", self._loop)
         #: The latest failed round, ``Class: message`` ("" before any), for ``/readyz``.
         self.last_error = ""
 
     def start(self) -> None:
         """Run the loop in a daemon thread (once)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="hemotriage-results", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop after the current round (an association in progress finishes first)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._thread.stop(timeout_s)
 
     def is_alive(self) -> bool:
         """The loop thread runs (False before start, after stop, or if it died)."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread.is_alive()
 
     def run_once(self, db: sqlite3.Connection) -> set[int]:
         """One round: complete quiet series, then send what is due; returns studies changed."""
@@ -295,10 +288,10 @@ class ResultsThread:
         changed |= deliver_due(db, self.settings)
         return changed
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         db = connect(self.settings.database, self.settings.busy_timeout_s)
         try:
-            while not self._stop.wait(self.settings.poll_s):
+            while not stop.wait(self.settings.poll_s):
                 try:
                     changed = self.run_once(db)
                 except Exception as e:
