@@ -18,6 +18,7 @@ from console.services import EXTENSION_KEY
 from tests.console.conftest import wait_for
 
 SCANNER = "CTSCANNER"
+QUIET_S = 1.0
 
 
 def _send(port: int, files: list[bytes]) -> None:
@@ -34,18 +35,19 @@ def _send(port: int, files: list[bytes]) -> None:
 
 @pytest.fixture
 def console(app_factory, storage):
-    """A started console (worker, receiver, results thread) on `storage`; quiet period 0.5 s."""
+    """A console on `storage` with its receiver listening; quiet period 1 s.
 
-    def build(**overrides):
+    The tests start the worker and the results thread (``services.start()``) once a
+    series is sent, so a slow machine pausing between two C-STOREs for longer than
+    the quiet period cannot split a series into two versions.
+    """
+
+    def build():
         app = app_factory(
-            storage,
-            DICOM_PORT=free_port(),
-            DICOM_ALLOWED_AES=SCANNER,
-            DICOM_QUIET_S=0.5,
-            **overrides,
+            storage, DICOM_PORT=free_port(), DICOM_ALLOWED_AES=SCANNER, DICOM_QUIET_S=QUIET_S
         )
         services = app.extensions[EXTENSION_KEY]
-        services.start()
+        services.dicom.start()
         return services
 
     return build
@@ -59,13 +61,14 @@ def _study(db_rows):
 def test_series_is_completed_after_the_quiet_period_once(console, phantom_series, db_rows):
     services = console()
     _send(services.dicom.settings.port, phantom_series(3))
+    services.start()
     assert wait_for(lambda: _study(db_rows)["completed_at"] is not None, timeout_s=60)
     study = _study(db_rows)
     assert study["status"] in ("flagged", "negative")
     assert (study["completed_slices"], study["result_version"]) == (3, 1)
     # Completed no earlier than the quiet period after its last slice was queued.
     (last,) = db_rows("SELECT MAX(queued_at) AS at FROM slices")
-    assert study["completed_at"] - last["at"] >= 0.5
+    assert study["completed_at"] - last["at"] >= QUIET_S
     assert db_rows("SELECT * FROM outbox") == []  # no destination: nothing to send
     assert services.thread_probes()["results"]()
 
@@ -76,8 +79,11 @@ def test_a_series_that_grows_after_completion_is_decided_again_as_version_2(
     services = console()
     files = phantom_series(4)
     _send(services.dicom.settings.port, files[:2])
+    services.start()
     assert wait_for(lambda: _study(db_rows)["result_version"] == 1, timeout_s=60)
+    services.results.stop()  # the late instances arrive together, as in the first test
     _send(services.dicom.settings.port, files[2:])
+    services.results.start()
     assert wait_for(lambda: _study(db_rows)["result_version"] == 2, timeout_s=60)
     study = _study(db_rows)
     assert study["completed_slices"] == 4
@@ -94,7 +100,7 @@ def test_completion_survives_a_restart_before_the_quiet_period_ends(
     _send(first.dicom.settings.port, phantom_series(2))
     first.stop()  # stopped with the series received, unclassified and not complete
     assert _study(db_rows)["completed_at"] is None
-    console()  # the restarted console: same storage, quiet period 0.5 s
+    console().start()  # the restarted console: same storage, quiet period 1 s
     assert wait_for(lambda: _study(db_rows)["result_version"] == 1, timeout_s=60)
 
 
