@@ -72,11 +72,13 @@ demo: venv engines
 	echo "Ctrl-C stops the console and Triton."; \
 	wait $$console
 
-## Benchmarks (measured tables, plots in benchmarks/results/): INT8 vs fp32 (model card), served vs naive, time-to-alert.
-bench: venv engines
+## Benchmarks (measured tables, plots in benchmarks/results/): INT8 vs fp32 (model card), served vs naive,
+## time-to-alert, DICOM in and out (C-STORE series, results to Orthanc).
+bench: venv orthanc engines
 	$(BIN)/python -m build_engines quantize
 	$(BIN)/python -m benchmarks.bench_serving
 	$(BIN)/python -m benchmarks.bench_time_to_alert
+	$(BIN)/python -m benchmarks.bench_dicom
 
 ## The 10-minute locust load test with the lost-scan audit (CSV + HTML in benchmarks/results/).
 loadtest: venv engines
