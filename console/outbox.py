@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 STATES = ("pending", "sent", "failed")
 #: Objects sent per association (and per round).
 _BATCH = 32
+#: Backoff doublings counted at most (2**30 s is far past any RESULTS_BACKOFF_MAX_S).
+_MAX_DOUBLINGS = 30
 #: C-STORE statuses (PS3.4 Table B.2-1): 0xA7xx out of resources is worth retrying.
 _OUT_OF_RESOURCES = 0xA700
 _WARNINGS = (0x0001, 0xB000, 0xB006, 0xB007)
@@ -192,7 +194,9 @@ def deliver_due(db: sqlite3.Connection, settings: OutboxSettings) -> set[int]:
                     (attempts, now, row["id"]),
                 )
                 continue
-            wait_s = min(settings.backoff_initial_s * 2 ** (attempts - 1), settings.backoff_max_s)
+            # The exponent is capped: a PACS down for days must not overflow the float.
+            doubling = 2 ** min(attempts - 1, _MAX_DOUBLINGS)
+            wait_s = min(settings.backoff_initial_s * doubling, settings.backoff_max_s)
             db.execute(
                 "UPDATE outbox SET status = ?, attempts = ?, last_error = ?, "
                 "next_attempt_at = ? WHERE id = ?",

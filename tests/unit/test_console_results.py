@@ -1,15 +1,12 @@
-"""The PACS result objects (console/results.py) and what a C-STORE answer means for the outbox."""
+"""The PACS result objects (console/results.py): what they say, and about which slice."""
 
 import io
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 
 from benchmarks.phantoms import SeriesIds, head_phantom, phantom_dicom
-from console.dicom_node import DicomPeer
-from console.outbox import _outcome
 from console.results import SeriesResult, secondary_capture, structured_report
 
 RESULT = SeriesResult(
@@ -22,7 +19,6 @@ RESULT = SeriesResult(
     slices=12,
     version=2,
 )
-PACS = DicomPeer("PACS", "127.0.0.1", 104)
 
 
 def _key_slice_without_type2_attributes() -> Dataset:
@@ -67,24 +63,3 @@ def test_secondary_capture_burns_the_label_into_the_overlay():
     assert pixels.shape == (448, 448, 3)
     assert pixels[:28].max() > 200  # white (anti-aliased) text on the black band
     assert (pixels[40:] == 128).all()  # the overlay below it is untouched
-
-
-@pytest.mark.parametrize(
-    ("status", "state"),
-    [
-        (0x0000, "sent"),
-        (0xB000, "sent"),  # a warning: stored, with coercion
-        (0xA700, "pending"),  # out of resources: retried
-        (0xA7FF, "pending"),
-        (0xC000, "failed"),  # cannot understand: the same bytes would be refused again
-        (0xA900, "failed"),
-        (None, "pending"),  # no answer (timed out, aborted)
-    ],
-)
-def test_c_store_answers_map_to_sent_retried_or_failed(status, state):
-    answer = Dataset()
-    if status is not None:
-        answer.Status = status
-    outcome, error = _outcome(answer, PACS)
-    assert outcome == state
-    assert (error is None) == (state == "sent")
