@@ -14,7 +14,10 @@ DIAGNOSTIC USE": HemoTriage reorders a worklist, it does not diagnose.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -130,18 +133,20 @@ def structured_report(result: SeriesResult, key_slice: Dataset) -> Dataset:
     ]
     root = hd.sr.ContainerContentItem(codes.DCM.CADProcessingAndFindingsSummary)
     root.ContentSequence = items
-    return hd.sr.ComprehensiveSR(
-        evidence=[_with_study_attributes(key_slice)],
-        content=root,
-        series_instance_uid=hd.UID(),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=result.version,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        series_description=_description(result, decided),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-    )
+    with _no_patient_names_in_logs():
+        report = hd.sr.ComprehensiveSR(
+            evidence=[_with_study_attributes(key_slice)],
+            content=root,
+            series_instance_uid=hd.UID(),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            instance_number=result.version,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=_description(result, decided),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+    return report
 
 
 def secondary_capture(result: SeriesResult, key_slice: Dataset, overlay_rgb: np.ndarray) -> Dataset:
@@ -160,27 +165,40 @@ def secondary_capture(result: SeriesResult, key_slice: Dataset, overlay_rgb: np.
     """
     label = f"{NOT_FOR_DIAGNOSTIC_USE} - Grad-CAM, score {result.score:.3f}"
     pixels = _labelled(overlay_rgb, label)
-    image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_with_study_attributes(key_slice),
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=hd.UID(),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=result.version,
-        manufacturer=MANUFACTURER,
-        patient_orientation=("L", "P"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=_description(result, "Grad-CAM of the key slice"),
-    )
+    with _no_patient_names_in_logs():
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=_with_study_attributes(key_slice),
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=hd.UID(),
+            series_number=SC_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            instance_number=result.version,
+            manufacturer=MANUFACTURER,
+            patient_orientation=("L", "P"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=_description(result, "Grad-CAM of the key slice"),
+        )
     image.BurnedInAnnotation = "YES"
     image.ImageComments = (
         f"{NOT_FOR_DIAGNOSTIC_USE}. Grad-CAM of {result.model_name} on the key slice "
         f"{key_slice.SOPInstanceUID} ({result.decision})."
     )
     return image
+
+
+@contextlib.contextmanager
+def _no_patient_names_in_logs() -> Iterator[None]:
+    """Silence highdicom's person-name check: its warning quotes the patient's name.
+
+    A single-component PatientName (many scanners and anonymisers write one) is
+    valid DICOM; the warning would only put the name in the console's log.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*intended person name", category=UserWarning)
+        yield
 
 
 def _with_study_attributes(key_slice: Dataset) -> Dataset:

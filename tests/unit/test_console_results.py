@@ -63,3 +63,11 @@ def test_secondary_capture_burns_the_label_into_the_overlay():
     assert pixels.shape == (448, 448, 3)
     assert pixels[:28].max() > 200  # white (anti-aliased) text on the black band
     assert (pixels[40:] == 128).all()  # the overlay below it is untouched
+
+
+def test_a_single_component_patient_name_is_not_written_to_the_log(recwarn):
+    key = phantom_dicom(head_phantom(64), SeriesIds.new())
+    key.PatientName = "DOE"  # valid DICOM; highdicom's check would warn, quoting it
+    structured_report(RESULT, key)
+    secondary_capture(RESULT, key, np.zeros((224, 224, 3), np.uint8))
+    assert [str(w.message) for w in recwarn if "DOE" in str(w.message)] == []
