@@ -19,7 +19,9 @@ over one association per round. What can happen to a row:
   start, with the reason, so the study page says why nothing was sent.
 
 Every try counts in ``attempts`` and leaves its reason in ``last_error``; the
-study page, the study JSON and ``/metrics`` show them.
+study page, the study JSON and ``/metrics`` show them. A crash between the
+PACS's answer and the commit sends that object again on restart, with the same
+SOP Instance UID, which a PACS keeps once.
 
     thread = ResultsThread(settings, complete=..., changed=...)
     thread.start()
