@@ -4,8 +4,8 @@ Routes:
 
     GET /healthz   200 while the process answers
     GET /readyz    200 when the database takes writes, the classifier answers and the
-                   worker, inbox and DICOM receiver threads run (the worker's loop not
-                   stalled), else 503
+                   worker, inbox, DICOM receiver and results threads run (the worker's
+                   loop not stalled), else 503
     GET /metrics   Prometheus text format
 """
 
@@ -34,8 +34,8 @@ def healthz():
 def readyz():
     """Readiness: the database takes a write lock, the classifier answers, the threads run.
 
-    The body also carries the worker's latest error, so an operator sees why
-    without reading logs.
+    The body also carries the worker's latest error (and the results thread's),
+    so an operator sees why without reading logs.
     """
     checks: dict[str, str] = {}
     try:
@@ -68,6 +68,8 @@ def readyz():
             "backoff_s": state.backoff_s,
         },
     }
+    if services.results is not None:
+        body["results"] = {"last_error": services.results.last_error}
     return jsonify(body), 200 if ready else 503
 
 
