@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1s
 ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
 CONSOLE_URL ?= http://127.0.0.1:5000
 
-.PHONY: venv browser engines test lint fuzz train serve demo bench loadtest clean
+.PHONY: venv browser orthanc engines test lint fuzz train serve demo bench loadtest clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
+## Debian Orthanc, the real PACS of the DICOM tests (started by them on free ports, never as a service).
+orthanc:
+	command -v Orthanc >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq orthanc; }
+
 ## ONNX fp32 (parity-checked against PyTorch) and INT8 models from the committed weights.
 engines: $(ENGINES)
 
@@ -33,8 +38,8 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium).
-test: venv browser engines
+## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium, real Orthanc).
+test: venv browser orthanc engines
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -67,11 +72,13 @@ demo: venv engines
 	echo "Ctrl-C stops the console and Triton."; \
 	wait $$console
 
-## Benchmarks (measured tables, plots in benchmarks/results/): INT8 vs fp32 (model card), served vs naive, time-to-alert.
-bench: venv engines
+## Benchmarks (measured tables, plots in benchmarks/results/): INT8 vs fp32 (model card), served vs naive,
+## time-to-alert, DICOM in and out (C-STORE series, results to Orthanc).
+bench: venv orthanc engines
 	$(BIN)/python -m build_engines quantize
 	$(BIN)/python -m benchmarks.bench_serving
 	$(BIN)/python -m benchmarks.bench_time_to_alert
+	$(BIN)/python -m benchmarks.bench_dicom
 
 ## The 10-minute locust load test with the lost-scan audit (CSV + HTML in benchmarks/results/).
 loadtest: venv engines

@@ -296,7 +296,7 @@ def measure(
         if event is None or event.data.get("id") != study_id:
             continue
         if event.data["status"] in _TERMINAL:
-            if _completes(api.study(study_id), event, len(series.files)):
+            if completes(api.study(study_id), event, len(series.files)):
                 final = event
             else:
                 early.append(event.data["status"])
@@ -319,7 +319,7 @@ def measure(
     )
 
 
-def _completes(detail: dict, event: StudyEvent, slices: int) -> bool:
+def completes(detail: dict, event: StudyEvent, slices: int) -> bool:
     """Whether ``event`` announced the study's result on the whole series.
 
     Every slice must be finished, and the event must have been read after the

@@ -55,11 +55,17 @@ DEFAULTS = {
     # A series is complete when no instance of it arrived for this long (as gateways do).
     "DICOM_QUIET_S": 10.0,
     # Where results go back, "AE@host:port" (checked at start); empty: results are not sent.
+    # Each completed series' SR and Grad-CAM secondary capture wait in the outbox (SQLite)
+    # until the PACS stores them: retried after RESULTS_BACKOFF_INITIAL_S, doubling up to
+    # RESULTS_BACKOFF_MAX_S; RESULTS_TIMEOUT_S bounds connecting and each C-STORE.
     "RESULTS_DESTINATION": "",
     # Shadow mode, for a site's validation period (console/shadow.py): classify and record
     # everything, but raise no alert, give flags no worklist boost, send nothing outward
     # (results to PACS included) and show results to admins only. Every page says so.
     "SHADOW_MODE": False,
+    "RESULTS_BACKOFF_INITIAL_S": 2.0,
+    "RESULTS_BACKOFF_MAX_S": 300.0,
+    "RESULTS_TIMEOUT_S": 30.0,
     # Session signing key (default: random, kept in <STORAGE_DIR>/secret_key with mode 0600).
     "SECRET_KEY": None,
     # "triton" (TRITON_URL + TRITON_PROTOCOL) or "local" (in-process PyTorch). TRITON_URL may

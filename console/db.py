@@ -1,4 +1,4 @@
-"""SQLite storage: studies, slices (the persistent queue), users, API tokens, audit, feedback.
+"""SQLite storage: studies, slices (queue), users, tokens, audit log, feedback, outbox.
 
 The database runs in WAL mode with ``synchronous=FULL``, so a committed upload
 survives a power cut and readers (the worklist, the SSE stream) never block the
@@ -10,9 +10,9 @@ worker's writes. Request handlers use one connection per request through
 
 :func:`init_db` also upgrades a database made by an earlier release: columns
 added since (``users.role``, ``api_tokens.scope`` and ``expires_at``,
-``audit_log.client_addr``, ``slices.purged_at``, ``studies.flag_score``) are
-added in place, and new tables (``feedback``) created, so data is never rebuilt
-or lost.
+``audit_log.client_addr``, ``slices.purged_at``, ``studies.flag_score``,
+``completed_at``, ``completed_slices`` and ``result_version``) are added in place,
+and new tables (``feedback``, ``outbox``) created, so data is never rebuilt or lost.
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ CREATE TABLE IF NOT EXISTS studies (
     acknowledged_at REAL,
     acknowledged_by TEXT,
     updated_at REAL NOT NULL,
-    flag_score REAL
+    flag_score REAL,
+    completed_at REAL,
+    completed_slices INTEGER,
+    result_version INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS slices (
@@ -132,6 +135,26 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 
 CREATE INDEX IF NOT EXISTS feedback_study ON feedback (study_id, id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies (id),
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('sr', 'sc')),
+    sop_class_uid TEXT,
+    sop_uid TEXT UNIQUE,
+    destination TEXT NOT NULL,
+    dataset BLOB,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    next_attempt_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at REAL
+);
+
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_study ON outbox (study_id);
 """
 
 #: Columns added since the first release: (table, column, definition as in SCHEMA).
@@ -142,6 +165,9 @@ _ADDED_COLUMNS = (
     ("audit_log", "client_addr", "TEXT"),
     ("slices", "purged_at", "REAL"),
     ("studies", "flag_score", "REAL"),
+    ("studies", "completed_at", "REAL"),
+    ("studies", "completed_slices", "INTEGER"),
+    ("studies", "result_version", "INTEGER NOT NULL DEFAULT 0"),
 )
 #: Lifetime given to API tokens issued before tokens expired (the default of ``create-token``).
 LEGACY_TOKEN_LIFETIME_S = 365 * 86400
@@ -222,6 +248,13 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         if (table, column) == ("api_tokens", "expires_at"):
             db.execute(
                 "UPDATE api_tokens SET expires_at = created_at + ?", (LEGACY_TOKEN_LIFETIME_S,)
+            )
+        if (table, column) == ("studies", "completed_slices"):
+            # Studies decided by a release without results: complete as they are, so
+            # upgrading does not send every past study's results to the PACS at once.
+            db.execute(
+                "UPDATE studies SET completed_at = updated_at, completed_slices = "
+                "(SELECT COUNT(*) FROM slices WHERE slices.study_id = studies.id)"
             )
 
 

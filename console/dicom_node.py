@@ -27,8 +27,8 @@ ErrorComment names the typed error; a full or locked store gets 0xA700 (out of
 resources), which senders retry.
 
 A series is complete when none of its instances arrived for ``DICOM_QUIET_S``
-(gateways such as Orthanc call a study "stable" after such a quiet period);
-completion is logged here, the series decision at completion is a later step.
+(gateways such as Orthanc call a study "stable" after such a quiet period):
+console/completion.py judges that from the stored slices, so it survives a restart.
 
     receiver = DicomReceiver(DicomSettings.from_config(app.config), accept)
     receiver.start()   # raises DicomPortError when it cannot listen
@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -113,8 +111,6 @@ _CALLING_AE_NOT_RECOGNISED = 0x03
 _CALLED_AE_NOT_RECOGNISED = 0x07
 #: ErrorComment (0000,0902) is LO: 64 characters at most (PS3.7 Annex C).
 _COMMENT_CHARS = 64
-#: Longest wait between quiet-period checks: completion is noticed at most this late.
-_WATCH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +152,7 @@ class DicomSettings:
         port: TCP port; 0 when the receiver is off.
         allowed_aes: Calling AE titles that may send; empty: loopback peers only.
         quiet_s: A series is complete after this long without an instance.
-        results_destination: Where results will be sent, or None.
+        results_destination: Where results are sent, or None.
     """
 
     ae_title: str
@@ -209,7 +205,7 @@ class DicomSettings:
 
 
 class DicomReceiver:
-    """The Storage SCP and the thread that watches for completed series.
+    """The Storage SCP (pynetdicom runs its accept loop and one thread per association).
 
     Args:
         settings: Checked settings (``settings.port`` not 0).
@@ -225,13 +221,9 @@ class DicomReceiver:
         )
         self._ae.add_supported_context(CTImageStorage, transfer_syntaxes())
         self._server: ThreadedAssociationServer | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._last_arrival: dict[int, float] = {}
 
     def start(self) -> None:
-        """Listen, then start the series watcher (once).
+        """Listen (once).
 
         Raises:
             DicomPortError: the address cannot be bound (the port is taken, say).
@@ -253,9 +245,6 @@ class DicomReceiver:
                 f"the DICOM receiver cannot listen on {address[0]}:{address[1]} ({e.strerror}); "
                 "set HEMOTRIAGE_DICOM_PORT (or HEMOTRIAGE_DICOM_BIND) to a free one"
             ) from e
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name="hemotriage-dicom", daemon=True)
-        self._thread.start()
         logger.info(
             "DICOM receiver %s listening on %s:%d (allowed calling AEs: %s)",
             self.settings.ae_title,
@@ -263,64 +252,20 @@ class DicomReceiver:
             ", ".join(self.settings.allowed_aes) or "any, over loopback only",
         )
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self) -> None:
         """Abort open associations and close the port; unacknowledged instances are resent."""
-        self._stop.set()
         if self._server is not None:
             self._ae.shutdown()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
 
     def is_alive(self) -> bool:
-        """The port is open and the watcher runs (False before start, after stop, or if it died).
+        """The port is open (False before start, after stop, or if the server died).
 
         pynetdicom's accept loop is a daemon thread that ends only when the
         server is shut down, which closes the socket, so the socket stands for it.
         """
         server = self._server
-        return (
-            server is not None
-            and server.socket.fileno() != -1
-            and self._thread is not None
-            and self._thread.is_alive()
-        )
-
-    def quiet_series(self, now: float | None = None) -> list[int]:
-        """Studies (one per series) whose last DICOM instance is ``quiet_s`` old; then forgotten.
-
-        Args:
-            now: ``time.monotonic()`` to judge by (default: now).
-
-        Returns:
-            Their study ids, each returned once per burst of instances.
-        """
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            done = sorted(
-                study_id
-                for study_id, arrived in self._last_arrival.items()
-                if now - arrived >= self.settings.quiet_s
-            )
-            for study_id in done:
-                del self._last_arrival[study_id]
-        return done
-
-    def _watch(self) -> None:
-        while not self._stop.wait(min(self.settings.quiet_s, _WATCH_S)):
-            for study_id in self.quiet_series():
-                logger.info(
-                    "series complete: study %d, no instance for %.0f s",
-                    study_id,
-                    self.settings.quiet_s,
-                )
-
-    def _arrived(self, study_ids: Iterable[int]) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for study_id in study_ids:
-                self._last_arrival[study_id] = now
+        return server is not None and server.socket.fileno() != -1
 
     def _on_requested(self, event: Event) -> None:
         """Reject an association from a calling AE not allowed, or to another called AE.
@@ -355,14 +300,13 @@ class DicomReceiver:
         name = f"{sop_uid}.dcm"
         calling = event.assoc.requestor.ae_title
         try:
-            result = self._accept([IncomingFile(name, event.encoded_dataset())])
+            self._accept([IncomingFile(name, event.encoded_dataset())])
         except (StorageFullError, StorageBusyError) as e:
             return _failure(_OUT_OF_RESOURCES, e, name, calling)
         except _NOT_A_CT_IMAGE as e:
             return _failure(_NOT_THE_SOP_CLASS, e, name, calling)
         except HemoTriageError as e:
             return _failure(_CANNOT_UNDERSTAND, e, name, calling)
-        self._arrived(result.study_ids)
         return _SUCCESS
 
 

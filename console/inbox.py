@@ -28,6 +28,7 @@ from client.errors import HemoTriageError, ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
 from console.errors import StorageBusyError, StorageFullError
 from console.ingest import IncomingFile, IngestResult
+from console.threads import LoopThread
 
 logger = logging.getLogger(__name__)
 
@@ -55,28 +56,20 @@ class InboxWatcher:
         self.poll_s = poll_s
         self.settle_s = settle_s
         self._accept = accept
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = LoopThread("hemotriage-inbox", self._loop)
 
     def start(self) -> None:
         """Create the folders and start polling in a daemon thread (once)."""
-        if self._thread is not None:
-            return
         (self.inbox / REJECTED).mkdir(parents=True, exist_ok=True)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="hemotriage-inbox", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop polling after the current entry."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._thread.stop(timeout_s)
 
     def is_alive(self) -> bool:
         """The poll thread runs (False before start, after stop, or if it died)."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread.is_alive()
 
     def scan_once(self) -> int:
         """Ingest or reject every settled entry; return how many were handled.
@@ -135,14 +128,14 @@ class InboxWatcher:
         # The entry's name may carry a patient's name: log the error class only.
         logger.warning("inbox entry rejected (%s); moved to %s/", type(error).__name__, REJECTED)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 self.scan_once()
             except _TRANSIENT:
                 # The inbox itself cannot be listed (unmounted, locked): try again next poll.
                 logger.exception("inbox scan failed; retrying in %.1f s", self.poll_s)
-            self._stop.wait(self.poll_s)
+            stop.wait(self.poll_s)
 
 
 def _read_entry(entry: Path) -> list[IncomingFile]:

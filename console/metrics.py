@@ -1,8 +1,8 @@
 """Prometheus metrics of one console app, on its own registry (served at ``/metrics``).
 
 Each app owns a :class:`prometheus_client.CollectorRegistry`, so tests can
-build many apps in one process. Queue depth and the readers' feedback
-statistics (console/accuracy.py) are read from SQLite at scrape time.
+build many apps in one process. Queue depth, the results outbox's counts and the
+readers' feedback statistics (console/accuracy.py) are read from SQLite at scrape time.
 
     metrics = ConsoleMetrics(database_path)
     metrics.stage_seconds.labels("inference").observe(0.012)
@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from client.triton_pool import ServerStatus
 from console.accuracy import WINDOWS, accuracy_by_version
 from console.db import connect
+from console.outbox import counts
 from console.queue import depth
 
 #: Seconds; from 1 ms (decode of a small PNG) to a minute (a long queue wait).
@@ -112,6 +113,27 @@ class _AccuracyCollector:
         yield from (flagged, verdicts, misses, *rates.values())
 
 
+class _OutboxCollector:
+    """Result objects for the PACS in each delivery state, counted when Prometheus scrapes."""
+
+    def __init__(self, database: Path) -> None:
+        self._database = database
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "hemotriage_outbox_objects",
+            "Result objects for the PACS by delivery state (pending: the outbox depth)",
+            labels=["state"],
+        )
+        db = connect(self._database)
+        try:
+            for state, count in counts(db).items():
+                family.add_metric([state], count)
+        finally:
+            db.close()
+        yield family
+
+
 class _ThreadCollector:
     """1 for each background thread that runs, 0 for one that is stopped or dead."""
 
@@ -196,6 +218,7 @@ class ConsoleMetrics:
         )
         self.registry.register(_QueueDepthCollector(database))
         self.registry.register(_AccuracyCollector(database))
+        self.registry.register(_OutboxCollector(database))
 
     def watch_threads(self, probes: dict[str, Callable[[], bool]]) -> None:
         """Report ``hemotriage_thread_up`` for each named liveness probe."""

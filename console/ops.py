@@ -4,8 +4,9 @@ Routes:
 
     GET /healthz   200 while the process answers
     GET /readyz    200 when the database takes writes, the classifier answers and the
-                   worker, inbox and DICOM receiver threads run (the worker's loop not
-                   stalled), else 503; with Triton, each server's state under "triton"
+                   worker, inbox, DICOM receiver and results threads run (the worker's
+                   loop not stalled), else 503; with Triton, each server's state under
+                   "triton"
     GET /metrics   Prometheus text format
 """
 
@@ -34,9 +35,10 @@ def healthz():
 def readyz():
     """Readiness: the database takes a write lock, the classifier answers, the threads run.
 
-    The body also carries the worker's latest error, so an operator sees why
-    without reading logs, and each Triton server's state (after health-checking
-    those due for it, so an idle console notices a restarted server too).
+    The body also carries the worker's latest error (and the results thread's),
+    so an operator sees why without reading logs, and each Triton server's state
+    (after health-checking those due for it, so an idle console notices a
+    restarted server too).
     """
     checks: dict[str, str] = {}
     try:
@@ -70,6 +72,8 @@ def readyz():
             "backoff_s": state.backoff_s,
         },
     }
+    if services.results is not None:
+        body["results"] = {"last_error": services.results.last_error}
     # Several Triton servers: one that is down does not make the console unready.
     check_servers = getattr(classifier, "check_servers", None)
     if check_servers is not None:

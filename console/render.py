@@ -7,6 +7,7 @@ weights; the explainer is built on first use and shared, one request at a time.
 
     png = slice_png(path, spec)
     png = CamRenderer(spec).overlay_png(path)
+    rgb = CamRenderer(spec).overlay_rgb(path)      # for the PACS secondary capture
 """
 
 from __future__ import annotations
@@ -57,7 +58,23 @@ class CamRenderer:
         Raises:
             HemoTriageError: the stored file no longer decodes, or the weights are missing.
         """
-        from client.gradcam import GradCam, overlay_png
+        from client.gradcam import overlay_png
+
+        return overlay_png(*self._explain(path))
+
+    def overlay_rgb(self, path: Path) -> np.ndarray:
+        """The same overlay as uint8 (H, W, 3) RGB pixels (the PACS secondary capture).
+
+        Raises:
+            HemoTriageError: the stored file no longer decodes, or the weights are missing.
+        """
+        from client.gradcam import overlay
+
+        return overlay(*self._explain(path))
+
+    def _explain(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The slice's model view (H, W) and its Grad-CAM heatmap."""
+        from client.gradcam import GradCam
 
         view = model_view(decode_file(path), self.spec)
         # The hooks hold per-call activations: one explanation at a time.
@@ -65,7 +82,7 @@ class CamRenderer:
             if self._cam is None:
                 self._cam = GradCam(self.spec)
             heatmap = self._cam.heatmap(normalize(view, self.spec))
-        return overlay_png(view[0], heatmap)
+        return view[0], heatmap
 
     def release(self) -> None:
         """Remove the explainer's hooks (on shutdown)."""

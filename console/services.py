@@ -1,4 +1,7 @@
-"""The console's long-lived parts, one set per app: events, metrics, worker, inbox, DICOM node.
+"""The console's long-lived parts, one set per app: events, metrics and the threads.
+
+The threads: the queue worker, the inbox watcher, the DICOM receiver and the
+results thread (series completion and the PACS outbox).
 
 :func:`console.create_app` builds a :class:`Services` and keeps it in
 ``app.extensions["hemotriage"]``; nothing starts until :meth:`Services.start`
@@ -22,6 +25,7 @@ from flask import Flask, current_app
 
 from client.constants import PRIORITY_ROUTINE
 from client.registry import ModelSpec, get_model
+from console.completion import ResultMaker, complete_quiet_series
 from console.db import connect
 from console.dicom_node import DicomReceiver, DicomSettings
 from console.errors import storage_error
@@ -29,7 +33,9 @@ from console.events import EventBroker, publish_study
 from console.inbox import InboxWatcher
 from console.ingest import IncomingFile, IngestLimits, IngestResult, ingest
 from console.metrics import ConsoleMetrics
+from console.outbox import OutboxSettings, ResultsThread
 from console.priority import PriorityRule
+from console.queue import StudyChange
 from console.render import CamRenderer
 from console.worker import QueueWorker, WorkerSettings
 
@@ -53,6 +59,8 @@ class Services:
         worker: The queue worker.
         inbox: The inbox watcher, or None when ``INBOX_DIR`` is empty.
         dicom: The DICOM receiver, or None when ``DICOM_PORT`` is 0 or empty.
+        results: Completes quiet DICOM series and sends their results (console/outbox.py);
+            None when the receiver is off and no ``RESULTS_DESTINATION`` is set.
         cam: Grad-CAM overlays of the configured model.
         shadow_mode: The one "send nothing" predicate (console/shadow.py): True during a
             site's validation period. Results are classified and recorded, but no alert is
@@ -70,6 +78,7 @@ class Services:
     worker: QueueWorker
     inbox: InboxWatcher | None
     dicom: DicomReceiver | None
+    results: ResultsThread | None
     cam: CamRenderer
     shadow_mode: bool
 
@@ -94,6 +103,7 @@ class Services:
             worker=QueueWorker(WorkerSettings.from_config(config), broker, metrics),
             inbox=None,
             dicom=None,
+            results=None,
             cam=CamRenderer(get_model(config["MODEL_NAME"])),
             shadow_mode=shadow_mode,
         )
@@ -109,6 +119,8 @@ class Services:
             services.dicom = DicomReceiver(
                 dicom, lambda files: services.accept(files, None, source="dicom")
             )
+        if dicom.port or dicom.results_destination is not None:
+            services.results = services._results_thread(config, dicom)
         metrics.watch_threads(services.thread_probes())
         return services
 
@@ -119,7 +131,41 @@ class Services:
             probes["inbox"] = self.inbox.is_alive
         if self.dicom is not None:
             probes["dicom"] = self.dicom.is_alive
+        if self.results is not None:
+            probes["results"] = self.results.is_alive
         return probes
+
+    def _results_thread(self, config, dicom: DicomSettings) -> ResultsThread:
+        """The thread completing quiet series and delivering their results.
+
+        In shadow mode series are still completed, but no result is built, queued
+        or sent (not even rows queued before the switch): nothing leaves the console.
+        """
+        destination = None if self.shadow_mode else dicom.results_destination
+        settings = OutboxSettings(
+            database=self.database,
+            busy_timeout_s=float(config["DATABASE_BUSY_TIMEOUT_S"]),
+            destination=destination,
+            calling_ae=dicom.ae_title,
+            poll_s=min(dicom.quiet_s, 1.0),
+            backoff_initial_s=float(config["RESULTS_BACKOFF_INITIAL_S"]),
+            backoff_max_s=float(config["RESULTS_BACKOFF_MAX_S"]),
+            timeout_s=float(config["RESULTS_TIMEOUT_S"]),
+        )
+        make = ResultMaker(self.spec, self.storage_dir, self.cam)
+        return ResultsThread(
+            settings,
+            complete=lambda db: complete_quiet_series(db, dicom.quiet_s, make, destination),
+            changed=self._publish_unchanged,
+        )
+
+    def _publish_unchanged(self, db: sqlite3.Connection, study_ids: set[int]) -> None:
+        """Tell the screens to redraw studies whose status stayed but whose results moved."""
+        marks = ",".join("?" * len(study_ids))
+        for row in db.execute(
+            f"SELECT id, status FROM studies WHERE id IN ({marks})", sorted(study_ids)
+        ):
+            publish_study(self.broker, StudyChange(row["id"], row["status"], row["status"], False))
 
     def accept(
         self,
@@ -183,7 +229,7 @@ class Services:
             db.close()
 
     def start(self) -> None:
-        """Start the DICOM receiver, the worker and the inbox watcher.
+        """Start the DICOM receiver, the worker, the inbox watcher and the results thread.
 
         The receiver binds first, so a taken port fails before any thread runs.
 
@@ -195,6 +241,8 @@ class Services:
         self.worker.start()
         if self.inbox is not None:
             self.inbox.start()
+        if self.results is not None:
+            self.results.start()
         logger.info(
             "console services started (model %s%s)",
             self.spec.name,
@@ -208,6 +256,8 @@ class Services:
             self.dicom.stop()
         if self.inbox is not None:
             self.inbox.stop()
+        if self.results is not None:
+            self.results.stop()
         self.worker.stop()
         self.cam.release()
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 
 from console.errors import StudyNotFoundError
+from console.outbox import delivery
 from console.priority import PriorityRule
 from console.queue import ordered_slices
 
@@ -39,6 +40,8 @@ _PUBLIC_COLUMNS = (
     "acknowledged_at",
     "acknowledged_by",
     "flag_score",
+    "completed_at",
+    "result_version",
 )
 #: What the model said about a study, blanked when results are hidden (shadow mode).
 _RESULT_COLUMNS = ("score", "threshold", "key_slice_id", "flagged_at", "flag_score")
@@ -139,7 +142,11 @@ def worklist(
 def study_detail(
     db: sqlite3.Connection, study_id: int, rule: PriorityRule, *, show_results: bool = True
 ) -> dict:
-    """One study with every slice (key slice first, then anatomical order).
+    """One study with every slice (key slice first, then anatomical order) and its results.
+
+    ``results`` lists the objects sent to the PACS for each completed version of a
+    DICOM series, with their delivery state (pending, sent, failed), attempts and
+    the last error.
 
     ``strip`` lists the slices skull base to vertex with their probabilities,
     for the study page's probability strip along the series.
@@ -159,4 +166,5 @@ def study_detail(
     out["strip"] = [
         {"id": s["id"], "filename": s["filename"], "probability": s["probability"]} for s in slices
     ]
+    out["results"] = delivery(db, study_id)
     return out

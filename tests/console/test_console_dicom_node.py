@@ -1,10 +1,8 @@
 import io
 import json
-import logging
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -273,28 +271,13 @@ def test_locked_database_answers_out_of_resources_and_a_resend_is_stored(
     assert len(db_rows("SELECT * FROM slices")) == 1
 
 
-def test_series_is_complete_after_the_quiet_period(node, phantom_series, db_rows):
-    _, services = node(DICOM_QUIET_S=3600.0)
-    _send(services.dicom.settings.port, phantom_series(2))
-    (study,) = db_rows("SELECT id FROM studies")
-    receiver = services.dicom
-    assert receiver.quiet_series() == []
-    assert receiver.quiet_series(now=time.monotonic() + 3600.0) == [study["id"]]
-    assert receiver.quiet_series(now=time.monotonic() + 7200.0) == []  # reported once
-
-
-def test_receiver_logs_a_series_complete_when_it_goes_quiet(node, phantom_series, caplog):
-    caplog.set_level(logging.INFO, logger="console.dicom_node")
-    _, services = node(DICOM_QUIET_S=0.2)
-    _send(services.dicom.settings.port, phantom_series(1))
-    assert wait_for(lambda: any("series complete" in r.message for r in caplog.records))
-
-
 def test_receiver_thread_is_in_readyz_and_metrics(node):
     console, services = node()
     services.start()
     client = console.test_client()
-    assert client.get("/readyz").get_json()["checks"]["dicom"] == "ok"
+    ready = client.get("/readyz").get_json()
+    assert ready["checks"]["dicom"] == ready["checks"]["results"] == "ok"
+    assert ready["results"] == {"last_error": ""}
     assert 'hemotriage_thread_up{thread="dicom"} 1.0' in client.get("/metrics").get_data(
         as_text=True
     )
