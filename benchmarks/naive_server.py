@@ -12,7 +12,7 @@ no lock: each request thread runs its own forward pass.
     python -m benchmarks.naive_server --model resnet18 --port 5200
     curl -F image=@slice.png http://127.0.0.1:5200/predict
 
-    with NaiveServer("resnet18", port=5200) as server:   # from a benchmark
+    with NaiveServer("resnet18") as server:              # from a benchmark, on a free port
         requests.post(server.url + "/predict", files={"image": ("s.png", data)})
 """
 
@@ -28,6 +28,7 @@ import urllib.request
 
 from flask import Flask, jsonify, request
 
+from build_engines.serve import free_ports
 from client.classify import LocalClassifier
 from client.constants import REPO_ROOT
 from client.errors import ServerUnavailableError
@@ -74,7 +75,7 @@ class NaiveServer:
 
     Args:
         model: Registry name of the fp32 model to serve.
-        port: TCP port of the development server.
+        port: TCP port of the development server; a free one by default.
         host: Interface to bind.
         startup_timeout_s: Longest wait for ``/healthz`` (torch import and weights load).
 
@@ -83,8 +84,14 @@ class NaiveServer:
     """
 
     def __init__(
-        self, model: str, port: int, host: str = "127.0.0.1", startup_timeout_s: float = 120.0
+        self,
+        model: str,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout_s: float = 120.0,
     ) -> None:
+        if port is None:
+            (port,) = free_ports(1)
         self.model = model
         self.url = f"http://{host}:{port}"
         self._command = [

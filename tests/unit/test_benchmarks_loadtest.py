@@ -7,7 +7,8 @@ import time
 
 from werkzeug.wrappers import Request
 
-from benchmarks.bench_time_to_alert import upload_body, worker_stages
+from benchmarks.bench_time_to_alert import worker_stages
+from benchmarks.console_api import upload_body
 from benchmarks.loadtest import audit_database
 from benchmarks.phantoms import phantom_series
 from client.constants import REPO_ROOT

@@ -1,4 +1,3 @@
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,10 +40,7 @@ def test_naive_app_scores_an_upload_like_the_local_classifier(slice_png):
 
 
 def test_naive_server_runs_as_a_real_process_and_stops(slice_png):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with NaiveServer("mobilenet_v2", port) as server:
+    with NaiveServer("mobilenet_v2") as server:
         files = {IMAGE_FIELD: ("slice.png", slice_png.read_bytes(), "image/png")}
         answer = requests.post(server.url + "/predict", files=files, timeout=60).json()
         assert 0.0 <= answer["probability"] <= 1.0
