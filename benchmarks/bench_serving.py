@@ -417,7 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def start_triton(stack: contextlib.ExitStack, args: argparse.Namespace) -> dict[str, str]:
-    """The embedded CPU Triton with every measured build, on ``--triton-ports``; its URLs."""
+    """The embedded CPU Triton with every measured build, on ``--triton-ports`` or free ports."""
     models = tuple(s.name for base in args.model for s in variants(base, args.precision))
     if args.triton_ports:
         http_port, grpc_port, metrics_port = args.triton_ports

@@ -23,15 +23,13 @@ import logging
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 from flask import Flask, jsonify, request
 
+from benchmarks.stack import wait_until_ready
 from build_engines.serve import free_ports
 from client.classify import LocalClassifier
 from client.constants import REPO_ROOT
-from client.errors import ServerUnavailableError
 from client.preprocess import preprocess_bytes
 from client.registry import get_model, list_models
 
@@ -39,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: The form field that carries the image, as an HTML upload form would name it.
 IMAGE_FIELD = "image"
-#: Seconds between readiness polls while the server loads torch and the weights.
-_POLL_INTERVAL_S = 0.25
 
 
 def create_app(model: str) -> Flask:
@@ -113,7 +109,13 @@ class NaiveServer:
             self._command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT
         )
         try:
-            self._wait_ready()
+            wait_until_ready(
+                "naive server",
+                self.url + "/healthz",
+                self._process,
+                self._startup_timeout_s,
+                self._log_tail,
+            )
         except BaseException:
             self.__exit__()
             raise
@@ -127,21 +129,6 @@ class NaiveServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self._startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise ServerUnavailableError(
-                    f"naive server exited with {self._process.returncode}:\n{self._log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(_POLL_INTERVAL_S)
-        raise ServerUnavailableError(f"naive server not ready at {self.url}:\n{self._log_tail()}")
 
     def _log_tail(self, chars: int = 3000) -> str:
         self._log.seek(0)

@@ -25,19 +25,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from build_engines.serve import EmbeddedTriton, ServeSettings, free_ports
 from client.constants import ENV_PREFIX, REPO_ROOT
+from client.errors import ServerUnavailableError
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between progress lines while the console starts.
+#: Seconds between progress lines while a server starts.
 _PROGRESS_S = 10.0
+_POLL_INTERVAL_S = 0.3
 #: Seconds gunicorn gets to finish the current batch after SIGTERM before SIGKILL.
 _STOP_TIMEOUT_S = 60.0
 _LOG_TAIL_LINES = 30
@@ -52,6 +53,45 @@ def triton_on_free_ports(
     """
     settings = ServeSettings.from_env(models=models, repository=repository)
     return EmbeddedTriton(settings.with_free_ports())
+
+
+def wait_until_ready(
+    name: str,
+    url: str,
+    process: subprocess.Popen,
+    timeout_s: float,
+    log_tail: Callable[[], str],
+) -> None:
+    """Poll ``url`` until it answers 200, with a progress line now and then.
+
+    Args:
+        name: What starts, for messages.
+        url: Its readiness URL (a 503 counts as not yet).
+        process: The server process; its exit ends the wait.
+        timeout_s: Longest wait.
+        log_tail: The end of the server's log, for the error message.
+
+    Raises:
+        ServerUnavailableError: ``process`` exited, or ``url`` did not answer in time.
+    """
+    start = time.monotonic()
+    next_note = start + _PROGRESS_S
+    while time.monotonic() - start < timeout_s:
+        if process.poll() is not None:
+            raise ServerUnavailableError(f"{name} exited with {process.returncode}:\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    logger.info("%s ready at %s", name, url)
+                    return
+        except OSError as e:  # refused, timed out, or an HTTPError such as 503
+            if time.monotonic() > next_note:
+                logger.info("waiting for %s at %s (%s)", name, url, e)
+                next_note += _PROGRESS_S
+        time.sleep(_POLL_INTERVAL_S)
+    raise ServerUnavailableError(
+        f"{name} not ready at {url} after {timeout_s:.0f} s:\n{log_tail()}"
+    )
 
 
 class ConsoleServer:
@@ -76,7 +116,8 @@ class ConsoleServer:
         process: The gunicorn master, once started.
 
     Raises:
-        RuntimeError: (on start) the CLI fails, or gunicorn exits or is not ready in time.
+        RuntimeError: (on start) the console CLI fails.
+        ServerUnavailableError: (on start) gunicorn exits or is not ready in time.
     """
 
     def __init__(
@@ -117,7 +158,9 @@ class ConsoleServer:
             start_new_session=True,  # kill() takes the master and its worker together
         )
         try:
-            self._wait_ready()
+            wait_until_ready(
+                "console", self.url + "/readyz", self.process, self._ready_timeout_s, self._log_tail
+            )
         except BaseException:
             self.stop()
             raise
@@ -170,29 +213,6 @@ class ConsoleServer:
             raise RuntimeError(f"python -m console {args[0]} failed:\n{result.stderr}")
         return result.stdout
 
-    def _wait_ready(self) -> None:
-        """Poll ``/readyz`` until the database, the classifier and the threads answer."""
-        start = time.monotonic()
-        next_note = start + _PROGRESS_S
-        while time.monotonic() - start < self._ready_timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"gunicorn exited with {self.process.returncode}:\n{self._log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        logger.info("console ready at %s", self.url)
-                        return
-            except (urllib.error.URLError, OSError) as e:
-                if time.monotonic() > next_note:
-                    logger.info("waiting for the console at %s (%s)", self.url, e)
-                    next_note += _PROGRESS_S
-            time.sleep(0.3)
-        raise RuntimeError(
-            f"console not ready after {self._ready_timeout_s:.0f} s:\n{self._log_tail()}"
-        )
-
     def _log_tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:])
 
@@ -225,8 +245,8 @@ class ConsoleStack:
         log_path: gunicorn's log (deleted with the storage folder on exit).
 
     Raises:
-        HemoTriageError: (on enter) Triton does not start.
-        RuntimeError: (on enter) the console does not start or become ready.
+        HemoTriageError: (on enter) Triton or the console does not start or become ready.
+        RuntimeError: (on enter) the console CLI fails.
     """
 
     def __init__(self, settings: StackSettings | None = None) -> None:

@@ -8,6 +8,7 @@ import requests
 from benchmarks.bench_serving import (
     NAIVE,
     from_png,
+    parse_args,
     ratios,
     render_markdown,
     variants,
@@ -118,3 +119,10 @@ def test_run_cell_raises_a_worker_error_instead_of_counting_it_as_slow():
 
     with pytest.raises(ValueError, match="500"):
         run_cell(failing, np.zeros((4, 1)), 1, 2, 0.5)
+
+
+def test_serving_reads_hemotriage_data_dir_and_takes_free_ports_by_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEMOTRIAGE_DATA_DIR", str(tmp_path))
+    args = parse_args([])
+    assert args.data_dir == tmp_path
+    assert (args.naive_port, args.triton_ports) == (None, None)
