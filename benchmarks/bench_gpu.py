@@ -54,15 +54,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench_serving import markdown_table
-from client.constants import INPUT_NAME, OUTPUT_NAME, REPO_ROOT
+from benchmarks.report import RESULTS_DIR, markdown_table
+from client.constants import INPUT_NAME, OUTPUT_NAME
 from client.errors import HemoTriageError
 from client.registry import ModelSpec, get_model, list_models
 from client.torch_models import load_model
 
 logger = logging.getLogger(__name__)
 
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 BATCH_SIZES = (1, 8, 32, 128, 256)
 #: Exit status without a GPU: automake's and meson's "test skipped".
 EXIT_SKIPPED = 77

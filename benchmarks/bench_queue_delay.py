@@ -18,14 +18,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.bench_triton import real_batch, run_cell
-from client.constants import DEFAULT_DATA_DIR, MODEL_REPOSITORY
+from benchmarks.bench_triton import measure_cell, real_batch
+from benchmarks.report import Column, text_header, text_row
+from benchmarks.stack import triton_on_free_ports
+from build_engines.data import data_dir_from_env
+from client.constants import MODEL_REPOSITORY
 from client.registry import get_model, list_models
 from client.triton_client import TritonClassifier
 
 SHARED_MODEL = "onnx_runtime_model.py"
+#: The printed table, one line per cell as it is measured.
+_COLUMNS = (
+    Column("model", 18, left=True),
+    Column("delay us", 8),
+    Column("conc", 4),
+    Column("slices/s", 9, ".1f"),
+    Column("p50 ms", 8, ".1f"),
+    Column("p95 ms", 8, ".1f"),
+)
 
 
 def delayed_repository(root: Path, models: list[str], delay_us: int) -> Path:
@@ -52,8 +62,6 @@ def delayed_repository(root: Path, models: list[str], delay_us: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve each delay in turn, measure, print one table; return the exit status."""
-    from build_engines.serve import EmbeddedTriton, ServeSettings
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
@@ -64,31 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-us", nargs="+", type=int, default=[0, 500, 2000, 5000, 10000])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--duration-s", type=float, default=5.0, help="seconds per cell")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=data_dir_from_env())
     args = parser.parse_args(argv)
     out = sys.stdout
-    out.write(
-        f"{'model':<18} {'delay us':>8} {'conc':>4} {'slices/s':>9} {'p50 ms':>8} {'p95 ms':>8}\n"
-    )
+    out.write(text_header(_COLUMNS) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         for delay_us in args.delay_us:
             repo = delayed_repository(Path(tmp), args.model, delay_us)
-            settings = ServeSettings(repository=repo, models=tuple(args.model)).with_free_ports()
-            with EmbeddedTriton(settings) as server:
+            with triton_on_free_ports(tuple(args.model), repo) as server:
                 for name in args.model:
                     spec = get_model(name)
                     slices = real_batch(spec, args.data_dir)
                     with TritonClassifier(spec, server.grpc_url, "grpc") as classifier:
                         classifier.predict(slices[:1])
                         for concurrency in args.concurrency:
-                            count, elapsed, ms = run_cell(
-                                classifier.predict, slices, 1, concurrency, args.duration_s
+                            c = measure_cell(
+                                (name, "grpc"),
+                                classifier.predict,
+                                slices,
+                                1,
+                                concurrency,
+                                args.duration_s,
                             )
-                            p50, p95 = np.percentile(ms, [50, 95])
-                            out.write(
-                                f"{name:<18} {delay_us:>8} {concurrency:>4} "
-                                f"{count / elapsed:>9.1f} {p50:>8.1f} {p95:>8.1f}\n"
-                            )
+                            row = (name, delay_us, concurrency, c.slices_per_s, c.p50_ms, c.p95_ms)
+                            out.write(text_row(_COLUMNS, row) + "\n")
                             out.flush()
     return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import logging
 import os
 import platform
@@ -50,12 +49,16 @@ from benchmarks.bench_triton import (
     CONCURRENCY,
     Cell,
     format_table,
+    measure_cell,
     onnxruntime_predict,
     real_files,
     run_cell,
 )
 from benchmarks.naive_server import IMAGE_FIELD, NaiveServer
-from client.constants import DEFAULT_DATA_DIR, REPO_ROOT
+from benchmarks.report import RESULTS_DIR, figure, markdown_table, write_report
+from benchmarks.stack import triton_on_free_ports
+from build_engines.data import data_dir_from_env
+from build_engines.serve import EmbeddedTriton, ServeSettings
 from client.preprocess import preprocess_bytes
 from client.registry import ModelSpec, get_model, list_models
 from client.triton_client import TritonClassifier
@@ -66,7 +69,6 @@ NAIVE = "naive-flask"
 SERVED = ("http", "grpc")
 PATHS = (NAIVE, "onnxruntime", *SERVED)
 PRECISIONS = ("fp32", "int8")
-DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 #: File name sent with every upload; decoding goes by content, the suffix names the format.
 _UPLOAD_NAME = "slice.png"
 _REQUEST_TIMEOUT_S = 60.0
@@ -105,8 +107,8 @@ def from_png(spec: ModelSpec, tensor_predict: Predict) -> Predict:
 
 
 @contextlib.contextmanager
-def naive_predictor(model: str, port: int) -> Iterator[Predict]:
-    """The baseline server process on ``port``, and a predict that uploads each PNG to it."""
+def naive_predictor(model: str, port: int | None) -> Iterator[Predict]:
+    """The baseline server process on ``port`` (None: a free one), and a predict uploading to it."""
     import requests
 
     local = threading.local()
@@ -151,9 +153,7 @@ def sweep(
     cells = []
     for concurrency in args.concurrency:
         bar.set_postfix_str(f"{name} {path} c={concurrency}")
-        count, elapsed, ms = run_cell(predict, pngs, 1, concurrency, args.duration_s)
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        cells.append(Cell(name, path, concurrency, count, count / elapsed, p50, p95, p99))
+        cells.append(measure_cell((name, path), predict, pngs, 1, concurrency, args.duration_s))
         logger.info("%s", cells[-1])
         bar.update(1)
     return cells
@@ -262,13 +262,6 @@ def _clocks() -> tuple[float, float, float]:
     return time.monotonic(), busy_cpu_s(), own_cpu_s()
 
 
-def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def verdict(found: list[Ratio], target: float) -> str:
     """One sentence per base model on its best served path against ``target``x naive."""
     lines = []
@@ -371,37 +364,27 @@ def _stages_table(stages: dict[str, dict[str, float]]) -> str:
 
 def plot(cells: list[Cell], metric: str, label: str, path: Path) -> None:
     """One panel per base model, one line per model build and path, against concurrency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     bases = list(dict.fromkeys(get_model(c.model).weights_name or c.model for c in cells))
-    figure, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.5), squeeze=False)
-    for axis, base in zip(axes[0], bases, strict=True):
-        mine = [c for c in cells if (get_model(c.model).weights_name or c.model) == base]
-        for line in dict.fromkeys((c.model, c.backend) for c in mine):
-            points = [c for c in mine if (c.model, c.backend) == line]
-            axis.plot(
-                [c.concurrency for c in points],
-                [getattr(c, metric) for c in points],
-                marker="o",
-                label=" ".join(line),
-            )
-        axis.set(title=base, xlabel="concurrency", ylabel=label, yscale="log")
-        axis.set_xticks(sorted({c.concurrency for c in mine}))
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure(path, len(bases), (6 * len(bases), 4.5), dpi=110) as axes:
+        for axis, base in zip(axes, bases, strict=True):
+            mine = [c for c in cells if (get_model(c.model).weights_name or c.model) == base]
+            for line in dict.fromkeys((c.model, c.backend) for c in mine):
+                points = [c for c in mine if (c.model, c.backend) == line]
+                axis.plot(
+                    [c.concurrency for c in points],
+                    [getattr(c, metric) for c in points],
+                    marker="o",
+                    label=" ".join(line),
+                )
+            axis.set(title=base, xlabel="concurrency", ylabel=label, yscale="log")
+            axis.set_xticks(sorted({c.concurrency for c in mine}))
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=8)
 
 
 def write_results(report: dict, out_dir: Path) -> None:
     """``serving.json``, ``serving.md`` and the two plots in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "serving.md").write_text(render_markdown(report))
+    write_report(out_dir, "serving", render_markdown(report), report)
     cells = [Cell(**c) for c in report["cells"]]
     plot(cells, "slices_per_s", "images/s", out_dir / "serving_throughput.png")
     plot(cells, "p95_ms", "p95 latency (ms)", out_dir / "serving_p95.png")
@@ -421,12 +404,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratio-concurrency", type=int, default=8)
     parser.add_argument("--target-ratio", type=float, default=10.0)
     parser.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime threads, 0=all")
-    parser.add_argument("--naive-port", type=int, default=5200)
+    parser.add_argument("--naive-port", type=int, help="default: a free port")
     parser.add_argument(
-        "--triton-ports", nargs=3, type=int, default=[8200, 8201, 8202], help="HTTP gRPC metrics"
+        "--triton-ports", nargs=3, type=int, help="HTTP gRPC metrics; default: free ports"
     )
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--data-dir", type=Path, default=data_dir_from_env())
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.ratio_concurrency not in args.concurrency:
         parser.error("--ratio-concurrency must be one of --concurrency")
@@ -434,15 +417,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def start_triton(stack: contextlib.ExitStack, args: argparse.Namespace) -> dict[str, str]:
-    """The embedded CPU Triton with every measured build, on ``--triton-ports``; its URLs."""
-    from build_engines.serve import EmbeddedTriton, ServeSettings
-
-    http_port, grpc_port, metrics_port = args.triton_ports
+    """The embedded CPU Triton with every measured build, on ``--triton-ports`` or free ports."""
     models = tuple(s.name for base in args.model for s in variants(base, args.precision))
-    settings = ServeSettings.from_env(
-        models=models, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
-    )
-    server = stack.enter_context(EmbeddedTriton(settings))
+    if args.triton_ports:
+        http_port, grpc_port, metrics_port = args.triton_ports
+        triton = EmbeddedTriton(
+            ServeSettings.from_env(
+                models=models, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+            )
+        )
+    else:
+        triton = triton_on_free_ports(models)
+    server = stack.enter_context(triton)
     return {"http": server.http_url, "grpc": server.grpc_url}
 
 

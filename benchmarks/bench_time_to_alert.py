@@ -38,26 +38,24 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import logging
 import os
 import platform
-import queue
 import sys
-import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import urllib3
 
-from benchmarks.loadtest import RESULTS_DIR, ConsoleStack, StackSettings
+from benchmarks.console_api import ConsoleApi, EventStream, StudyEvent
 from benchmarks.phantoms import phantom_series
-from client.constants import DEFAULT_DATA_DIR, ENV_PREFIX
+from benchmarks.report import RESULTS_DIR, figure, markdown_table, percentiles, write_report
+from benchmarks.stack import ConsoleStack, StackSettings
+from build_engines.data import data_dir_from_env
+from client.constants import ENV_PREFIX
 from client.registry import get_model, list_models
 
 logger = logging.getLogger(__name__)
@@ -69,6 +67,8 @@ _TERMINAL = ("flagged", "negative", "failed")
 _SLICE_DONE = {"classified", "failed"}
 #: Worker-side parts of the console's time to alert, from each slice's stage timings.
 STAGES = ("first_claim_ms", "decode_ms", "preprocess_ms", "inference_ms", "other_worker_ms")
+#: Columns of the time-to-alert table.
+_STATS = ("p50", "p95", "p99", "max")
 _SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET")
 
 
@@ -144,104 +144,6 @@ def _as_png(data: bytes) -> bytes:
     buffer = io.BytesIO()
     Image.open(io.BytesIO(data)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-class ConsoleApi:
-    """The console's JSON API with a Bearer token (stdlib HTTP, one connection a call)."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
-
-    def upload(self, files: list[tuple[str, bytes]], label: str | None) -> dict:
-        """``POST /api/scans``; returns the 201 body."""
-        body, content_type = upload_body(files, label)
-        request = urllib.request.Request(
-            self.url + "/api/scans",
-            data=body,
-            headers={**self._headers, "Content-Type": content_type},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.load(response)
-
-    def study(self, study_id: int) -> dict:
-        """``GET /api/studies/<id>``: status, scores and every slice's stage timings."""
-        request = urllib.request.Request(
-            f"{self.url}/api/studies/{study_id}", headers=self._headers
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
-
-    @contextlib.contextmanager
-    def events(self) -> Iterator[EventStream]:
-        """``/api/stream``, subscribed before this returns; closed on exit."""
-        request = urllib.request.Request(
-            self.url + "/api/stream", headers={**self._headers, "Accept": "text/event-stream"}
-        )
-        stream = EventStream(urllib.request.urlopen(request, timeout=60))
-        try:
-            yield stream
-        finally:
-            stream.close()
-
-
-def upload_body(files: list[tuple[str, bytes]], label: str | None) -> tuple[bytes, str]:
-    """The multipart/form-data body of ``POST /api/scans`` and its Content-Type."""
-    fields = [("files", (name, data, "application/octet-stream")) for name, data in files]
-    return urllib3.encode_multipart_formdata(fields + ([("study", label)] if label else []))
-
-
-@dataclass(frozen=True)
-class StudyEvent:
-    """A ``study`` event as it arrived: monotonic and wall-clock time, and its data."""
-
-    at: float
-    wall: float
-    data: dict
-
-
-class EventStream:
-    """Reads Server-Sent Events on a daemon thread and timestamps each ``study`` event."""
-
-    def __init__(self, response) -> None:
-        self._response = response
-        self._inbox: queue.Queue[StudyEvent] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, name="sse-reader", daemon=True)
-        self._thread.start()
-
-    def get(self, timeout_s: float) -> StudyEvent | None:
-        """The next study event, or None after ``timeout_s``."""
-        try:
-            return self._inbox.get(timeout=max(timeout_s, 0.0))
-        except queue.Empty:
-            return None
-
-    def drain(self) -> list[StudyEvent]:
-        """Every event received so far and not yet taken."""
-        out = []
-        while (event := self.get(0.0)) is not None:
-            out.append(event)
-        return out
-
-    def close(self) -> None:
-        """Close the connection; the reader thread ends with it."""
-        self._response.close()
-
-    def _read(self) -> None:
-        name = ""
-        # The loop ends when close() drops the connection under it; http.client then
-        # raises OSError, ValueError or (mid-chunk) AttributeError.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            for raw in self._response:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith("event: "):
-                    name = line.removeprefix("event: ")
-                elif line.startswith("data: ") and name == "study":
-                    data = json.loads(line.removeprefix("data: "))
-                    self._inbox.put(StudyEvent(time.monotonic(), time.time(), data))
-                elif not line:
-                    name = ""
 
 
 @dataclass(frozen=True)
@@ -409,12 +311,6 @@ def triton_delta(before: dict | None, after: dict | None, runs: int) -> dict[str
     return out
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p50, p95, p99 (linear interpolation) and max."""
-    p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(max(values))}
-
-
 def report(result: dict) -> str:
     """The Markdown report: time to alert, then the breakdown of the console's share."""
     tta, server = result["time_to_alert_s"], result["server_time_to_alert_s"]
@@ -433,10 +329,17 @@ def report(result: dict) -> str:
         f"at the start of each run: {min(loads):.2f} to {max(loads):.2f} (this benchmark "
         "alone keeps it near 1; more means other processes shared the cores).",
         "",
-        "| seconds | p50 | p95 | p99 | max |",
-        "|---|---:|---:|---:|---:|",
-        _row("time to alert (last 201 read -> flag event read)", tta),
-        _row("console record (flagged_at - received_at)", server),
+        markdown_table(
+            ["seconds", *_STATS],
+            [
+                [title, *(f"{stats[k]:.3f}" for k in _STATS)]
+                for title, stats in (
+                    ("time to alert (last 201 read -> flag event read)", tta),
+                    ("console record (flagged_at - received_at)", server),
+                )
+            ],
+            align="lrrrr",
+        ),
         "",
         f"Target p95 <= {result['target_p95_s']:g} s: "
         f"**{'met' if tta['p95'] <= result['target_p95_s'] else 'missed'}** "
@@ -446,14 +349,14 @@ def report(result: dict) -> str:
         "",
         "Breakdown of the console record, per run (milliseconds):",
         "",
-        "| stage | p50 ms | p95 ms | share of the record |",
-        "|---|---:|---:|---:|",
-    ]
-    for stage, values in result["breakdown"].items():
-        lines.append(
-            f"| {stage} | {values['p50']:.1f} | {values['p95']:.1f} | {values['share']:.0%} |"
-        )
-    lines += [
+        markdown_table(
+            ["stage", "p50 ms", "p95 ms", "share of the record"],
+            [
+                [stage, f"{v['p50']:.1f}", f"{v['p95']:.1f}", f"{v['share']:.0%}"]
+                for stage, v in result["breakdown"].items()
+            ],
+            align="lrrr",
+        ),
         "",
         "Outside the record: the 201 reached the client "
         f"{result['answer_after_receipt_ms']:.0f} ms (median) after `received_at` (the worker "
@@ -478,12 +381,6 @@ def report(result: dict) -> str:
             + ", ".join(f"`{k}={v}`" for k, v in result["console_env"].items()),
         ]
     return "\n".join(lines)
-
-
-def _row(title: str, stats: dict[str, float]) -> str:
-    return (
-        f"| {title} | " + " | ".join(f"{stats[k]:.3f}" for k in ("p50", "p95", "p99", "max")) + " |"
-    )
 
 
 def summarize(
@@ -540,28 +437,20 @@ def summarize(
 
 def plot(result: dict, path: Path) -> None:
     """Histogram of the time to alert, with p50, p95 and the target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = [r["time_to_alert_s"] for r in result["run_details"] if r["status"] == "flagged"]
     stats = result["time_to_alert_s"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(values, bins=min(20, max(5, len(values) // 2)), color="#4477aa")
-    for x, style, label in (
-        (stats["p50"], "-", f"p50 {stats['p50']:.2f} s"),
-        (stats["p95"], "--", f"p95 {stats['p95']:.2f} s"),
-        (result["target_p95_s"], ":", f"target p95 {result['target_p95_s']:g} s"),
-    ):
-        ax.axvline(x, color="black", linestyle=style, label=label)
-    ax.set_xlabel("time to alert (s): last 201 read -> flag event read")
-    ax.set_ylabel("runs")
-    ax.set_title(f"{result['model']}, {len(values)} runs, {result['cpu_count']} CPU cores")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path) as (ax,):
+        ax.hist(values, bins=min(20, max(5, len(values) // 2)), color="#4477aa")
+        for x, style, label in (
+            (stats["p50"], "-", f"p50 {stats['p50']:.2f} s"),
+            (stats["p95"], "--", f"p95 {stats['p95']:.2f} s"),
+            (result["target_p95_s"], ":", f"target p95 {result['target_p95_s']:g} s"),
+        ):
+            ax.axvline(x, color="black", linestyle=style, label=label)
+        ax.set_xlabel("time to alert (s): last 201 read -> flag event read")
+        ax.set_ylabel("runs")
+        ax.set_title(f"{result['model']}, {len(values)} runs, {result['cpu_count']} CPU cores")
+        ax.legend()
 
 
 def benchmark(
@@ -610,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause-s", type=float, default=1.0, help="idle time before each run")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="longest wait per run")
     parser.add_argument("--target-p95-s", type=float, default=1.5)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=data_dir_from_env())
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if bool(args.console_url) != bool(args.token):
@@ -627,9 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         result = benchmark(args, api, triton_url, load_average)
     text = report(result)
     sys.stdout.write(text + "\n")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "time_to_alert.md").write_text(text + "\n")
-    (args.results_dir / "time_to_alert.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.results_dir, "time_to_alert", text, result)
     plot(result, args.results_dir / "time_to_alert.png")
     return 0 if result["time_to_alert_s"]["p95"] <= args.target_p95_s else 1
 

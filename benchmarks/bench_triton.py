@@ -22,18 +22,32 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from client.constants import DEFAULT_DATA_DIR, INPUT_NAME, OUTPUT_NAME
+from benchmarks.report import Column, percentiles, text_header, text_row
+from benchmarks.stack import triton_on_free_ports
+from build_engines.data import data_dir_from_env
+from client.constants import INPUT_NAME, OUTPUT_NAME
 from client.preprocess import preprocess_file
 from client.registry import ModelSpec, get_model, list_models
 from client.triton_client import TritonClassifier
 
 BACKENDS = ("onnxruntime", "http", "grpc")
 CONCURRENCY = (1, 4, 8, 16)
+#: The printed table, one column per :class:`Cell` field.
+_COLUMNS = (
+    Column("model", 18, left=True),
+    Column("backend", 12, left=True),
+    Column("conc", 4),
+    Column("req", 6),
+    Column("slices/s", 9, ".1f"),
+    Column("p50 ms", 8, ".1f"),
+    Column("p95 ms", 8, ".1f"),
+    Column("p99 ms", 8, ".1f"),
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,28 @@ def run_cell(
     return len(flat), elapsed, flat
 
 
+def measure_cell(
+    row: tuple[str, str],
+    predict: Callable[[np.ndarray], object],
+    slices: np.ndarray,
+    batch_size: int,
+    concurrency: int,
+    duration_s: float,
+) -> Cell:
+    """One :func:`run_cell` as a table row: ``row`` (model, backend), throughput, percentiles."""
+    count, elapsed, ms = run_cell(predict, slices, batch_size, concurrency, duration_s)
+    stats = percentiles(ms)
+    return Cell(
+        *row,
+        concurrency,
+        count,
+        count * batch_size / elapsed,
+        stats["p50"],
+        stats["p95"],
+        stats["p99"],
+    )
+
+
 def onnxruntime_predict(spec: ModelSpec, threads: int) -> Callable[[np.ndarray], object]:
     """One shared in-process ONNX Runtime session on ``spec.onnx_path`` (0 threads = all)."""
     import onnxruntime as ort
@@ -133,19 +169,13 @@ def benchmark(args: argparse.Namespace, urls: dict[str, str]) -> list[Cell]:
             try:
                 predict(slices[: args.batch_size])  # warm-up outside the clock
                 for concurrency in args.concurrency:
-                    count, elapsed, ms = run_cell(
-                        predict, slices, args.batch_size, concurrency, args.duration_s
-                    )
-                    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-                    cell = Cell(
-                        name,
-                        backend,
+                    cell = measure_cell(
+                        (name, backend),
+                        predict,
+                        slices,
+                        args.batch_size,
                         concurrency,
-                        count,
-                        count * args.batch_size / elapsed,
-                        p50,
-                        p95,
-                        p99,
+                        args.duration_s,
                     )
                     logging.info("%s", cell)
                     cells.append(cell)
@@ -159,14 +189,9 @@ def format_table(cells: list[Cell], batch_size: int, duration_s: float) -> str:
     """The one result table."""
     lines = [
         f"batch {batch_size} slice(s) per request, {duration_s:g} s per cell",
-        f"{'model':<18} {'backend':<12} {'conc':>4} {'req':>6} {'slices/s':>9} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}",
+        text_header(_COLUMNS),
     ]
-    for c in cells:
-        lines.append(
-            f"{c.model:<18} {c.backend:<12} {c.concurrency:>4} {c.requests:>6} "
-            f"{c.slices_per_s:>9.1f} {c.p50_ms:>8.1f} {c.p95_ms:>8.1f} {c.p99_ms:>8.1f}"
-        )
+    lines += [text_row(_COLUMNS, astuple(c)) for c in cells]
     return "\n".join(lines)
 
 
@@ -182,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime threads, 0=all")
     parser.add_argument("--http-url", help="running Triton HTTP endpoint; else start one")
     parser.add_argument("--grpc-url", help="running Triton gRPC endpoint; else start one")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=data_dir_from_env())
     parser.add_argument("--csv", type=Path, help="also write the cells as CSV")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -191,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"http": args.http_url, "grpc": args.grpc_url}
         needs_server = any(b != "onnxruntime" and not urls[b] for b in args.backend)
         if needs_server:
-            from build_engines.serve import EmbeddedTriton, ServeSettings
-
-            settings = ServeSettings.from_env(models=tuple(args.model)).with_free_ports()
-            server = stack.enter_context(EmbeddedTriton(settings))
+            server = stack.enter_context(triton_on_free_ports(tuple(args.model)))
             urls["http"] = urls["http"] or server.http_url
             urls["grpc"] = urls["grpc"] or server.grpc_url
         cells = benchmark(args, urls)

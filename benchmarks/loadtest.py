@@ -13,9 +13,8 @@ without a reason is a lost scan, and the command exits non-zero.
     flock /tmp/hemotriage-bench.lock python -m benchmarks.loadtest
 
 Locust's CSV and HTML reports and ``loadtest_summary.{md,json}`` go to
-``--results-dir``. :class:`ConsoleStack` is shared with ``bench_time_to_alert.py``;
-the series come from ``benchmarks/phantoms.py``. The default ports (console 5100,
-Triton 8100-8102) stay clear of ``make demo`` (5000, 8000-8002).
+``--results-dir``. The stack is :class:`benchmarks.stack.ConsoleStack`, on free
+ports (clear of ``make demo``); the series come from ``benchmarks/phantoms.py``.
 """
 
 from __future__ import annotations
@@ -26,188 +25,28 @@ import csv
 import json
 import logging
 import os
-import secrets
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.report import RESULTS_DIR, markdown_table, write_report
+from benchmarks.stack import ConsoleStack, StackSettings
 from client.constants import ENV_PREFIX, REPO_ROOT
 from client.registry import list_models
 
 logger = logging.getLogger(__name__)
 
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 LOCUSTFILE = REPO_ROOT / "benchmarks" / "locustfile.py"
-#: The user that owns the benchmark's API token.
-BENCH_USER = "bench"
 #: Seconds between progress lines while something long runs.
 _PROGRESS_S = 10.0
 #: Header of locust's ``*_stats.csv`` per-endpoint table.
 _STATS_COLUMNS = ("Type", "Name", "Request Count", "Failure Count", "50%", "95%", "99%")
+_ENDPOINT_HEADERS = ("type", "name", "requests", "failures", "p50 ms", "p95 ms", "p99 ms")
 _SLICE_STATES = "SELECT id, status, error FROM slices"
-
-
-@dataclass(frozen=True)
-class StackSettings:
-    """Ports and models of a benchmark stack.
-
-    Attributes:
-        console_port: gunicorn's port on 127.0.0.1.
-        dicom_port: The console's DICOM receiver on 127.0.0.1 (beside ``make demo``'s 11112).
-        http_port: Triton HTTP.
-        grpc_port: Triton gRPC (the console's classifier uses it).
-        metrics_port: Triton metrics.
-        models: Models Triton loads; the first is the console's ``MODEL_NAME``.
-        ready_timeout_s: Longest wait for the console's ``/readyz``.
-    """
-
-    console_port: int = 5100
-    dicom_port: int = 11212
-    http_port: int = 8100
-    grpc_port: int = 8101
-    metrics_port: int = 8102
-    models: tuple[str, ...] = ("mobilenet_v2",)
-    ready_timeout_s: float = 120.0
-
-
-class ConsoleStack:
-    """Embedded Triton plus the console under gunicorn, on a temporary storage folder.
-
-    ``HEMOTRIAGE_*`` variables in the environment reach the console (for example
-    ``HEMOTRIAGE_BATCH_SIZE=32``), except the ones this class sets: storage,
-    database, bind address, Triton URL and protocol, and the model.
-
-    Attributes:
-        url: The console's base URL.
-        token: An API token of the ``bench`` administrator.
-        database: The console's SQLite file.
-        triton_grpc_url: ``localhost:<port>`` of Triton's gRPC endpoint.
-        log_path: gunicorn's log (deleted with the storage folder on exit).
-
-    Raises:
-        HemoTriageError: (on enter) Triton does not start.
-        RuntimeError: (on enter) the console does not start or become ready.
-    """
-
-    def __init__(self, settings: StackSettings | None = None) -> None:
-        self.settings = settings or StackSettings()
-        self.url = f"http://127.0.0.1:{self.settings.console_port}"
-        self.token = ""
-        self.database = Path()
-        self.triton_grpc_url = ""
-        self.log_path = Path()
-        self._exit = contextlib.ExitStack()
-
-    def __enter__(self) -> ConsoleStack:
-        try:
-            self._start()
-        except BaseException:
-            self._exit.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._exit.close()
-
-    def _start(self) -> None:
-        from build_engines.serve import EmbeddedTriton, ServeSettings
-
-        s = self.settings
-        root = Path(self._exit.enter_context(tempfile.TemporaryDirectory(prefix="hemotriage-")))
-        triton = self._exit.enter_context(
-            EmbeddedTriton(
-                ServeSettings.from_env(
-                    http_port=s.http_port,
-                    grpc_port=s.grpc_port,
-                    metrics_port=s.metrics_port,
-                    models=s.models,
-                )
-            )
-        )
-        self.triton_grpc_url = triton.grpc_url
-        self.database = root / "storage" / "hemotriage.sqlite"
-        self.log_path = root / "gunicorn.log"
-        env = {
-            **os.environ,
-            f"{ENV_PREFIX}STORAGE_DIR": str(root / "storage"),
-            f"{ENV_PREFIX}DATABASE": str(self.database),
-            f"{ENV_PREFIX}CONSOLE_BIND": f"127.0.0.1:{s.console_port}",
-            f"{ENV_PREFIX}DICOM_PORT": str(s.dicom_port),
-            f"{ENV_PREFIX}TRITON_URL": triton.grpc_url,
-            f"{ENV_PREFIX}TRITON_PROTOCOL": "grpc",
-            f"{ENV_PREFIX}MODEL_NAME": s.models[0],
-            f"{ENV_PREFIX}ADMIN_PASSWORD": secrets.token_urlsafe(16),
-        }
-        _console_cli(env, "create-admin", "--username", BENCH_USER)
-        self.token = _console_cli(
-            env, "create-token", "--username", BENCH_USER, "--name", "benchmark", "--scope", "full"
-        ).split()[-1]
-        log = self._exit.enter_context(self.log_path.open("wb"))
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "gunicorn"), "-c", "console/gunicorn.conf.py"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self._exit.callback(_terminate, process)
-        _wait_ready(self.url, process, self.log_path, s.ready_timeout_s)
-
-
-def _console_cli(env: dict[str, str], *args: str) -> str:
-    """Run ``python -m console ...`` against the stack's storage; return its stdout."""
-    result = subprocess.run(
-        [sys.executable, "-m", "console", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"python -m console {args[0]} failed:\n{result.stderr}")
-    return result.stdout
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    """Poll ``/readyz`` until the database and the classifier answer."""
-    start = time.monotonic()
-    next_note = start + _PROGRESS_S
-    while time.monotonic() - start < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
-                if response.status == 200:
-                    logger.info("console ready at %s", url)
-                    return
-        except (urllib.error.URLError, OSError) as e:
-            if time.monotonic() > next_note:
-                logger.info("waiting for the console at %s (%s)", url, e)
-                next_note += _PROGRESS_S
-        time.sleep(0.5)
-    raise RuntimeError(f"console not ready after {timeout_s:.0f} s:\n{_tail(log_path)}")
-
-
-def _terminate(process: subprocess.Popen) -> None:
-    """SIGTERM gunicorn (it lets the current batch finish); SIGKILL if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @dataclass(frozen=True)
@@ -328,33 +167,36 @@ class Summary:
     def markdown(self) -> str:
         """The summary table, then locust's per-endpoint table."""
         a = self.audit
+        measures = [
+            ("series accepted", self.series_accepted),
+            ("slices accepted (locust's 201 answers)", self.slices_accepted),
+            (
+                "sustained scan rate",
+                f"{self.series_per_min:.2f} series/min, {self.slices_per_s:.2f} slices/s",
+            ),
+            ("classified while under load", f"{self.classified_during_load_per_s:.2f} slices/s"),
+            ("drain after the load stopped", f"{self.drain_s:.1f} s"),
+            ("requests", self.requests),
+            ("failures", self.failures),
+            ("locust exit code (2: an error outside a request)", self.locust_exit_code),
+            ("slices classified", a.classified),
+            ("slices failed with a reason", a.failed_with_reason),
+            ("slices in the database no 201 named", a.unlogged),
+            (
+                f"**lost scans** (missing {a.missing}, unfinished {a.unfinished}, "
+                f"failed without reason {a.failed_without_reason})",
+                f"**{a.lost}**",
+            ),
+        ]
+        endpoints = [[row[c] for c in _STATS_COLUMNS] for row in self.endpoints]
         lines = [
             f"Load test: {self.users} users (spawn rate {self.spawn_rate:g}/s), "
             f"{self.duration_s:.0f} s (locust's wall clock), {os.cpu_count()} CPU cores, "
             f"1-min load average at the end {self.load_average_1m:.2f}",
             "",
-            "| measure | value |",
-            "|---|---|",
-            f"| series accepted | {self.series_accepted} |",
-            f"| slices accepted (locust's 201 answers) | {self.slices_accepted} |",
-            f"| sustained scan rate | {self.series_per_min:.2f} series/min, "
-            f"{self.slices_per_s:.2f} slices/s |",
-            f"| classified while under load | {self.classified_during_load_per_s:.2f} slices/s |",
-            f"| drain after the load stopped | {self.drain_s:.1f} s |",
-            f"| requests | {self.requests} |",
-            f"| failures | {self.failures} |",
-            f"| locust exit code (2: an error outside a request) | {self.locust_exit_code} |",
-            f"| slices classified | {a.classified} |",
-            f"| slices failed with a reason | {a.failed_with_reason} |",
-            f"| slices in the database no 201 named | {a.unlogged} |",
-            f"| **lost scans** (missing {a.missing}, unfinished {a.unfinished}, "
-            f"failed without reason {a.failed_without_reason}) | **{a.lost}** |",
+            markdown_table(["measure", "value"], measures),
             "",
-            "| type | name | requests | failures | p50 ms | p95 ms | p99 ms |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        lines += [
-            "| " + " | ".join(row[c] for c in _STATS_COLUMNS) + " |" for row in self.endpoints
+            markdown_table(_ENDPOINT_HEADERS, endpoints, align="llrrrrr"),
         ]
         return "\n".join(lines)
 
@@ -472,10 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         ledger.parent.rmdir()
     text = summary.markdown()
     sys.stdout.write(text + "\n")
-    (args.results_dir / "loadtest_summary.md").write_text(text + "\n")
-    (args.results_dir / "loadtest_summary.json").write_text(
-        json.dumps({**asdict(summary), "lost": summary.audit.lost}, indent=2) + "\n"
-    )
+    data = {**asdict(summary), "lost": summary.audit.lost}
+    write_report(args.results_dir, "loadtest_summary", text, data)
     return 1 if summary.audit.lost or summary.failures or summary.locust_exit_code else 0
 
 

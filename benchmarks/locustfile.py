@@ -41,6 +41,7 @@ from locust import HttpUser, User, between, constant_pacing, events, task
 from locust.clients import HttpSession
 from requests.exceptions import RequestException
 
+from benchmarks.console_api import auth_headers, study_events
 from benchmarks.phantoms import phantom_series
 from client.constants import DEFAULT_GRPC_PORT, ENV_PREFIX
 from client.preprocess import preprocess_bytes
@@ -91,7 +92,7 @@ def _init_grpc(environment, **_kwargs) -> None:
 
 
 def _authorize(user: HttpUser, session: HttpSession) -> None:
-    session.headers["Authorization"] = f"Bearer {user.environment.parsed_options.token}"
+    session.headers.update(auth_headers(user.environment.parsed_options.token))
 
 
 class ScannerUser(HttpUser):
@@ -186,12 +187,8 @@ class TriageScreenUser(HttpUser):
             gevent.sleep(_RECONNECT_S)
 
     def _read_events(self, raw_lines) -> None:
-        name = ""
-        for line in (raw.decode() for raw in raw_lines):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: ") and name == "study":
-                self._on_study(json.loads(line.removeprefix("data: ")))
+        for data in study_events(raw.decode() for raw in raw_lines):
+            self._on_study(data)
 
     def _on_study(self, data: dict) -> None:
         """Queue alerts for opening; time each result of a series sent from this process."""

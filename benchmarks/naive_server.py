@@ -12,7 +12,7 @@ no lock: each request thread runs its own forward pass.
     python -m benchmarks.naive_server --model resnet18 --port 5200
     curl -F image=@slice.png http://127.0.0.1:5200/predict
 
-    with NaiveServer("resnet18", port=5200) as server:   # from a benchmark
+    with NaiveServer("resnet18") as server:              # from a benchmark, on a free port
         requests.post(server.url + "/predict", files={"image": ("s.png", data)})
 """
 
@@ -23,14 +23,13 @@ import logging
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 from flask import Flask, jsonify, request
 
+from benchmarks.stack import wait_until_ready
+from build_engines.serve import free_ports
 from client.classify import LocalClassifier
 from client.constants import REPO_ROOT
-from client.errors import ServerUnavailableError
 from client.preprocess import preprocess_bytes
 from client.registry import get_model, list_models
 
@@ -38,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: The form field that carries the image, as an HTML upload form would name it.
 IMAGE_FIELD = "image"
-#: Seconds between readiness polls while the server loads torch and the weights.
-_POLL_INTERVAL_S = 0.25
 
 
 def create_app(model: str) -> Flask:
@@ -74,7 +71,7 @@ class NaiveServer:
 
     Args:
         model: Registry name of the fp32 model to serve.
-        port: TCP port of the development server.
+        port: TCP port of the development server; a free one by default.
         host: Interface to bind.
         startup_timeout_s: Longest wait for ``/healthz`` (torch import and weights load).
 
@@ -83,8 +80,14 @@ class NaiveServer:
     """
 
     def __init__(
-        self, model: str, port: int, host: str = "127.0.0.1", startup_timeout_s: float = 120.0
+        self,
+        model: str,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout_s: float = 120.0,
     ) -> None:
+        if port is None:
+            (port,) = free_ports(1)
         self.model = model
         self.url = f"http://{host}:{port}"
         self._command = [
@@ -106,7 +109,13 @@ class NaiveServer:
             self._command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT
         )
         try:
-            self._wait_ready()
+            wait_until_ready(
+                "naive server",
+                self.url + "/healthz",
+                self._process,
+                self._startup_timeout_s,
+                self._log_tail,
+            )
         except BaseException:
             self.__exit__()
             raise
@@ -120,21 +129,6 @@ class NaiveServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self._startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise ServerUnavailableError(
-                    f"naive server exited with {self._process.returncode}:\n{self._log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(_POLL_INTERVAL_S)
-        raise ServerUnavailableError(f"naive server not ready at {self.url}:\n{self._log_tail()}")
 
     def _log_tail(self, chars: int = 3000) -> str:
         self._log.seek(0)

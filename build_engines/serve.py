@@ -117,7 +117,7 @@ class ServeSettings:
 
     def with_free_ports(self) -> ServeSettings:
         """A copy on three ports the OS reports free now (for tests beside a running server)."""
-        http_port, grpc_port, metrics_port = _free_ports(3)
+        http_port, grpc_port, metrics_port = free_ports(3)
         return replace(self, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
 
     @property
@@ -430,7 +430,8 @@ def _all_ready(client, models: tuple[str, ...]) -> bool:
         return False  # not listening yet: keep polling until the deadline
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that the OS reports free now."""
     import socket
 
     sockets = [socket.socket() for _ in range(count)]

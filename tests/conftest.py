@@ -65,14 +65,15 @@ def real_batch(real_slice_paths: list[Path]) -> np.ndarray:
 @pytest.fixture(scope="session")
 def triton_server():
     """The embedded tritonserver with every registered model, on free ports."""
-    from build_engines.serve import EmbeddedTriton, ServeSettings, missing_model_files
+    from benchmarks.stack import triton_on_free_ports
+    from build_engines.serve import missing_model_files
 
-    settings = ServeSettings.from_env().with_free_ports()
-    missing = missing_model_files(settings)
+    server = triton_on_free_ports()
+    missing = missing_model_files(server.settings)
     if missing:
         pytest.skip(
             f"{len(missing)} model files not built ({missing[0]} ...); run "
             "'python -m build_engines export' and 'python -m build_engines quantize'"
         )
-    with EmbeddedTriton(settings) as server:
+    with server:
         yield server

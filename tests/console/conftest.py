@@ -1,18 +1,13 @@
 import functools
 import io
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from benchmarks import stack
 from benchmarks.phantoms import dicom_bytes as _dicom_bytes
 from benchmarks.phantoms import phantom_series as _phantom_series
 from build_engines.data import data_dir_from_env
@@ -271,103 +266,14 @@ def token_for():
     return issue
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ConsoleServer(stack.ConsoleServer):
+    """The shared launcher's console with the in-process classifier (no Triton) and ADMIN."""
 
-
-class ConsoleServer:
-    """gunicorn with console/gunicorn.conf.py, in-process classifier, on a free port."""
-
-    def __init__(self, storage: Path):
-        self.port = _free_port()
-        self.dicom_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "HEMOTRIAGE_STORAGE_DIR": str(storage),
-            "HEMOTRIAGE_CLASSIFIER": "local",
-            "HEMOTRIAGE_CONSOLE_BIND": f"127.0.0.1:{self.port}",
-            "HEMOTRIAGE_DICOM_PORT": str(self.dicom_port),
-            "HEMOTRIAGE_CONSOLE_THREADS": "8",
-            "HEMOTRIAGE_ADMIN_PASSWORD": ADMIN[1],
-        }
-        self.log = storage.parent / "gunicorn.log"
-        self.process = None
-
-    def start(self):
-        bin_dir = Path(sys.executable).parent
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "console",
-                "create-admin",
-                "--username",
-                "admin",
-                "--if-missing",
-            ],
-            env=self.env,
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        )
-        self.process = subprocess.Popen(
-            [str(bin_dir / "gunicorn"), "-c", "console/gunicorn.conf.py"],
-            env=self.env,
-            cwd=REPO,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # kill() takes the master and its worker together
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"gunicorn did not answer:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
-
-    def kill(self):
-        """SIGKILL gunicorn's master and worker at once, as a power cut or OOM kill would."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=60)
-
-    def token(self) -> str:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "console",
-                "create-token",
-                "--username",
-                "admin",
-                "--name",
-                "tests",
-                "--scope",
-                "full",
-            ],
-            env=self.env,
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return result.stdout.strip().splitlines()[-1]
+    def __init__(self, storage: Path) -> None:
+        super().__init__(storage, {"CLASSIFIER": "local", "CONSOLE_THREADS": "8"}, admin=ADMIN)
 
 
 @pytest.fixture
 def console_server(tmp_path):
-    server = ConsoleServer(tmp_path / "storage").start()
-    yield server
-    server.stop()
+    with ConsoleServer(tmp_path / "storage") as server:
+        yield server

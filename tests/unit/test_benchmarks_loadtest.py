@@ -7,7 +7,8 @@ import time
 
 from werkzeug.wrappers import Request
 
-from benchmarks.bench_time_to_alert import upload_body, worker_stages
+from benchmarks.bench_time_to_alert import worker_stages
+from benchmarks.console_api import study_events, upload_body
 from benchmarks.loadtest import audit_database
 from benchmarks.phantoms import phantom_series
 from client.constants import REPO_ROOT
@@ -114,3 +115,21 @@ def test_worker_stages_add_up_to_the_console_time_to_alert():
     assert stages["first_claim_ms"] == 20.0
     assert stages["inference_ms"] == 50.0
     assert sum(stages.values()) == 1000.0
+
+
+def test_study_events_yield_the_data_of_study_events_only():
+    lines = [
+        "retry: 3000",
+        "",
+        "event: study",
+        'data: {"id": 1, "status": "flagged"}',
+        "",
+        "event: ping",
+        'data: {"id": 2}',
+        "",
+        'data: {"id": 3}',  # no event name: a default "message" event
+        "",
+        "event: study",
+        'data: {"id": 4, "status": "negative"}',
+    ]
+    assert [e["id"] for e in study_events(lines)] == [1, 4]

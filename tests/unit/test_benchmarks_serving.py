@@ -1,4 +1,3 @@
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import requests
 from benchmarks.bench_serving import (
     NAIVE,
     from_png,
+    parse_args,
     ratios,
     render_markdown,
     variants,
@@ -41,10 +41,7 @@ def test_naive_app_scores_an_upload_like_the_local_classifier(slice_png):
 
 
 def test_naive_server_runs_as_a_real_process_and_stops(slice_png):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with NaiveServer("mobilenet_v2", port) as server:
+    with NaiveServer("mobilenet_v2") as server:
         files = {IMAGE_FIELD: ("slice.png", slice_png.read_bytes(), "image/png")}
         answer = requests.post(server.url + "/predict", files=files, timeout=60).json()
         assert 0.0 <= answer["probability"] <= 1.0
@@ -122,3 +119,10 @@ def test_run_cell_raises_a_worker_error_instead_of_counting_it_as_slow():
 
     with pytest.raises(ValueError, match="500"):
         run_cell(failing, np.zeros((4, 1)), 1, 2, 0.5)
+
+
+def test_serving_reads_hemotriage_data_dir_and_takes_free_ports_by_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEMOTRIAGE_DATA_DIR", str(tmp_path))
+    args = parse_args([])
+    assert args.data_dir == tmp_path
+    assert (args.naive_port, args.triton_ports) == (None, None)
