@@ -1,7 +1,7 @@
 """DICOM in and out: C-STORE series to the console, time to the flag, results back in a PACS.
 
 Starts Orthanc (the PACS, benchmarks/orthanc.py), then the embedded CPU Triton and
-the console under gunicorn (:class:`benchmarks.loadtest.ConsoleStack`) with
+the console under gunicorn (:class:`benchmarks.stack.ConsoleStack`) with
 ``HEMOTRIAGE_RESULTS_DESTINATION`` pointing at Orthanc. A pynetdicom scanner
 then sends a 40-slice series by C-STORE every ``--interval-s`` (one association
 per series, slices in order), ``--runs`` times or for ``--duration`` seconds (the
@@ -61,11 +61,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from benchmarks.bench_time_to_alert import ConsoleApi, StudyEvent, completes, percentiles
-from benchmarks.loadtest import RESULTS_DIR, ConsoleStack, StackSettings
-from benchmarks.orthanc import ORTHANC_AE, Orthanc, free_port
+from benchmarks.console_api import SLICE_DONE, ConsoleApi, StudyEvent, completes
+from benchmarks.orthanc import ORTHANC_AE, Orthanc
 from benchmarks.phantoms import phantom_series
-from client.constants import DEFAULT_DATA_DIR, ENV_PREFIX
+from benchmarks.report import RESULTS_DIR, percentiles
+from benchmarks.stack import ConsoleStack
+from build_engines.data import data_dir_from_env
+from client.constants import ENV_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,6 @@ SCANNER_AE = "BENCHSCANNER"
 #: The console's AE title (its default).
 NODE_AE = "HEMOTRIAGE"
 _TERMINAL = ("flagged", "negative", "failed")
-_SLICE_DONE = ("classified", "failed")
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def audit(database: Path, orthanc: Orthanc, sent: list[SentSeries]) -> Audit:
             uid
             for uid in sop_uids
             if uid not in slices
-            or slices[uid]["status"] not in _SLICE_DONE
+            or slices[uid]["status"] not in SLICE_DONE
             or (slices[uid]["status"] == "failed" and not slices[uid]["error"])
         ]
         studies = {
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace, stack: ConsoleStack, orthanc: Orthanc) -> dict
         ):
             next_start = time.monotonic() + args.interval_s
             loads.append(os.getloadavg()[0])
-            series = send_series(stack.settings.dicom_port, source(), args.timeout_s)
+            series = send_series(stack.dicom_port, source(), args.timeout_s)
             sent.append(series)
             logger.info(
                 "series %d: %d instances stored in %.2f s (%d refused)",
@@ -437,27 +438,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-s", type=float, default=10.0, help="HEMOTRIAGE_DICOM_QUIET_S")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="longest wait per step")
     parser.add_argument("--target-p95-s", type=float, default=1.5)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=data_dir_from_env())
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # a line per C-STORE otherwise
 
-    settings = StackSettings(
-        console_port=free_port(),
-        dicom_port=free_port(),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="orthanc-")))
-        orthanc = stack.enter_context(Orthanc(folder, (NODE_AE, settings.dicom_port)))
+        orthanc = stack.enter_context(Orthanc(folder))
         os.environ[f"{ENV_PREFIX}DICOM_QUIET_S"] = str(args.quiet_s)
         os.environ[f"{ENV_PREFIX}RESULTS_DESTINATION"] = (
             f"{ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}"
         )
-        console = stack.enter_context(ConsoleStack(settings))
+        console = stack.enter_context(ConsoleStack())
+        orthanc.register_node((NODE_AE, console.dicom_port))
         result = run(args, console, orthanc)
     text = report(result, args.target_p95_s)
     sys.stdout.write(text + "\n")

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.console_api import ConsoleApi, EventStream, StudyEvent
+from benchmarks.console_api import ConsoleApi, EventStream, completes
 from benchmarks.phantoms import phantom_series
 from benchmarks.report import RESULTS_DIR, figure, markdown_table, percentiles, write_report
 from benchmarks.stack import ConsoleStack, StackSettings
@@ -64,7 +64,6 @@ SOURCES = ("auto", "phantom", "ct_ich_dev")
 #: Study states after which no more slices are pending.
 _TERMINAL = ("flagged", "negative", "failed")
 #: Slice states that are final.
-_SLICE_DONE = {"classified", "failed"}
 #: Worker-side parts of the console's time to alert, from each slice's stage timings.
 STAGES = ("first_claim_ms", "decode_ms", "preprocess_ms", "inference_ms", "other_worker_ms")
 #: Columns of the time-to-alert table.
@@ -218,21 +217,6 @@ def measure(
         early_flags=early.count("flagged"),
         stages=worker_stages(detail),
         load_average_1m=load_average,
-    )
-
-
-def completes(detail: dict, event: StudyEvent, slices: int) -> bool:
-    """Whether ``event`` announced the study's result on the whole series.
-
-    Every slice must be finished, and the event must have been read after the
-    study's last ``finished_at``: an event published for part of the series
-    (one POST per slice) may still be waiting in the stream when the clock starts.
-    """
-    counts = detail["slices"]
-    return (
-        set(counts) <= _SLICE_DONE
-        and sum(counts.values()) == slices
-        and event.wall >= detail["finished_at"]
     )
 
 

@@ -100,6 +100,10 @@ class ConsoleApi:
             stream.close()
 
 
+#: Slice states that end a slice's work (classified or failed with a reason).
+SLICE_DONE = frozenset({"classified", "failed"})
+
+
 @dataclass(frozen=True)
 class StudyEvent:
     """A ``study`` event as it arrived: monotonic and wall-clock time, and its data."""
@@ -107,6 +111,21 @@ class StudyEvent:
     at: float
     wall: float
     data: dict
+
+
+def completes(detail: dict, event: StudyEvent, slices: int) -> bool:
+    """Whether ``event`` announced the study's result on the whole series.
+
+    Every slice must be finished, and the event must have been read after the
+    study's last ``finished_at``: an event published for part of the series
+    (one POST per slice) may still be waiting in the stream when the clock starts.
+    """
+    counts = detail["slices"]
+    return (
+        set(counts) <= SLICE_DONE
+        and sum(counts.values()) == slices
+        and event.wall >= detail["finished_at"]
+    )
 
 
 class EventStream:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from build_engines.serve import free_ports
 
 #: Orthanc's own AE title, as HemoTriage's allow-list names it.
 ORTHANC_AE = "ORTHANC"
@@ -35,27 +36,20 @@ class OrthancError(RuntimeError):
     """Orthanc is missing, did not start, or answered a REST call with an error."""
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS's choice)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Orthanc:
     """One Orthanc process; :meth:`stop` and :meth:`start` again keep its ports and files.
 
     Args:
         folder: Its configuration, database, stored files and log.
-        node: HemoTriage's AE title and DICOM port (on 127.0.0.1).
+        node: HemoTriage's AE title and DICOM port (on 127.0.0.1); None: set it later
+            with :meth:`register_node`, once the console has its port.
     """
 
-    def __init__(self, folder: Path, node: tuple[str, int]) -> None:
+    def __init__(self, folder: Path, node: tuple[str, int] | None = None) -> None:
         if shutil.which(_BINARY) is None:
             raise OrthancError("Orthanc is not installed: run 'make orthanc' (apt-get)")
         self.folder = folder
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.http_port, self.dicom_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log = folder / "orthanc.log"
         self._process: subprocess.Popen | None = None
@@ -63,7 +57,7 @@ class Orthanc:
         self._config = folder / "orthanc.json"
         self._config.write_text(json.dumps(self._configuration(node), indent=2))
 
-    def _configuration(self, node: tuple[str, int]) -> dict:
+    def _configuration(self, node: tuple[str, int] | None) -> dict:
         storage = str(self.folder / "storage")
         return {
             "Name": "HemoTriage test PACS",
@@ -75,7 +69,7 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
-            "DicomModalities": {NODE_ID: [node[0], "127.0.0.1", node[1]]},
+            "DicomModalities": {} if node is None else {NODE_ID: [node[0], "127.0.0.1", node[1]]},
             "DicomAlwaysAllowStore": True,
             "DicomCheckModalityHost": False,
             "DicomScuTimeout": 30,

@@ -242,6 +242,7 @@ class ConsoleStack:
         token: A full-scope API token of the ``bench`` administrator.
         database: The console's SQLite file.
         triton_grpc_url: ``localhost:<port>`` of Triton's gRPC endpoint.
+        dicom_port: The console's DICOM receiver on 127.0.0.1.
         log_path: gunicorn's log (deleted with the storage folder on exit).
 
     Raises:
@@ -255,6 +256,7 @@ class ConsoleStack:
         self.token = ""
         self.database = Path()
         self.triton_grpc_url = ""
+        self.dicom_port = 0
         self.log_path = Path()
         self._exit = contextlib.ExitStack()
 
@@ -281,4 +283,5 @@ class ConsoleStack:
         )
         self._exit.enter_context(console)
         self.url, self.database, self.log_path = console.url, console.database, console.log
+        self.dicom_port = console.dicom_port
         self.token = console.token()

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from build_engines.serve import free_ports
 from console.db import connect
 from console.dicom_node import DicomSettings
 from console.errors import DicomPortError
@@ -37,19 +38,13 @@ ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def node(app_factory, storage):
     """A console on the `app` fixture's storage with its DICOM receiver listening on a free port."""
 
     def build(**overrides):
         config = {
-            "DICOM_PORT": _free_port(),
+            "DICOM_PORT": free_ports(1)[0],
             "DICOM_ALLOWED_AES": SCANNER,
             "DICOM_QUIET_S": 3600.0,
             **overrides,

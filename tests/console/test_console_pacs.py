@@ -16,8 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from benchmarks.orthanc import ORTHANC_AE, Orthanc, OrthancError, free_port
+from benchmarks.orthanc import ORTHANC_AE, Orthanc, OrthancError
 from benchmarks.phantoms import SeriesIds, dicom_bytes, head_phantom, phantom_dicom
+from build_engines.serve import free_ports
 from console.services import EXTENSION_KEY
 from tests.console.conftest import ADMIN, wait_for
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """One Orthanc for the module (it takes seconds to stop); every test uses new studies."""
-    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"), (NODE, free_port())).start()
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"), (NODE, free_ports(1)[0])).start()
     yield pacs
     pacs.stop()
 
@@ -39,7 +40,7 @@ def orthanc(tmp_path_factory):
 @pytest.fixture
 def pacs_and_node(orthanc, app_factory, storage):
     """Orthanc and a started console that receives from it and sends results to it."""
-    node_port = free_port()
+    node_port = free_ports(1)[0]
     if not orthanc.is_running():
         orthanc.start()  # a test stopped it and failed before starting it again
     orthanc.register_node((NODE, node_port))

@@ -1,19 +1,13 @@
 import os
-import socket
 import threading
 
 import pytest
 
+from build_engines.serve import free_ports
 from console import queue
 from console.db import connect
 from console.services import EXTENSION_KEY
 from tests.console.conftest import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_restart_requeues_processing_slices_and_finishes_them(
@@ -53,7 +47,7 @@ def _triton_app(app_factory, storage, port: int):
 def test_worker_backs_off_while_triton_is_unreachable_and_keeps_the_queue(
     app_factory, storage, token_for, upload, phantom_series, db_rows
 ):
-    console = _triton_app(app_factory, storage, _free_port())
+    console = _triton_app(app_factory, storage, free_ports(1)[0])
     services = console.extensions[EXTENSION_KEY]
     client = console.test_client(use_cookies=False)
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(console)}"

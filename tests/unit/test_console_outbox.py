@@ -5,8 +5,8 @@ import time
 import pytest
 from pydicom.dataset import Dataset
 
-from benchmarks.orthanc import free_port
 from benchmarks.phantoms import SeriesIds, head_phantom, phantom_dicom
+from build_engines.serve import free_ports
 from console.db import connect, init_db
 from console.dicom_node import DicomPeer
 from console.outbox import OutboxSettings, _outcome, deliver_due, enqueue
@@ -47,7 +47,7 @@ def test_a_pacs_down_for_days_is_still_retried_at_the_longest_backoff(tmp_path):
         ).lastrowid
         key = phantom_dicom(head_phantom(64), SeriesIds.new())
         result = SeriesResult("mobilenet_v2", "1", "ab" * 32, 0.9, 0.5, True, 1, 1)
-        down = DicomPeer("PACS", "127.0.0.1", free_port())  # nothing listens there
+        down = DicomPeer("PACS", "127.0.0.1", free_ports(1)[0])  # nothing listens there
         enqueue(db, study_id, 1, "sr", structured_report(result, key), down)
         db.execute("UPDATE outbox SET attempts = 5000")  # days of failed tries
     settings = OutboxSettings(database, 1.0, down, "HEMOTRIAGE", 1.0, 2.0, 300.0, 5.0)
