@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import copy
 import io
+import itertools
 import json
 import logging
 import os
@@ -77,6 +78,10 @@ SCANNER_AE = "BENCHSCANNER"
 #: The console's AE title (its default).
 NODE_AE = "HEMOTRIAGE"
 _TERMINAL = ("flagged", "negative", "failed")
+#: Associations a series may take when responses go missing (scanners resend too).
+_SEND_TRIES = 3
+#: The sender's wait for one C-STORE response (scanners use tens of seconds).
+_DIMSE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class SentSeries:
         last_response_wall: ``time.time()`` when the last C-STORE response was read.
         last_response_at: ``time.monotonic()`` of the same moment.
         send_s: From association request to the last response.
+        reopened: Associations opened again after a response that never came.
     """
 
     study_uid: str
@@ -98,6 +104,7 @@ class SentSeries:
     last_response_wall: float
     last_response_at: float
     send_s: float
+    reopened: int = 0
 
 
 def cq500_series(data_dir: Path, slices: int) -> Callable[[], list[pydicom.Dataset]]:
@@ -132,29 +139,55 @@ def phantom(slices: int) -> Callable[[], list[pydicom.Dataset]]:
 
 
 def send_series(port: int, datasets: list[pydicom.Dataset], timeout_s: float) -> SentSeries:
-    """C-STORE a series over one association, as a scanner does, in slice order."""
+    """C-STORE a series over one association, as a scanner does, in slice order.
+
+    An instance whose response never comes (the association was aborted, or the
+    sender's DIMSE wait ran out) is sent again on a new association, up to
+    :data:`_SEND_TRIES` times, as scanners and PACS routers resend: the console
+    ignores an instance it already stored (same SOP Instance UID). Seen once under
+    load: pynetdicom's sender logged "Received unexpected C-STORE service message"
+    and lost the response it was waiting for (a race in its own reactor thread).
+    """
     scu = AE(ae_title=SCANNER_AE)
-    scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = timeout_s
+    scu.acse_timeout = scu.network_timeout = timeout_s
+    scu.dimse_timeout = min(timeout_s, _DIMSE_TIMEOUT_S)
     for syntax in sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets}):
         scu.add_requested_context(CTImageStorage, syntax)
     start = time.monotonic()
-    assoc = scu.associate("127.0.0.1", port, ae_title=NODE_AE)
-    if not assoc.is_established:
-        raise RuntimeError(f"the console refused the association from {SCANNER_AE}")
-    sent, refused = [], []
-    try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            code = int(status.Status) if "Status" in status else None
-            if code == 0x0000:
-                sent.append(str(ds.SOPInstanceUID))
-            else:
-                refused.append(f"{ds.SOPInstanceUID}: {code} {status.get('ErrorComment', '')}")
-        last_wall, last_at = time.time(), time.monotonic()
-    finally:
-        assoc.release()
+    sent, refused, pending, reopened = [], [], list(datasets), 0
+    message_ids = itertools.count(1)
+    while pending:
+        assoc = scu.associate("127.0.0.1", port, ae_title=NODE_AE)
+        if not assoc.is_established:
+            raise RuntimeError(f"the console refused the association from {SCANNER_AE}")
+        try:
+            while pending and assoc.is_established:
+                status = assoc.send_c_store(pending[0], msg_id=next(message_ids))
+                if "Status" not in status:  # no response: resend on a new association
+                    break
+                ds = pending.pop(0)
+                if int(status.Status) == 0x0000:
+                    sent.append(str(ds.SOPInstanceUID))
+                else:
+                    comment = status.get("ErrorComment", "")
+                    refused.append(f"{ds.SOPInstanceUID}: 0x{int(status.Status):04X} {comment}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if pending:
+            reopened += 1
+            logger.warning("an instance got no response: association reopened (%d)", reopened)
+            if reopened >= _SEND_TRIES:
+                raise RuntimeError(f"{len(pending)} instances unanswered after {reopened} tries")
+    last_wall, last_at = time.time(), time.monotonic()
     return SentSeries(
-        str(datasets[0].StudyInstanceUID), sent, refused, last_wall, last_at, last_at - start
+        str(datasets[0].StudyInstanceUID),
+        sent,
+        refused,
+        last_wall,
+        last_at,
+        last_at - start,
+        reopened,
     )
 
 
@@ -356,6 +389,7 @@ def run(args: argparse.Namespace, stack: ConsoleStack, orthanc: Orthanc) -> dict
         ),
         "send_s": percentiles([s.send_s for s in sent]),
         "refused": [r for s in sent for r in s.refused],
+        "associations_reopened": sum(s.reopened for s in sent),
         "audit": asdict(checked),
         "load_average_1m": {"min": min(loads), "max": max(loads)},
         "cpu_count": os.cpu_count(),
@@ -423,6 +457,8 @@ def report(result: dict, target_p95_s: float) -> str:
         f"| result objects undelivered (not sent, or not in Orthanc) | "
         f"**{a['results_undelivered']}** |",
         f"| instances refused by the console | {len(result['refused'])} |",
+        "| sender associations reopened after a response that never came (resent,"
+        f" duplicates ignored) | {result['associations_reopened']} |",
     ]
     return "\n".join(lines)
 
