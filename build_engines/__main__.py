@@ -79,7 +79,9 @@ def _series(args: argparse.Namespace) -> int:
 
     spec = get_model(args.model)
     report_dir = args.report_dir or REPORTS_DIR / spec.name
-    report = run_series_stage(spec, data_dir_from_env(), report_dir)
+    report = run_series_stage(
+        spec, data_dir_from_env(), report_dir, args.weights_dir or WEIGHTS_DIR
+    )
     logging.getLogger(__name__).info("best series score: %s", report["best"])
     return 0
 
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     series.add_argument("--model", required=True, choices=base_models)
     series.add_argument("--report-dir", type=Path)
+    series.add_argument("--weights-dir", type=Path, help="whose sidecar records the rule")
     series.set_defaults(run=_series)
 
     compare = sub.add_parser(

@@ -124,8 +124,7 @@ def render() -> str:
         lines.append(f"\n## {name}")
         lines.append(
             f"Operating threshold **{report['threshold']:.4f}** ({report['threshold_rule']});"
-            f" series threshold **{report['series_threshold']:.4f}**"
-            f" ({report['series_threshold_rule']}). {_initialization(report)}"
+            f" {_served_series(name, report)} {_initialization(report)}"
             " CPU inference (PyTorch, batch 1, 2 cores):"
             f" {report['cpu_inference_ms_per_image']:.1f} ms per image.\n"
         )
@@ -161,9 +160,9 @@ def render() -> str:
 def _targets(reports: dict[str, dict]) -> list[str]:
     """The targets against what was measured, met or missed, per model.
 
-    Series figures are the neighbour-pair score's, nested out of fold
-    (``series.json``) where that comparison has been run, else the plain
-    out-of-fold ones of the training report.
+    Series figures are the served rule's, nested out of fold (``series.json``)
+    where that comparison has been run, else the plain out-of-fold neighbour
+    pair of the training report.
     """
     lines = [
         "\n## Targets",
@@ -178,7 +177,7 @@ def _targets(reports: dict[str, dict]) -> list[str]:
         auc = report["pooled"]["roc_auc"]["value"]
         series = _read_json(REPORTS_DIR / name / "series.json")
         if series:
-            block = series["scores"]["neighbour_pair"]
+            block = series["scores"][series.get("served", {}).get("rule", "neighbour_pair")]
             series_auc = block["roc_auc"]["value"]
             specificity = block["specificity_at_sensitivity_0.9375"]["value"]
         else:
@@ -195,6 +194,22 @@ def _targets(reports: dict[str, dict]) -> list[str]:
             f" {pointing:.3f} {_met(pointing >= 0.7)} |"
         )
     return lines
+
+
+def _served_series(name: str, report: dict) -> str:
+    """The series rule and threshold the console serves (series.json, else the training's)."""
+    series = _read_json(REPORTS_DIR / name / "series.json")
+    if series and "served" in series:
+        served = series["served"]
+        return (
+            f"series rule **{served['rule']}** at threshold **{served['threshold']:.4f}**"
+            f" (chosen by nested cross-validation below; highest threshold with ct_ich_dev"
+            f" out-of-fold series sensitivity >= {series['target_sensitivity']})."
+        )
+    return (
+        f"series threshold **{report['series_threshold']:.4f}**"
+        f" ({report['series_threshold_rule']})."
+    )
 
 
 def _initialization(report: dict) -> str:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from build_engines.data import Dataset
 from build_engines.evaluate import threshold_for_sensitivity
-from client.series import series_features, series_score
+from client.series import SERIES_RULES, rule_score, series_features
 from client.torch_models import SeriesNet
 
 logger = logging.getLogger(__name__)
@@ -232,10 +232,10 @@ def series_model_score(model: SeriesNet, series: Series, use_embeddings: bool) -
         return float(torch.sigmoid(model(features)[1])[0])
 
 
-#: The fixed series rules, scored from the plain view's slice probabilities.
+#: The servable series rules (client.series), scored from the plain view's probabilities.
 FIXED_RULES: dict[str, Callable[[Series], float]] = {
-    "max_slice": lambda s: float(s.probabilities[0].max()),
-    "neighbour_pair": lambda s: series_score(s.probabilities[0], s.head).score,
+    rule: (lambda s, rule=rule: rule_score(rule, s.probabilities[0], s.head)[0])
+    for rule in SERIES_RULES
 }
 
 

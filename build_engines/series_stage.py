@@ -7,9 +7,12 @@ neighbour pair, and each series-model variant) and writes ``series.json`` and
 ``series_roc.png`` to the report folder; the model card shows both.
 
 The best score is the one with the highest nested specificity at its nested
-threshold on ``ct_ich_dev`` series (ties: higher ROC-AUC). The console serves
-the neighbour pair (:func:`client.series.decide_series`); a series model is
-worth serving only once it wins here.
+threshold on ``ct_ich_dev`` series (ties: higher ROC-AUC). The best of the
+servable rules (``client.series.SERIES_RULES``) is recorded in the model's
+weights sidecar as ``series_rule`` with its ``series_threshold`` (the highest
+that keeps ``TARGET_SENSITIVITY`` of all out-of-fold ``ct_ich_dev`` series), and
+:func:`client.series.decide_series` serves it. A series model would be worth
+serving only once it beats them here.
 
     python -m build_engines series --model mobilenet_v2
 """
@@ -63,9 +66,10 @@ def run_series_stage(
     spec: ModelSpec,
     data_dir: Path,
     report_dir: Path,
+    weights_dir: Path,
     variants: tuple[SeriesVariant, ...] = VARIANTS,
 ) -> dict:
-    """Nested comparison of series scores; writes series.json and series_roc.png."""
+    """Nested comparison of series scores; series.json, series_roc.png, the served rule."""
     table = _out_of_fold_series(spec, data_dir, report_dir)
     if table[0].embeddings.shape[2] == 0:
         variants = tuple(v for v in variants if not v.embeddings)
@@ -85,12 +89,18 @@ def run_series_stage(
     progress.close()
 
     summary = {r.name: _summarize(r) for r in results}
-    best = max(
-        summary,
-        key=lambda name: (
+
+    def rank(name: str) -> tuple[float, float]:
+        return (
             summary[name]["nested"]["specificity"]["value"],
             summary[name]["roc_auc"]["value"],
-        ),
+        )
+
+    best = max(summary, key=rank)
+    served = max(FIXED_RULES, key=rank)
+    served_result = next(r for r in results if r.name == served)
+    threshold = threshold_for_sensitivity(
+        served_result.labels, served_result.scores, TARGET_SENSITIVITY
     )
     report = {
         "model": spec.name,
@@ -102,10 +112,15 @@ def run_series_stage(
         "variants": {v.name: asdict(v) for v in variants},
         "scores": summary,
         "best": best,
+        "served": {"rule": served, "threshold": threshold},
     }
     (report_dir / "series.json").write_text(json.dumps(report, indent=1))
     _plot_roc(results, report_dir / "series_roc.png", spec.name)
-    logger.info("best series score by nested cross-validation: %s", best)
+    facts_path = weights_dir / f"{spec.name}.json"
+    facts = json.loads(facts_path.read_text())
+    facts |= {"series_rule": served, "series_threshold": threshold}
+    facts_path.write_text(json.dumps(facts, indent=1) + "\n")
+    logger.info("best series score %s; served rule %s at %.4f", best, served, threshold)
     return report
 
 

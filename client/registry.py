@@ -129,8 +129,17 @@ class ModelSpec:
 
     @property
     def series_threshold(self) -> float:
-        """Series-level operating threshold on the aggregated series score."""
+        """Series-level operating threshold on the score of :attr:`series_rule`."""
         return self.trained.series_threshold
+
+    @property
+    def series_rule(self) -> str:
+        """How slice scores make a series score (``client.series.SERIES_RULES``).
+
+        Chosen by nested cross-validation (``python -m build_engines series``);
+        sidecars written before that choice existed mean the neighbour pair.
+        """
+        return self.trained.extra.get("series_rule", "neighbour_pair")
 
 
 @cache

@@ -15,7 +15,10 @@ Near-blank slices (vertex caps, table-only frames) are ignored. A single-slice
 Whether a study is flagged is decided in one place, :func:`decide_series`, for
 the console worker and ``python -m client classify --series`` alike: a lone
 image keeps the slice model's probability and slice threshold, a series gets
-the series score and the series threshold.
+the score of the model's series rule and the series threshold. The rule
+(:data:`SERIES_RULES`: the neighbour pair, or the maximum slice over slices that
+show enough head) is chosen per model by nested cross-validation
+(``python -m build_engines series``) and recorded in its weights sidecar.
 
     decision = decide_series(spec, probabilities, head_fractions)
     decision.flagged, decision.score, decision.threshold, decision.key_index
@@ -109,6 +112,30 @@ def series_features(
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
+#: The series rules a model can be served with, by name.
+SERIES_RULES = ("neighbour_pair", "max_slice")
+
+
+def rule_score(rule: str, probabilities: Sequence[float], head_fractions: Sequence[float]):
+    """``(score, key_index)`` of one series under ``rule`` (one of :data:`SERIES_RULES`).
+
+    Raises:
+        ValueError: an unknown rule, no slices, or mismatched sequences.
+    """
+    result = series_score(probabilities, head_fractions)
+    if rule == "neighbour_pair":
+        return result.score, result.key_index
+    if rule == "max_slice":
+        p = np.asarray(probabilities, dtype=np.float64)
+        head = np.asarray(head_fractions, dtype=np.float64)
+        scored = np.flatnonzero(head >= MIN_HEAD_FRACTION)
+        if scored.size == 0:
+            scored = np.arange(p.size)
+        key = int(scored[np.argmax(p[scored])])
+        return float(p[key]), key
+    raise ValueError(f"unknown series rule {rule!r}; choose one of {', '.join(SERIES_RULES)}")
+
+
 @dataclass(frozen=True)
 class SeriesDecision:
     """The triage decision on one study.
@@ -118,7 +145,7 @@ class SeriesDecision:
         threshold: The slice threshold for a lone image, else the series threshold.
         flagged: ``score >= threshold``.
         key_index: Index (in the given order) of the slice that carries the score.
-        method: ``single_slice`` or ``neighbour_pair``.
+        method: ``single_slice``, or the series rule (:data:`SERIES_RULES`).
         scored_slices: How many slices counted (enough head in view).
     """
 
@@ -141,13 +168,8 @@ def decide_series(
     result = series_score(probabilities, head_fractions)
     if len(probabilities) == 1:
         method, threshold = "single_slice", spec.threshold
+        score, key = result.score, result.key_index
     else:
-        method, threshold = "neighbour_pair", spec.series_threshold
-    return SeriesDecision(
-        result.score,
-        threshold,
-        result.score >= threshold,
-        result.key_index,
-        method,
-        result.scored_slices,
-    )
+        method, threshold = spec.series_rule, spec.series_threshold
+        score, key = rule_score(method, probabilities, head_fractions)
+    return SeriesDecision(score, threshold, score >= threshold, key, method, result.scored_slices)

@@ -1,7 +1,7 @@
 import pytest
 
 from client.registry import get_model
-from client.series import decide_series, series_score
+from client.series import decide_series, rule_score, series_score
 
 
 def test_single_bright_slice_does_not_flag_a_series():
@@ -40,6 +40,23 @@ def test_a_lone_image_is_decided_by_the_slice_threshold_a_series_by_the_series_t
     assert (lone.method, lone.threshold) == ("single_slice", spec.threshold)
     assert lone.flagged == (between >= spec.threshold)
     pair = decide_series(spec, [between, between], [0.5, 0.5])
-    assert (pair.method, pair.threshold) == ("neighbour_pair", spec.series_threshold)
+    assert (pair.method, pair.threshold) == (spec.series_rule, spec.series_threshold)
     assert pair.flagged == (between >= spec.series_threshold)
     assert lone.flagged != pair.flagged  # the thresholds differ, so the rule matters
+
+
+def test_series_rules_score_the_same_slices_differently():
+    """One lone spike: the maximum slice takes it, the neighbour pair does not."""
+    p, head = [0.1, 0.9, 0.1, 0.3, 0.35, 0.95], [0.5, 0.5, 0.5, 0.5, 0.5, 0.05]
+    assert rule_score("max_slice", p, head) == (0.9, 1)  # the last slice shows no head
+    assert rule_score("neighbour_pair", p, head) == (0.3, 4)
+    with pytest.raises(ValueError, match="unknown series rule"):
+        rule_score("mean", p, head)
+
+
+def test_the_series_decision_follows_the_models_recorded_rule():
+    spec = get_model("mobilenet_v2")
+    p, head = [0.05, 0.6, 0.2, 0.7, 0.65, 0.1], [0.5] * 6
+    decision = decide_series(spec, p, head)
+    assert decision.method == spec.series_rule
+    assert (decision.score, decision.key_index) == rule_score(spec.series_rule, p, head)
