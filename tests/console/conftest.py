@@ -5,7 +5,11 @@ import time
 import zipfile
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from benchmarks import stack
 from benchmarks.phantoms import dicom_bytes as _dicom_bytes
@@ -17,6 +21,9 @@ from console.db import connect
 from console.services import EXTENSION_KEY
 
 REPO = Path(__file__).resolve().parents[2]
+#: The calling AE title of the tests' scanner, and the node's default AE title.
+SCANNER = "CTSCANNER"
+NODE = "HEMOTRIAGE"
 ADMIN = ("admin", "correct horse battery")
 NURSE = ("nurse", "another long password")
 
@@ -277,3 +284,28 @@ class ConsoleServer(stack.ConsoleServer):
 def console_server(tmp_path):
     with ConsoleServer(tmp_path / "storage") as server:
         yield server
+
+
+def associate(
+    port: int,
+    calling: str = SCANNER,
+    called: str = NODE,
+    contexts=((CTImageStorage, ExplicitVRLittleEndian), (Verification, ImplicitVRLittleEndian)),
+    host: str = "127.0.0.1",
+):
+    """A real pynetdicom SCU association, as a scanner opens one."""
+    scu = AE(ae_title=calling)
+    scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 30
+    for abstract, syntax in contexts:
+        scu.add_requested_context(abstract, syntax)
+    return scu.associate(host, port, ae_title=called)
+
+
+def c_store(port: int, files: list[bytes], **kwargs) -> list:
+    """C-STORE each Part 10 file as its dataset over one association; the status datasets."""
+    assoc = associate(port, **kwargs)
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))) for data in files]
+    finally:
+        assoc.release()

@@ -4,33 +4,18 @@ Real parts: the DICOM receiver on a free port, pynetdicom as the scanner, the
 in-process classifier, SQLite. No destination here (results are the PACS tests').
 """
 
-import io
-
-import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
-from benchmarks.orthanc import free_port
+from build_engines.serve import free_ports
 from console.db import connect, init_db
 from console.services import EXTENSION_KEY
-from tests.console.conftest import wait_for
+from tests.console.conftest import SCANNER, c_store, wait_for
 
-SCANNER = "CTSCANNER"
 QUIET_S = 1.0
 
 
 def _send(port: int, files: list[bytes]) -> None:
-    scu = AE(ae_title=SCANNER)
-    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", port, ae_title="HEMOTRIAGE")
-    assert assoc.is_established
-    try:
-        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(d))) for d in files]
-    finally:
-        assoc.release()
-    assert [s.Status for s in statuses] == [0x0000] * len(files)
+    assert [s.Status for s in c_store(port, files)] == [0x0000] * len(files)
 
 
 @pytest.fixture
@@ -44,7 +29,7 @@ def console(app_factory, storage):
 
     def build():
         app = app_factory(
-            storage, DICOM_PORT=free_port(), DICOM_ALLOWED_AES=SCANNER, DICOM_QUIET_S=QUIET_S
+            storage, DICOM_PORT=free_ports(1)[0], DICOM_ALLOWED_AES=SCANNER, DICOM_QUIET_S=QUIET_S
         )
         services = app.extensions[EXTENSION_KEY]
         services.dicom.start()
@@ -94,7 +79,7 @@ def test_completion_survives_a_restart_before_the_quiet_period_ends(
     app_factory, storage, console, phantom_series, db_rows
 ):
     first = app_factory(
-        storage, DICOM_PORT=free_port(), DICOM_ALLOWED_AES=SCANNER, DICOM_QUIET_S=3600.0
+        storage, DICOM_PORT=free_ports(1)[0], DICOM_ALLOWED_AES=SCANNER, DICOM_QUIET_S=3600.0
     ).extensions[EXTENSION_KEY]
     first.dicom.start()
     _send(first.dicom.settings.port, phantom_series(2))

@@ -13,15 +13,12 @@ import pytest
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEGLosslessSV1,
 )
-from pynetdicom import AE
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     MRImageStorage,
-    Verification,
 )
 
 from build_engines.serve import free_ports
@@ -29,10 +26,8 @@ from console.db import connect
 from console.dicom_node import DicomSettings
 from console.errors import DicomPortError
 from console.services import EXTENSION_KEY
-from tests.console.conftest import REPO, ConsoleServer, wait_for
+from tests.console.conftest import NODE, REPO, SCANNER, ConsoleServer, associate, c_store, wait_for
 
-SCANNER = "CTSCANNER"
-NODE = "HEMOTRIAGE"
 #: Context rejection results (PS3.8 Table 9-18).
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
@@ -57,38 +52,13 @@ def node(app_factory, storage):
     return build
 
 
-def _associate(
-    port: int,
-    calling: str = SCANNER,
-    called: str = NODE,
-    contexts=((CTImageStorage, ExplicitVRLittleEndian), (Verification, ImplicitVRLittleEndian)),
-    host: str = "127.0.0.1",
-):
-    """A real pynetdicom SCU association, as a scanner opens one."""
-    scu = AE(ae_title=calling)
-    scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 30
-    for abstract, syntax in contexts:
-        scu.add_requested_context(abstract, syntax)
-    return scu.associate(host, port, ae_title=called)
-
-
-def _send(port: int, files: list[bytes], **kwargs) -> list:
-    """C-STORE each Part 10 file as its dataset; return the status datasets."""
-    assoc = _associate(port, **kwargs)
-    assert assoc.is_established
-    try:
-        return [assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))) for data in files]
-    finally:
-        assoc.release()
-
-
 def _stored_files(storage: Path) -> list[Path]:
     return sorted(p for p in (storage / "uploads").rglob("*") if p.is_file())
 
 
 def test_c_echo_succeeds(node):
     _, services = node()
-    assoc = _associate(services.dicom.settings.port)
+    assoc = associate(services.dicom.settings.port)
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
@@ -99,7 +69,7 @@ def test_phantom_series_by_c_store_becomes_one_study_queued_then_classified(
 ):
     _, services = node()
     files = phantom_series(4)
-    statuses = _send(services.dicom.settings.port, files)
+    statuses = c_store(services.dicom.settings.port, files)
     assert [s.Status for s in statuses] == [0x0000] * 4
     # Success came back only after ingest committed: every slice is there, no waiting.
     (study,) = db_rows("SELECT * FROM studies")
@@ -118,7 +88,7 @@ def test_phantom_series_by_c_store_becomes_one_study_queued_then_classified(
 def test_real_jpeg_lossless_ct_is_stored_as_sent(node, cq500_series, storage, db_rows):
     _, services = node()
     files = [p.read_bytes() for p in cq500_series[:3]]
-    statuses = _send(
+    statuses = c_store(
         services.dicom.settings.port, files, contexts=[(CTImageStorage, JPEGLosslessSV1)]
     )
     assert [s.Status for s in statuses] == [0x0000] * 3
@@ -133,8 +103,8 @@ def test_resent_instances_succeed_and_are_not_queued_twice(node, phantom_series,
     _, services = node()
     files = phantom_series(2)
     port = services.dicom.settings.port
-    assert [s.Status for s in _send(port, files)] == [0x0000] * 2
-    assert [s.Status for s in _send(port, files)] == [0x0000] * 2
+    assert [s.Status for s in c_store(port, files)] == [0x0000] * 2
+    assert [s.Status for s in c_store(port, files)] == [0x0000] * 2
     assert len(db_rows("SELECT * FROM slices")) == 2
     assert len(db_rows("SELECT * FROM studies")) == 1
 
@@ -142,15 +112,15 @@ def test_resent_instances_succeed_and_are_not_queued_twice(node, phantom_series,
 def test_calling_ae_not_allowed_or_wrong_called_ae_is_rejected_at_association(node):
     _, services = node()
     port = services.dicom.settings.port
-    stranger = _associate(port, calling="INTRUDER")
+    stranger = associate(port, calling="INTRUDER")
     assert stranger.is_rejected and not stranger.is_established
     answer = stranger.acceptor.primitive
     # rejected-permanent, by the service user, calling AE title not recognised
     assert (answer.result, answer.result_source, answer.diagnostic) == (0x01, 0x01, 0x03)
-    misaddressed = _associate(port, called="ANY-SCP")
+    misaddressed = associate(port, called="ANY-SCP")
     assert misaddressed.is_rejected
     assert misaddressed.acceptor.primitive.diagnostic == 0x07  # called AE title not recognised
-    allowed = _associate(port)
+    allowed = associate(port)
     assert allowed.is_established
     allowed.release()
 
@@ -171,17 +141,17 @@ def test_empty_allow_list_accepts_this_host_only(node):
         pytest.skip("no network interface besides loopback")
     _, services = node(DICOM_ALLOWED_AES="", DICOM_BIND="0.0.0.0")
     port = services.dicom.settings.port
-    local = _associate(port, calling="ANYONE")
+    local = associate(port, calling="ANYONE")
     assert local.is_established
     local.release()
-    remote = _associate(port, calling="ANYONE", host=address)
+    remote = associate(port, calling="ANYONE", host=address)
     assert remote.is_rejected
     assert remote.acceptor.primitive.diagnostic == 0x03
 
 
 def test_other_sop_classes_and_deflated_are_refused_in_negotiation(node):
     _, services = node()
-    assoc = _associate(
+    assoc = associate(
         services.dicom.settings.port,
         contexts=[
             (MRImageStorage, ExplicitVRLittleEndian),
@@ -233,7 +203,7 @@ def test_bad_ct_datasets_get_a_failure_status_and_nothing_is_stored(
     text_slope_file.write_bytes(_with_text_slope(good))
     # The SCU sends that file's bytes as stored, as a scanner does (pydicom would not encode it).
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
-    assoc = _associate(services.dicom.settings.port)
+    assoc = associate(services.dicom.settings.port)
     no_pixels = assoc.send_c_store(pydicom.dcmread(io.BytesIO(_without_pixels(good))))
     assert no_pixels.Status == 0xA900  # the dataset is not the image CT Image Storage promises
     assert no_pixels.ErrorComment.startswith("MissingPixelDataError: DICOM object has no pixel")
@@ -255,14 +225,14 @@ def test_locked_database_answers_out_of_resources_and_a_resend_is_stored(
     locker = connect(console.config["DATABASE"])
     locker.execute("BEGIN IMMEDIATE")  # another writer holds the database
     try:
-        (refused,) = _send(services.dicom.settings.port, files)
+        (refused,) = c_store(services.dicom.settings.port, files)
     finally:
         locker.rollback()
         locker.close()
     assert refused.Status == 0xA700  # out of resources: the sender retries
     assert refused.ErrorComment.startswith("StorageBusyError: ")
     assert db_rows("SELECT * FROM slices") == [] and _stored_files(storage) == []
-    assert [s.Status for s in _send(services.dicom.settings.port, files)] == [0x0000]
+    assert [s.Status for s in c_store(services.dicom.settings.port, files)] == [0x0000]
     assert len(db_rows("SELECT * FROM slices")) == 1
 
 
@@ -343,7 +313,7 @@ def test_dicom_settings_are_read_from_their_documented_names(app_factory, storag
 def test_gunicorn_worker_runs_the_receiver(console_server, phantom_series):
     url = console_server.url + "/readyz"
     assert wait_for(lambda: _readyz(url).get("dicom") == "ok", timeout_s=60)
-    statuses = _send(console_server.dicom_port, phantom_series(1), calling="ANYONE")
+    statuses = c_store(console_server.dicom_port, phantom_series(1), calling="ANYONE")
     assert [s.Status for s in statuses] == [0x0000]  # empty allow-list: this host may send
     console_server.stop()
     log = console_server.log.read_text()

@@ -20,7 +20,7 @@ from benchmarks.orthanc import ORTHANC_AE, Orthanc, OrthancError
 from benchmarks.phantoms import SeriesIds, dicom_bytes, head_phantom, phantom_dicom
 from build_engines.serve import free_ports
 from console.services import EXTENSION_KEY
-from tests.console.conftest import ADMIN, wait_for
+from tests.console.conftest import ADMIN, c_store, wait_for
 
 NODE = "HEMOTRIAGE"
 
@@ -171,19 +171,6 @@ def test_orthanc_pushes_a_phantom_series_and_the_study_shows_delivery(
     assert 'id="delivery"' in page and "Grad-CAM secondary capture" in page
 
 
-def _scanner_send(port: int, files: list[bytes]) -> None:
-    """A scanner sending straight to HemoTriage (Orthanc is down in this test)."""
-    scu = AE(ae_title=ORTHANC_AE)
-    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", port, ae_title=NODE)
-    assert assoc.is_established
-    try:
-        statuses = [assoc.send_c_store(pydicom.dcmread(io.BytesIO(d))) for d in files]
-    finally:
-        assoc.release()
-    assert [s.Status for s in statuses] == [0x0000] * len(files)
-
-
 def test_pacs_down_while_results_are_due_loses_nothing(
     pacs_and_node, phantom_series, db_rows, logged_in_as
 ):
@@ -192,7 +179,8 @@ def test_pacs_down_while_results_are_due_loses_nothing(
     app = console()
     services = app.extensions[EXTENSION_KEY]
     files = phantom_series(3)
-    _scanner_send(services.dicom.settings.port, files)
+    statuses = c_store(services.dicom.settings.port, files, calling=ORTHANC_AE)
+    assert [s.Status for s in statuses] == [0x0000] * len(files)
     # Results are due and retried with backoff while the PACS is down, and stay pending.
     assert wait_for(
         lambda: len(_latest(db_rows)) == 2 and all(r["attempts"] >= 3 for r in _outbox(db_rows)),
