@@ -62,6 +62,11 @@ _STATIC_LIMITS = """
   re-check sensitivity on its own series before relying on the ordering.
 - No patient or hospital outside `../shared` was available: generalization to
   other scanners is untested here.
+- The served series rule is the better of two (maximum slice, neighbour pair)
+  on the same nested cross-validation that reports it: a little optimistic with
+  16 bleeding series. MobileNetV2's last retraining changed the augmentation
+  (head size and shape, JPEG, contrast) and the training length together; their
+  separate effects were not measured.
 - ResNet-18 (random start) has not learned to look at the bleed: its Grad-CAM
   peak falls at a corner of the model view, outside every annotated box (its
   pointing-game score is in its section above). Use MobileNetV2 for triage and
@@ -137,7 +142,9 @@ def render() -> str:
             lines.append(_metrics_row(source, block))
         series = report.get("series")
         if series:
-            lines.append(_metrics_row("ct_ich_dev series", series["neighbour_agreement"]))
+            lines.append(
+                _metrics_row("ct_ich_dev series (neighbour pair)", series["neighbour_agreement"])
+            )
             naive = series["max_slice_at_own_threshold"]
             lines.append(
                 f"\nSeries score: {series['aggregation']}. For comparison, the plain maximum"

@@ -89,13 +89,15 @@ def study_json(
     """A study as the API returns it, with its priority terms and time to alert.
 
     ``scored_lower``: the study stays flagged although a later result scored
-    below the one that flagged it (console/queue.py never downgrades a flag).
+    below the one that flagged it, or below its own threshold (a series has a
+    stricter threshold than the lone image that raised the flag); console/queue.py
+    never downgrades a flag.
     """
     out = {k: study[k] for k in _PUBLIC_COLUMNS}
     out["scored_lower"] = (
         study["status"] == "flagged"
         and study["flag_score"] is not None
-        and study["score"] < study["flag_score"]
+        and (study["score"] < study["flag_score"] or study["score"] < study["threshold"])
     )
     terms = rule.explain(study, now)
     out["priority"] = {

@@ -10,8 +10,10 @@ from console.db import connect
 from console.services import EXTENSION_KEY
 from tests.console.conftest import ADMIN, NURSE, csrf
 
-HEMORRHAGE = "000.png"  # kaggle id 0, label 1: p = 0.94 with the committed MobileNetV2
-NORMALS = ("150.png", "151.png")  # label 0: p < 0.08
+#: kaggle id 85, label 1: p = 0.56 with the committed MobileNetV2, so alone (slice threshold
+#: 0.34) it is flagged, and in a series (threshold 0.75 for either series rule) it is not.
+HEMORRHAGE = "085.png"
+NORMALS = ("150.png", "151.png")  # label 0: p < 0.16
 
 
 def _files(shared_data, *names: str) -> list[tuple[str, bytes]]:
@@ -37,6 +39,7 @@ def test_a_flag_stays_until_acknowledged_when_a_later_result_scores_lower(
         drain(services)
         first = api.get(f"/api/studies/{study_id}").get_json()
         assert first["status"] == "flagged" and first["flag_score"] == first["score"]
+        assert services.spec.threshold <= first["score"] < services.spec.series_threshold
         assert [e["alert"] for e in _events(subscription) if e["id"] == study_id] == [True]
 
         # More slices arrive: while they wait, and after the lower re-decision, it stays flagged.
@@ -52,6 +55,7 @@ def test_a_flag_stays_until_acknowledged_when_a_later_result_scores_lower(
         assert [e["alert"] for e in _events(subscription) if e["id"] == study_id] == [False, False]
 
     assert later["slices"] == {"classified": 3}
+    assert later["score"] <= first["score"]
     assert later["score"] < later["threshold"]  # the new decision alone is negative
     assert later["status"] == "flagged" and later["scored_lower"] is True
     assert later["flag_score"] == first["score"] and later["flagged_at"] == first["flagged_at"]
