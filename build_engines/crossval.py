@@ -60,12 +60,17 @@ class Teacher:
         """The run recorded in ``report_dir/training.json`` with the served weights.
 
         Raises:
-            ValueError: that run kept no fold models (trained before runs were saved).
+            ValueError: that run's fold models are not on this machine (trained
+                elsewhere, or before runs were saved).
         """
         training = json.loads((report_dir / "training.json").read_text())
-        if "fold_results" not in training:
-            raise ValueError(f"{spec.name}'s run in {report_dir} kept no fold models; retrain it")
-        return cls(spec, REPO_ROOT / training["fold_results"], spec.weights_path)
+        run_dir = REPO_ROOT / training.get("fold_results", "")
+        if "fold_results" not in training or not (run_dir / "fold0.safetensors").exists():
+            raise ValueError(
+                f"{spec.name}'s run in {report_dir} left no fold models on this machine"
+                " (.cache is not in git); retrain it here first"
+            )
+        return cls(spec, run_dir, spec.weights_path)
 
     def fold_model(self, fold: int, test_idx: np.ndarray) -> torch.nn.Module:
         """The teacher's model of ``fold``, checked to have held out the same slices.

@@ -127,10 +127,11 @@ def run_series_stage(
 def _out_of_fold_series(spec: ModelSpec, data_dir: Path, report_dir: Path) -> list[Series]:
     """The run's saved fold results (views and embeddings) or, for older runs, its oof.csv."""
     training = json.loads((report_dir / "training.json").read_text())
-    if "fold_results" not in training:
-        logger.info("no saved fold results: series from oof.csv, plain views, no embeddings")
+    run_dir = REPO_ROOT / training.get("fold_results", "")
+    if "fold_results" not in training or not (run_dir / "fold0.npz").exists():
+        # Fold results live in the git-ignored .cache of the machine that trained.
+        logger.info("no saved fold results here: series from oof.csv, plain views only")
         return series_from_oof_csv(report_dir / "oof.csv")
-    run_dir = REPO_ROOT / training["fold_results"]
     dataset = load_dataset(data_dir, spec)
     folds = [np.load(run_dir / f"fold{k}.npz") for k in range(training["folds"])]
     return load_series_table(folds, dataset)

@@ -88,3 +88,10 @@ def test_a_student_is_distilled_fold_by_fold_from_the_teachers_run(data_dir: Pat
     held_out = np.load(teacher_run / "fold0.npz")["test_idx"]
     with pytest.raises(ValueError, match="other slices"):
         teacher.fold_model(0, held_out[1:])
+
+
+def test_a_teacher_trained_on_another_machine_is_refused_with_the_reason(tmp_path):
+    """Fold models live in the git-ignored .cache: a clone has the report, not the folds."""
+    (tmp_path / "training.json").write_text(json.dumps({"fold_results": ".cache/runs/gone"}))
+    with pytest.raises(ValueError, match="no fold models on this machine"):
+        Teacher.from_report(get_model("mobilenet_v2"), tmp_path)
