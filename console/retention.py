@@ -6,6 +6,9 @@ study qualifies when it finished more than the retention period ago,
 acknowledged or not: an alert nobody acknowledged must not keep images
 forever, and the scores, the key slice, the audit trail and the study's page
 all remain; its images then read "image purged" (410 for the image routes).
+Result objects still waiting for a PACS that never took them (console/outbox.py)
+carry the key slice's image too: they are failed with the reason and their
+bytes dropped, so a PACS down for weeks cannot keep images past the period.
 
 Files are content-addressed and may be shared: a file is deleted only when no
 slice that is not purged (a queued slice of a newer upload, another study)
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Who the audit log names for purges.
 PURGE_ACTOR = "retention"
+#: Why a result object still pending at the purge was failed.
+UNDELIVERED_REASON = "the retention period ended before the PACS took it; dropped unsent"
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,15 @@ def purge(db: sqlite3.Connection, storage_dir: Path, retention_days: float) -> P
                 (now, study["id"]),
             ).rowcount
             marked += count
-            audit(
-                db,
-                PURGE_ACTOR,
-                "purge",
-                study["id"],
-                f"{count} slice images, finished over {retention_days:g} days ago",
-            )
+            undelivered = db.execute(
+                "UPDATE outbox SET status = 'failed', dataset = NULL, last_error = ? "
+                "WHERE study_id = ? AND status = 'pending'",
+                (UNDELIVERED_REASON, study["id"]),
+            ).rowcount
+            detail = f"{count} slice images, finished over {retention_days:g} days ago"
+            if undelivered:
+                detail += f"; {undelivered} result objects never delivered, dropped"
+            audit(db, PURGE_ACTOR, "purge", study["id"], detail)
     files_deleted = _delete_unneeded_files(db, storage_dir)
     result = PurgeResult([s["id"] for s in studies], marked, files_deleted)
     logger.info(

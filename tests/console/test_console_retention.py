@@ -1,10 +1,17 @@
 """The retention purge (console/retention.py) on real stored uploads."""
 
+import io
+
 import cv2
 import numpy as np
+import pydicom
 import pytest
 
 from benchmarks.phantoms import head_phantom
+from console.db import connect
+from console.dicom_node import DicomPeer
+from console.outbox import enqueue
+from console.retention import UNDELIVERED_REASON
 
 
 @pytest.fixture
@@ -92,3 +99,30 @@ def test_purge_takes_the_retention_period_from_the_config(
         ("queued", False),
     ]
     assert runner.invoke(args=["purge", "--days", "-1"]).exit_code != 0
+
+
+def test_purge_drops_result_objects_the_pacs_never_took(
+    runner, api, upload, phantom_series, services, drain, db_rows, app
+):
+    files = phantom_series(2)
+    study_id = upload(api, [(f"{i}.dcm", b) for i, b in enumerate(files)]).get_json()["study_id"]
+    drain(services)
+    pacs = DicomPeer("PACS", "127.0.0.1", 104)
+    db = connect(app.config["DATABASE"])
+    with db:  # the PACS took the SR of version 1; the secondary capture is still pending
+        enqueue(db, study_id, 1, "sr", pydicom.dcmread(io.BytesIO(files[0])), pacs)
+        enqueue(db, study_id, 1, "sc", pydicom.dcmread(io.BytesIO(files[1])), pacs)
+        db.execute("UPDATE outbox SET status = 'sent', dataset = NULL WHERE kind = 'sr'")
+    db.close()
+
+    result = runner.invoke(args=["purge", "--days", "0"])
+    assert result.exit_code == 0, result.output
+
+    rows = {r["kind"]: r for r in db_rows("SELECT * FROM outbox")}
+    assert (rows["sr"]["status"], rows["sr"]["last_error"]) == ("sent", None)
+    assert rows["sc"]["status"] == "failed" and rows["sc"]["dataset"] is None
+    assert rows["sc"]["last_error"] == UNDELIVERED_REASON
+    delivery = api.get(f"/api/studies/{study_id}").get_json()["results"]
+    assert {r["kind"]: r["status"] for r in delivery} == {"sr": "sent", "sc": "failed"}
+    (entry,) = db_rows("SELECT detail FROM audit_log WHERE action = 'purge'")
+    assert "1 result objects never delivered" in entry["detail"]
