@@ -37,8 +37,6 @@ from client.registry import ModelSpec
 MIN_HEAD_FRACTION = 0.12
 #: Slice logits are clipped to this magnitude before the series model reads them.
 MAX_LOGIT = 8.0
-#: Per-slice features before the (optional) embedding: logit, head fraction, position.
-BASE_FEATURES = 3
 
 
 @dataclass(frozen=True)

@@ -132,13 +132,6 @@ class SeriesNet(torch.nn.Module):
         return slice_logits, top + self.series_head(pooled).squeeze(-1)
 
 
-def embedding_size(spec: ModelSpec) -> int:
-    """Length of ``spec``'s slice embedding (the head's input features)."""
-    head = getattr(build_model(spec), _HEAD_ATTRIBUTE[spec.arch])
-    linear = head if isinstance(head, torch.nn.Linear) else head[-1]
-    return linear.in_features
-
-
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file, to pin weights to the facts recorded with them."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
