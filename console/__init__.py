@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import sqlite3
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from client.constants import DEFAULT_DICOM_PORT, DEFAULT_GRPC_PORT, REPO_ROOT
 from client.errors import HemoTriageError
 from client.registry import get_model
 from client.triton_client import PROTOCOLS
-from console.errors import storage_error
+from console.errors import STORAGE_ERRORS, storage_error
 from console.shadow import parse_shadow_mode
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,16 @@ logger = logging.getLogger(__name__)
 DEFAULTS = {
     # Where uploads, the database, the inbox and the session key live (default: instance/).
     "STORAGE_DIR": None,
-    # SQLite file (default: <STORAGE_DIR>/hemotriage.sqlite).
+    # SQLite file (default: <STORAGE_DIR>/hemotriage.sqlite), used unless DATABASE_URL is set.
     "DATABASE": None,
+    # PostgreSQL instead, "postgresql://user:password@host:5432/name": the one database of
+    # several console nodes (queue, leases and live events shared). Empty: the SQLite file.
+    "DATABASE_URL": "",
+    # PostgreSQL connections request handlers may hold at once (one per gunicorn thread).
+    "DATABASE_POOL_SIZE": 32,
+    # This node's name on its queue claims: at start it takes back only its own unfinished
+    # claims (and expired ones of any node). Default: the host name.
+    "NODE_ID": None,
     # How long a write waits for another writer before the request gets a 503.
     "DATABASE_BUSY_TIMEOUT_S": 10.0,
     # Watched folder (default: <STORAGE_DIR>/inbox); set to "" to disable the watcher.
@@ -182,7 +190,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.after_request(ops.count_request)
     app.register_error_handler(HemoTriageError, _typed_error)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
-    app.register_error_handler(sqlite3.OperationalError, _storage_failure)
+    for error_class in STORAGE_ERRORS:
+        app.register_error_handler(error_class, _storage_failure)
     app.extensions[EXTENSION_KEY] = Services.from_app(app)
     db.init_db(app.config["DATABASE"])
     return app
@@ -202,7 +211,11 @@ def _resolve_paths(app: Flask) -> None:
     storage_dir = Path(config["STORAGE_DIR"] or app.instance_path)
     storage_dir.mkdir(parents=True, exist_ok=True)
     config["STORAGE_DIR"] = str(storage_dir)
-    config["DATABASE"] = str(config["DATABASE"] or storage_dir / "hemotriage.sqlite")
+    # DATABASE is what console.db.connect opens: the PostgreSQL URL or the SQLite file.
+    config["DATABASE"] = str(
+        config["DATABASE_URL"] or config["DATABASE"] or storage_dir / "hemotriage.sqlite"
+    )
+    config["NODE_ID"] = str(config["NODE_ID"] or socket.gethostname())
     results_dir = config["RESULTS_DIR"] or REPO_ROOT / "benchmarks" / "results"
     config["RESULTS_DIR"] = str(Path(results_dir).resolve())
     if config["INBOX_DIR"] is None:
@@ -231,12 +244,12 @@ def _typed_error(error: HemoTriageError):
     return jsonify(error=type(error).__name__, message=str(error)), error.http_status
 
 
-def _storage_failure(error: sqlite3.OperationalError):
-    """A locked or full database in any request: a typed 503/507, not an HTML 500.
+def _storage_failure(error: Exception):
+    """A locked, full or unreachable database in any request: a typed 503/507, not an HTML 500.
 
-    Any other OperationalError is a bug in the SQL, and stays a 500.
+    Any other database error is a bug in the SQL, and stays a 500.
     """
-    typed = storage_error(error, Path(current_app.config["DATABASE"]).parent)
+    typed = storage_error(error, Path(current_app.config["STORAGE_DIR"]))
     if typed is None:
         raise error
     return _typed_error(typed)

@@ -16,10 +16,10 @@ and behave with the handful of reviews a site has in its first weeks
 from __future__ import annotations
 
 import math
-import sqlite3
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from console.db import Connection
 from console.errors import InvalidRequestError
 
 #: Windows offered on the page and in /metrics, in days (None: every study).
@@ -96,9 +96,7 @@ def parse_window(value: str | None) -> int | None:
     return WINDOWS[key]
 
 
-def accuracy_by_version(
-    db: sqlite3.Connection, days: int | None, now: float
-) -> list[VersionAccuracy]:
+def accuracy_by_version(db: Connection, days: int | None, now: float) -> list[VersionAccuracy]:
     """Feedback statistics of each model version, for studies received in the last ``days``.
 
     Args:

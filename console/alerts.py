@@ -14,13 +14,12 @@ Routes:
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 
 from flask import Blueprint, flash, g, redirect, render_template, url_for
 
 from console.auth import role_required
-from console.db import audit, get_db
+from console.db import Connection, Row, audit, begin_write, get_db
 from console.errors import ConflictError
 from console.events import EventBroker, publish_study
 from console.queue import FINISHED, StudyChange
@@ -43,9 +42,7 @@ def acknowledge_form(study_id: int):
     return redirect(url_for("worklist.study", study_id=study_id))
 
 
-def acknowledge_study(
-    db: sqlite3.Connection, broker: EventBroker, study_id: int, user: sqlite3.Row
-) -> sqlite3.Row:
+def acknowledge_study(db: Connection, broker: EventBroker, study_id: int, user: Row) -> Row:
     """Record that ``user`` has seen a finished study's result; audit it and tell every screen.
 
     Returns:
@@ -57,7 +54,7 @@ def acknowledge_study(
     """
     username = user["username"]
     with db:
-        db.execute("BEGIN IMMEDIATE")
+        begin_write(db)
         study = get_study(db, study_id)
         if study["status"] == "acknowledged":
             raise ConflictError(

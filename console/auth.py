@@ -35,7 +35,6 @@ import hashlib
 import logging
 import math
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -56,7 +55,7 @@ from flask import (
 from flask.cli import with_appcontext
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from console.db import audit, connect, get_db, init_db
+from console.db import Connection, Row, audit, begin_write, connect, get_db, init_db
 from console.errors import AuthenticationError, ForbiddenError
 
 logger = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ def create_token(db, username: str, name: str, *, scope: str, expires_days: floa
 def revoke_tokens(db, name: str) -> int:
     """Revoke every live token called ``name``; audit each under its user; return how many."""
     with db:
-        db.execute("BEGIN IMMEDIATE")
+        begin_write(db)
         tokens = db.execute(
             "SELECT api_tokens.id, username FROM api_tokens JOIN users ON users.id = user_id"
             " WHERE name = ? AND revoked_at IS NULL",
@@ -187,7 +186,7 @@ def load_identity() -> None:
             g.via, g.role = "session", g.user["role"]
 
 
-def _live_token(db: sqlite3.Connection, token: str) -> sqlite3.Row:
+def _live_token(db: Connection, token: str) -> Row:
     """The api_tokens row of a token that may be used now.
 
     Raises:
@@ -263,7 +262,7 @@ def login():
     with db:
         # One write transaction for check, verify and record: of N parallel guesses,
         # only LOGIN_MAX_FAILURES are verified before the lockout starts.
-        db.execute("BEGIN IMMEDIATE")
+        begin_write(db)
         wait_s = seconds_until_login_allowed(db, username, address)
         user = None if wait_s > 0 else _verify_password(db, username, password)
         action = "login-throttled" if wait_s > 0 else "login" if user else "login-failed"
@@ -285,7 +284,7 @@ def login():
     return redirect(_safe_next(request.args.get("next")))
 
 
-def _verify_password(db: sqlite3.Connection, username: str, password: str) -> sqlite3.Row | None:
+def _verify_password(db: Connection, username: str, password: str) -> Row | None:
     """The user if the password is right, else None, in the same time for unknown usernames."""
     user = db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
     # An unknown username is checked against a hash of the same cost, so the answer's
@@ -302,7 +301,7 @@ def dummy_password_hash() -> str:
     return generate_password_hash(secrets.token_urlsafe(16))
 
 
-def seconds_until_login_allowed(db: sqlite3.Connection, username: str, address: str) -> float:
+def seconds_until_login_allowed(db: Connection, username: str, address: str) -> float:
     """How long a login for ``username`` from ``address`` must wait (0: now).
 
     Per username: ``login-failed`` rows since the user's last successful login;

@@ -22,7 +22,6 @@ outbox rows together (console/outbox.py sends them).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from client.registry import ModelSpec
+from console.db import Connection, begin_write
 from console.dicom_node import DicomPeer
 from console.filestore import stored_path
 from console.outbox import enqueue, record_unbuilt
@@ -41,7 +41,7 @@ from console.results import SeriesResult, secondary_capture, structured_report
 logger = logging.getLogger(__name__)
 
 #: Builds a due series' result objects.
-MakeObjects = Callable[[sqlite3.Connection, "DueSeries"], list["ResultObject"]]
+MakeObjects = Callable[[Connection, "DueSeries"], list["ResultObject"]]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class DueSeries:
     version: int
 
 
-def due_series(db: sqlite3.Connection, quiet_s: float, now: float) -> list[DueSeries]:
+def due_series(db: Connection, quiet_s: float, now: float) -> list[DueSeries]:
     """DICOM series quiet for ``quiet_s``, every slice finished, not completed at this size.
 
     Args:
@@ -89,7 +89,7 @@ def due_series(db: sqlite3.Connection, quiet_s: float, now: float) -> list[DueSe
     ]
 
 
-def mark_complete(db: sqlite3.Connection, series: DueSeries) -> bool:
+def mark_complete(db: Connection, series: DueSeries) -> bool:
     """Record the completion, unless the series changed since :func:`due_series` saw it.
 
     Args:
@@ -119,7 +119,7 @@ def mark_complete(db: sqlite3.Connection, series: DueSeries) -> bool:
 
 
 def complete_quiet_series(
-    db: sqlite3.Connection,
+    db: Connection,
     quiet_s: float,
     make: MakeObjects,
     destination: DicomPeer | None,
@@ -143,7 +143,7 @@ def complete_quiet_series(
     for series in due_series(db, quiet_s, time.time()):
         objects = make(db, series) if destination is not None else []
         with db:
-            db.execute("BEGIN IMMEDIATE")
+            begin_write(db)
             if not mark_complete(db, series):
                 continue
             for made in objects:
@@ -195,7 +195,7 @@ class ResultMaker:
     storage_dir: Path
     cam: CamRenderer
 
-    def __call__(self, db: sqlite3.Connection, series: DueSeries) -> list[ResultObject]:
+    def __call__(self, db: Connection, series: DueSeries) -> list[ResultObject]:
         """The series' objects; none for a study with no classified slice (nothing to report)."""
         study = db.execute("SELECT * FROM studies WHERE id = ?", (series.study_id,)).fetchone()
         if study["score"] is None:

@@ -1,33 +1,54 @@
-"""SQLite storage: studies, slices (queue), users, tokens, audit log, feedback, outbox.
+"""Storage for every engine: studies, slices (queue), users, tokens, audit log, feedback, outbox.
 
-The database runs in WAL mode with ``synchronous=FULL``, so a committed upload
+One database layer, two engines, chosen by the app's ``DATABASE``: a file path
+opens SQLite (the default, ``instance/hemotriage.sqlite``), a
+``postgresql://`` URL (``HEMOTRIAGE_DATABASE_URL``) opens PostgreSQL through
+:mod:`console.postgres`, which offers the same sqlite3-style interface, so each
+query is written once. What differs between the engines lives here (the DDL
+types, :func:`begin_write`, :data:`DATABASE_ERRORS`) or beside the one queue
+operation that needs it (:func:`console.queue.claim`).
+
+SQLite runs in WAL mode with ``synchronous=FULL``, so a committed upload
 survives a power cut and readers (the worklist, the SSE stream) never block the
 worker's writes. Request handlers use one connection per request through
-:func:`get_db`; background threads open their own with :func:`connect`.
+:func:`get_db` (borrowed from a pool on PostgreSQL); background threads open
+their own with :func:`connect`.
 
     flask --app console init-db        # or: python -m console init-db
     db = get_db()                      # inside a request or app context
 
-:func:`init_db` also upgrades a database made by an earlier release: columns
-added since (``users.role``, ``api_tokens.scope`` and ``expires_at``,
-``audit_log.client_addr``, ``slices.purged_at``, ``studies.flag_score``,
-``completed_at``, ``completed_slices`` and ``result_version``) are added in place,
-and new tables (``feedback``, ``outbox``) created, so data is never rebuilt or lost.
+:func:`init_db` creates or upgrades either engine to :data:`SCHEMA_VERSION`
+(the ``schema_version`` table records where a database stands; each step of
+:data:`_MIGRATIONS` runs once). A SQLite database of a release before versions
+is upgraded in place: columns added since (``users.role``, ``api_tokens.scope``
+and ``expires_at``, ``audit_log.client_addr``, ``slices.purged_at``,
+``studies.flag_score``, ``completed_at``, ``completed_slices`` and
+``result_version``) are added, and new tables (``feedback``, ``outbox``)
+created, so data is never rebuilt or lost.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from flask import Flask, current_app, g
 from flask.cli import with_appcontext
 
+from console import postgres
+
 #: Seconds a writer waits for the lock before SQLite raises "database is locked"
-#: (the app's ``DATABASE_BUSY_TIMEOUT_S``).
+#: (the app's ``DATABASE_BUSY_TIMEOUT_S``; PostgreSQL's ``lock_timeout``).
 BUSY_TIMEOUT_S = 10.0
+#: Errors of either engine, where code catches a failed database call.
+DATABASE_ERRORS = (sqlite3.Error, postgres.Error)
+#: The app extension holding the PostgreSQL connection pool of request handlers.
+POOL_KEY = "hemotriage.db_pool"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -157,7 +178,7 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_study ON outbox (study_id);
 """
 
-#: Columns added since the first release: (table, column, definition as in SCHEMA).
+#: Columns added before schema versions: (table, column, definition as in SCHEMA).
 _ADDED_COLUMNS = (
     ("users", "role", "TEXT NOT NULL DEFAULT 'clinician' CHECK (role IN ('clinician', 'admin'))"),
     ("api_tokens", "scope", "TEXT NOT NULL DEFAULT 'upload' CHECK (scope IN ('upload', 'full'))"),
@@ -173,19 +194,47 @@ _ADDED_COLUMNS = (
 LEGACY_TOKEN_LIFETIME_S = 365 * 86400
 
 
-def connect(path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
-    """Open a connection in WAL mode with durable commits and row access by name.
+class SqliteConnection(sqlite3.Connection):
+    """A :class:`sqlite3.Connection` that names its engine and starts writes like PostgreSQL's."""
+
+    engine = "sqlite"
+
+    def begin_write(self, row_locks: bool = False) -> None:
+        """``BEGIN IMMEDIATE``: take SQLite's one write lock now (``row_locks`` changes nothing)."""
+        self.execute("BEGIN IMMEDIATE")
+
+
+#: A connection of either engine; both offer the sqlite3 subset the console uses.
+Connection = SqliteConnection | postgres.PgConnection
+#: A row of either engine: by column name, by index, and ``dict(row)``.
+Row = sqlite3.Row | postgres.Row
+
+
+def is_postgresql(database: str | Path) -> bool:
+    """``database`` is a PostgreSQL URL (anything else is a SQLite file)."""
+    return str(database).startswith(("postgresql://", "postgres://"))
+
+
+def connect(database: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Connection:
+    """Open a connection of the engine ``database`` names.
+
+    SQLite runs in WAL mode with durable commits and row access by name.
 
     Args:
-        path: The database file; its folder is created if missing.
+        database: A SQLite file (its folder is created if missing) or a PostgreSQL URL.
         busy_timeout_s: How long a write waits for another writer's lock.
 
     Returns:
-        A connection whose rows are :class:`sqlite3.Row`. Transactions are
-        explicit: use ``with db:`` to commit or roll back.
+        A connection whose rows work by name and index. Transactions are
+        explicit: use ``with db:`` to commit or roll back, and
+        :func:`begin_write` first where the transaction writes.
     """
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False)
+    if is_postgresql(database):
+        return postgres.connect(str(database), busy_timeout_s)
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(
+        database, timeout=busy_timeout_s, check_same_thread=False, factory=SqliteConnection
+    )
     db.row_factory = sqlite3.Row
     # WAL: readers never block the writer (https://sqlite.org/wal.html);
     # synchronous=FULL fsyncs the WAL on every commit, so a 201 means on disk.
@@ -195,39 +244,148 @@ def connect(path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3
     return db
 
 
-def get_db() -> sqlite3.Connection:
+def begin_write(db: Connection, row_locks: bool = False) -> None:
+    """Start a write transaction inside ``with db:`` (SQLite's ``BEGIN IMMEDIATE``).
+
+    Args:
+        db: A connection, inside ``with db:``.
+        row_locks: The transaction locks the rows it writes itself (``FOR UPDATE``),
+            so on PostgreSQL it need not wait for other writers (see
+            :meth:`console.postgres.PgConnection.begin_write`).
+    """
+    db.begin_write(row_locks)
+
+
+class RequestPool:
+    """The app's PostgreSQL pool for request handlers, opened on first use.
+
+    Args:
+        url: The database.
+        busy_timeout_s: Lock wait, and the longest wait for a free connection.
+        max_size: Connections held at most (one per gunicorn thread is enough).
+    """
+
+    def __init__(self, url: str, busy_timeout_s: float, max_size: int) -> None:
+        self._args = (url, busy_timeout_s, max_size)
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def connection(self) -> postgres.PgConnection:
+        """A borrowed connection; closing it gives it back."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = postgres.open_pool(*self._args)
+        return postgres.borrow(self._pool)
+
+    def close(self) -> None:
+        """Close every pooled connection (the app is shutting down)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+def get_db() -> Connection:
     """This request's connection, opened on first use and closed by :func:`close_db`."""
     if "db" not in g:
         config = current_app.config
-        g.db = connect(config["DATABASE"], float(config["DATABASE_BUSY_TIMEOUT_S"]))
+        pool = current_app.extensions.get(POOL_KEY)
+        if pool is not None:
+            g.db = pool.connection()
+        else:
+            g.db = connect(config["DATABASE"], float(config["DATABASE_BUSY_TIMEOUT_S"]))
     return g.db
 
 
 def close_db(_error: BaseException | None = None) -> None:
-    """Close the request's connection, if one was opened."""
+    """Close the request's connection (back to the pool), if one was opened."""
     db = g.pop("db", None)
     if db is not None:
         db.close()
 
 
-def init_db(path: str | Path) -> None:
-    """Create every table that does not exist yet and upgrade older ones (idempotent).
+def _statements(schema: str, engine: str) -> list[str]:
+    """``schema``'s statements in the engine's DDL: the one place the two dialects differ.
 
-    Safe on a live database: the upgrade runs in one ``BEGIN IMMEDIATE``
-    transaction, so two processes starting together add each column once.
+    PostgreSQL's ``REAL`` is 4 bytes, which would round epoch timestamps to
+    minutes, so SQLite's ``REAL`` becomes ``DOUBLE PRECISION``; an
+    ``INTEGER PRIMARY KEY`` (SQLite's rowid) becomes an identity column.
     """
-    db = connect(path)
+    if engine == "postgresql":
+        for sqlite_type, pg_type in (
+            (r"\bINTEGER PRIMARY KEY\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+            (r"\bINTEGER\b", "BIGINT"),
+            (r"\bREAL\b", "DOUBLE PRECISION"),
+            (r"\bBLOB\b", "BYTEA"),
+        ):
+            schema = re.sub(sqlite_type, pg_type, schema)
+    return [s.strip() for s in schema.split(";") if s.strip()]
+
+
+def _baseline(db: Connection) -> None:
+    """Version 1: every table of the last release before versions, old SQLite files upgraded."""
+    for statement in _statements(SCHEMA, db.engine):
+        db.execute(statement)
+    if db.engine == "sqlite":
+        _add_missing_columns(db)
+    _index_sop_instances(db)
+
+
+def _claim_owners(db: Connection) -> None:
+    """Version 2: a claim names its node and carries a token that fences its result.
+
+    With several nodes a starting one takes back only its own old claims (and
+    expired ones), and a worker whose lease ran out cannot overwrite the
+    result of the node that took the slice over (see :mod:`console.queue`).
+    """
+    for statement in _statements(_CLAIM_COLUMNS, db.engine):
+        db.execute(statement)
+
+
+_CLAIM_COLUMNS = """
+ALTER TABLE slices ADD COLUMN claimed_by TEXT;
+ALTER TABLE slices ADD COLUMN claim_token TEXT
+"""
+
+#: Schema steps in order: a database at version ``n`` has run the first ``n``.
+_MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_baseline, _claim_owners)
+#: The version :func:`init_db` brings every database to.
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def init_db(database: str | Path) -> int:
+    """Create the schema, or upgrade it to :data:`SCHEMA_VERSION` (idempotent).
+
+    Safe on a live database and with several nodes starting together: the
+    upgrade runs in one write transaction (SQLite's ``BEGIN IMMEDIATE``,
+    PostgreSQL's writer lock, and both engines' DDL is transactional), so each
+    step runs once and a failed one leaves the database as it was.
+
+    Args:
+        database: A SQLite file or a PostgreSQL URL.
+
+    Returns:
+        The version the database was at before (0: new, or older than versions).
+    """
+    db = connect(database)
     try:
-        db.executescript(SCHEMA)
         with db:
-            db.execute("BEGIN IMMEDIATE")
-            _add_missing_columns(db)
-            _index_sop_instances(db)
+            begin_write(db)
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            before = 0 if row is None else row["version"]
+            for migration in _MIGRATIONS[before:]:
+                migration(db)
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
     finally:
         db.close()
+    return before
 
 
-def _add_missing_columns(db: sqlite3.Connection) -> None:
+def _add_missing_columns(db: Connection) -> None:
     """``ALTER TABLE ADD COLUMN`` what an older schema lacks, carrying old meanings over.
 
     Administrators of the old ``is_admin`` flag keep the admin role. A study
@@ -258,7 +416,7 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
             )
 
 
-def _index_sop_instances(db: sqlite3.Connection) -> None:
+def _index_sop_instances(db: Connection) -> None:
     """One slice per SOP instance of a study, however often (and however encoded) it is sent.
 
     Databases of earlier releases may hold the same SOP instance twice in a
@@ -277,7 +435,7 @@ def _index_sop_instances(db: sqlite3.Connection) -> None:
 
 
 def audit(
-    db: sqlite3.Connection,
+    db: Connection,
     username: str,
     action: str,
     study_id: int | None = None,
@@ -298,12 +456,28 @@ def audit(
 @click.command("init-db")
 @with_appcontext
 def init_db_command() -> None:
-    """Create the console's tables (existing data is kept)."""
-    init_db(current_app.config["DATABASE"])
-    click.echo(f"initialized the database at {current_app.config['DATABASE']}")
+    """Create the console's tables, or upgrade them to the current version (data is kept)."""
+    before = init_db(current_app.config["DATABASE"])
+    click.echo(
+        f"initialized the database at {_shown(current_app)} "
+        f"(schema version {SCHEMA_VERSION}, was {before})"
+    )
+
+
+def _shown(app: Flask) -> str:
+    """The database for messages: the file, or the URL without its password."""
+    database = str(app.config["DATABASE"])
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", database)
 
 
 def init_app(app: Flask) -> None:
-    """Register connection teardown and the ``init-db`` command on ``app``."""
+    """Register connection teardown, the ``init-db`` command and, on PostgreSQL, the pool."""
+    config = app.config
+    if is_postgresql(config["DATABASE"]):
+        app.extensions[POOL_KEY] = RequestPool(
+            str(config["DATABASE"]),
+            float(config["DATABASE_BUSY_TIMEOUT_S"]),
+            int(config["DATABASE_POOL_SIZE"]),
+        )
     app.teardown_appcontext(close_db)
     app.cli.add_command(init_db_command)

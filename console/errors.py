@@ -15,6 +15,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import psycopg
+
 from client.errors import HemoTriageError
 
 
@@ -117,11 +119,21 @@ _STORAGE_SQLITE_CODES = (
 )
 
 
-def storage_error(error: OSError | sqlite3.Error, folder: Path) -> HemoTriageError | None:
+#: Database errors that may be the storage's (lock, disk, connection) rather than the SQL's.
+STORAGE_ERRORS = (sqlite3.OperationalError, psycopg.OperationalError)
+#: PostgreSQL's SQLSTATE for a full disk (https://www.postgresql.org/docs/15/errcodes-appendix.html).
+_PG_DISK_FULL = "53100"
+
+
+def storage_error(
+    error: OSError | sqlite3.Error | psycopg.Error, folder: Path
+) -> HemoTriageError | None:
     """The typed error a sender sees when storing failed for lack of disk or lock.
 
     SQLite reports a full disk as "database or disk is full" or, in WAL mode,
     as a plain "disk I/O error", so the free space of ``folder`` decides too.
+    On PostgreSQL an operational error (a lock wait past ``lock_timeout``, a
+    lost or refused connection, a full disk) is the storage's.
 
     Returns:
         :class:`StorageFullError` or :class:`StorageBusyError`; None when the
@@ -131,6 +143,14 @@ def storage_error(error: OSError | sqlite3.Error, folder: Path) -> HemoTriageErr
         code = getattr(error, "sqlite_errorname", "") or ""
         if not code.startswith(_STORAGE_SQLITE_CODES):
             return None
+    if isinstance(error, psycopg.Error):
+        if not isinstance(error, psycopg.OperationalError):
+            return None
+        if error.sqlstate == _PG_DISK_FULL:
+            return StorageFullError(f"the database's disk is full; nothing was stored ({error})")
+        return StorageBusyError(
+            f"the console could not store the upload now; send it again ({error})"
+        )
     text = str(error)
     full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in text
     with contextlib.suppress(OSError):

@@ -17,7 +17,6 @@ Routes:
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from flask import Blueprint, flash, g, redirect, render_template, request, url_for
 
 from console.accuracy import WINDOWS, accuracy_by_version, parse_window
-from console.db import audit, get_db
+from console.db import Connection, Row, audit, begin_write, get_db
 from console.errors import ConflictError, InvalidRequestError
 from console.shadow import require_results_visible
 from console.studies import get_study
@@ -74,12 +73,12 @@ def model_decision(study: Mapping[str, Any]) -> str | None:
 
 
 def record_feedback(
-    db: sqlite3.Connection,
+    db: Connection,
     study_id: int,
-    user: sqlite3.Row,
+    user: Row,
     verdict: str | None,
     note: str | None,
-) -> sqlite3.Row:
+) -> Row:
     """Store a reader's verdict on a study's result, with an audit row, in one transaction.
 
     Args:
@@ -106,7 +105,7 @@ def record_feedback(
     if len(note) > MAX_NOTE_CHARS:
         raise InvalidRequestError(f"note is {len(note)} characters; at most {MAX_NOTE_CHARS}")
     with db:
-        db.execute("BEGIN IMMEDIATE")
+        begin_write(db)
         study = get_study(db, study_id)
         decision = model_decision(study)
         if decision is None:
@@ -139,7 +138,7 @@ def record_feedback(
     return row
 
 
-def history(db: sqlite3.Connection, study_id: int) -> list[dict]:
+def history(db: Connection, study_id: int) -> list[dict]:
     """A study's verdicts, newest (the one that counts) first."""
     rows = db.execute(
         "SELECT * FROM feedback WHERE study_id = ? ORDER BY id DESC", (study_id,)

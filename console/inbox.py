@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from client.errors import HemoTriageError, ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
+from console.db import DATABASE_ERRORS
 from console.errors import StorageBusyError, StorageFullError
 from console.ingest import IncomingFile, IngestResult
 from console.threads import LoopThread
@@ -38,7 +38,7 @@ REJECTED = "rejected"
 Accept = Callable[[list[IncomingFile], str | None], IngestResult]
 
 #: Failures of the disk or the database, not of an entry's content: the entry is retried.
-_TRANSIENT = (OSError, sqlite3.Error, StorageFullError, StorageBusyError)
+_TRANSIENT = (OSError, *DATABASE_ERRORS, StorageFullError, StorageBusyError)
 
 
 class InboxWatcher:
@@ -98,7 +98,7 @@ class InboxWatcher:
         """Ingest one entry, or move it to rejected/ whatever its content makes the ingest raise.
 
         Raises:
-            OSError, sqlite3.Error, StorageFullError, StorageBusyError: the disk or the
+            OSError, DATABASE_ERRORS, StorageFullError, StorageBusyError: the disk or the
                 database failed; retry later.
         """
         label = entry.name if entry.is_dir() else None

@@ -21,7 +21,6 @@ import hashlib
 import io
 import logging
 import lzma
-import sqlite3
 import time
 import uuid
 import zipfile
@@ -37,7 +36,7 @@ from client.decode import decode_bytes
 from client.errors import ImageTooLargeError
 from client.limits import MAX_FILE_BYTES
 from client.registry import ModelSpec
-from console.db import audit
+from console.db import Connection, audit, begin_write
 from console.errors import BadArchiveError, TooManyFilesError, UploadError
 from console.filestore import relative_path, remove, store_files, stored_path
 from console.queue import StudyChange, refresh_study, reopen
@@ -238,7 +237,7 @@ def check(files: list[IncomingFile], label: str | None) -> list[_Checked]:
 
 
 def ingest(
-    db: sqlite3.Connection,
+    db: Connection,
     storage_dir: Path,
     spec: ModelSpec,
     files: list[IncomingFile],
@@ -274,7 +273,7 @@ def ingest(
     written = store_files(storage_dir, [(_relative_path(c), c.data) for c in checked])
     try:
         with db:
-            db.execute("BEGIN IMMEDIATE")
+            begin_write(db)
             result, kept = _insert(db, spec, checked, source, priority)
             # In the upload's own transaction: no upload is kept without its audit row.
             audit(
@@ -301,7 +300,7 @@ def ingest(
 
 
 def _insert(
-    db: sqlite3.Connection,
+    db: Connection,
     spec: ModelSpec,
     checked: list[_Checked],
     source: str,

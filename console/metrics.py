@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -33,7 +32,7 @@ _ALERT_BUCKETS = (0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 class _QueueDepthCollector:
     """Slices per state, counted in the database when Prometheus scrapes."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: str) -> None:
         self._database = database
 
     def collect(self):
@@ -56,7 +55,7 @@ class _AccuracyCollector:
     whose denominator is 0 (no reviewed flag yet) has no sample.
     """
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: str) -> None:
         self._database = database
 
     def collect(self):
@@ -116,7 +115,7 @@ class _AccuracyCollector:
 class _OutboxCollector:
     """Result objects for the PACS in each delivery state, counted when Prometheus scrapes."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: str) -> None:
         self._database = database
 
     def collect(self):
@@ -170,10 +169,10 @@ class ConsoleMetrics:
     """The console's counters, gauges and histograms.
 
     Args:
-        database: SQLite file whose queue depth is reported.
+        database: The database whose queue depth is reported (file or URL).
     """
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: str) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hemotriage_http_requests",

@@ -12,14 +12,13 @@ Routes:
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from client.errors import HemoTriageError
-from console.db import get_db
+from console.db import DATABASE_ERRORS, begin_write, get_db
 from console.services import current_services
 
 bp = Blueprint("ops", __name__)
@@ -43,10 +42,10 @@ def readyz():
     checks: dict[str, str] = {}
     try:
         db = get_db()
-        db.execute("BEGIN IMMEDIATE")  # takes the write lock: proves the file is writable
+        begin_write(db)  # takes the write lock: proves the database takes writes
         db.rollback()
         checks["database"] = "ok"
-    except sqlite3.Error as e:
+    except DATABASE_ERRORS as e:
         checks["database"] = f"error: {e}"
     services = current_services()
     worker = services.worker

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import io
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -44,7 +42,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-from console.db import connect
+from console.db import Connection, connect
 from console.dicom_node import DicomPeer
 from console.threads import LoopThread
 
@@ -66,7 +64,7 @@ class OutboxSettings:
     """The results thread's part of the app config.
 
     Attributes:
-        database: SQLite file.
+        database: The SQLite file or PostgreSQL URL.
         busy_timeout_s: How long a write waits for another writer.
         destination: ``RESULTS_DESTINATION``, or None: results are not made nor sent.
         calling_ae: Our AE title, as the PACS sees us.
@@ -76,7 +74,7 @@ class OutboxSettings:
         timeout_s: Connection, association and DIMSE timeout.
     """
 
-    database: Path
+    database: str
     busy_timeout_s: float
     destination: DicomPeer | None
     calling_ae: str
@@ -92,7 +90,7 @@ def destination_name(peer: DicomPeer) -> str:
 
 
 def enqueue(
-    db: sqlite3.Connection,
+    db: Connection,
     study_id: int,
     version: int,
     kind: str,
@@ -130,7 +128,7 @@ def enqueue(
 
 
 def record_unbuilt(
-    db: sqlite3.Connection,
+    db: Connection,
     study_id: int,
     version: int,
     kind: str,
@@ -146,7 +144,7 @@ def record_unbuilt(
     )
 
 
-def delivery(db: sqlite3.Connection, study_id: int) -> list[dict]:
+def delivery(db: Connection, study_id: int) -> list[dict]:
     """A study's result objects and their delivery state, newest version first."""
     rows = db.execute(
         "SELECT version, kind, sop_uid, destination, status, attempts, last_error, "
@@ -156,7 +154,7 @@ def delivery(db: sqlite3.Connection, study_id: int) -> list[dict]:
     return [dict(row) for row in rows]
 
 
-def counts(db: sqlite3.Connection) -> dict[str, int]:
+def counts(db: Connection) -> dict[str, int]:
     """Outbox rows in each state (``/metrics``)."""
     found = dict.fromkeys(STATES, 0)
     for row in db.execute("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status"):
@@ -164,7 +162,7 @@ def counts(db: sqlite3.Connection) -> dict[str, int]:
     return found
 
 
-def deliver_due(db: sqlite3.Connection, settings: OutboxSettings) -> set[int]:
+def deliver_due(db: Connection, settings: OutboxSettings) -> set[int]:
     """Send the rows that are due over one association and record each outcome.
 
     Args:
@@ -266,8 +264,8 @@ class ResultsThread:
     def __init__(
         self,
         settings: OutboxSettings,
-        complete: Callable[[sqlite3.Connection], set[int]],
-        changed: Callable[[sqlite3.Connection, set[int]], None],
+        complete: Callable[[Connection], set[int]],
+        changed: Callable[[Connection, set[int]], None],
     ) -> None:
         self.settings = settings
         self._complete = complete
@@ -288,7 +286,7 @@ class ResultsThread:
         """The loop thread runs (False before start, after stop, or if it died)."""
         return self._thread.is_alive()
 
-    def run_once(self, db: sqlite3.Connection) -> set[int]:
+    def run_once(self, db: Connection) -> set[int]:
         """One round: complete quiet series, then send what is due; returns studies changed."""
         changed = self._complete(db)
         changed |= deliver_due(db, self.settings)

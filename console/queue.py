@@ -1,29 +1,33 @@
-"""The persistent priority queue: slice rows in SQLite, claimed in batches.
+"""The persistent priority queue: slice rows in the database, claimed in batches.
 
 A slice moves ``queued -> processing -> classified | failed``. Claiming, releasing
 and finishing are each one transaction, so a crash leaves at worst some rows
-``processing``. A claim is a lease: :func:`requeue_claims` takes back every
-claim when the worker starts and expired ones on a timer, and a slice that
-used up its attempts fails with the reason instead of coming back forever.
+``processing``. A claim is a lease held by one node: :func:`requeue_claims`
+takes back a starting node's own claims and, on any node, expired ones; a
+slice that used up its attempts fails with the reason instead of coming back
+forever, and a result is recorded only under the claim that was taken for it.
 A study's status follows from its slices (:func:`refresh_study`).
 
     with db:
-        rows = claim(db, batch_size=16)
+        begin_write(db, row_locks=True)
+        rows = claim(db, batch_size=16, node="ct-node-1")
     ...
     with db:
-        finish(db, row["id"], probability=0.93, head_fraction=0.4, timings)
+        begin_write(db)
+        finish(db, row["id"], 0.93, 0.4, timings, claim_token=row["claim_token"])
         refresh_study(db, row["study_id"], spec)
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 
 from client.registry import ModelSpec
 from client.series import decide_series
+from console.db import Connection, Row
 
 #: Study states that mean "a person still has to look at the result".
 FINISHED = ("flagged", "negative", "failed", "acknowledged")
@@ -50,28 +54,31 @@ class StudyChange:
 
 
 def requeue_claims(
-    db: sqlite3.Connection, max_attempts: int, claimed_before: float | None = None
+    db: Connection, max_attempts: int, claimed_before: float, node: str | None = None
 ) -> tuple[int, list[int]]:
     """Take back claims whose worker is gone: re-queue them, or fail those out of attempts.
 
     A claim is a lease: a worker that crashed, hung or lost its database
-    mid-batch never finishes its slices, so they come back to the queue. A
-    slice claimed ``max_attempts`` times without a result fails with that
-    reason instead, so one file that kills the worker cannot do so forever.
+    mid-batch never finishes its slices, so they come back to the queue. Any
+    node takes back expired leases; a starting node also takes back its own
+    earlier claims (and those of releases before claims named their node),
+    never another live node's. A slice claimed ``max_attempts`` times without
+    a result fails with that reason instead, so one file that kills the
+    worker cannot do so forever.
 
     Args:
-        db: Connection inside the caller's transaction.
+        db: Connection inside the caller's write transaction.
         max_attempts: Claims a slice may use up.
-        claimed_before: Only claims older than this epoch time (an expired
-            lease); None takes every claim (the only worker is starting).
+        claimed_before: Claims older than this epoch time have expired.
+        node: A starting node's id: its claims are taken back whatever their age.
 
     Returns:
         How many slices went back to the queue, and the studies whose slices failed.
     """
-    cutoff = time.time() if claimed_before is None else claimed_before
     stale = db.execute(
-        "SELECT id, study_id, attempts FROM slices WHERE status = 'processing' AND started_at <= ?",
-        (cutoff,),
+        "SELECT id, study_id, attempts FROM slices WHERE status = 'processing' AND "
+        "(started_at <= ? OR COALESCE(claimed_by, ?) = ?)",
+        (claimed_before, node, node),
     ).fetchall()
     out_of_attempts = [r for r in stale if r["attempts"] >= max_attempts]
     for row in out_of_attempts:
@@ -85,12 +92,19 @@ def requeue_claims(
     return len(stale) - len(out_of_attempts), sorted({r["study_id"] for r in out_of_attempts})
 
 
-def claim(db: sqlite3.Connection, batch_size: int) -> list[sqlite3.Row]:
+def claim(db: Connection, batch_size: int, node: str) -> list[Row]:
     """Mark up to ``batch_size`` queued slices ``processing`` and return them.
 
     The head of the queue is the most urgent priority (1 before 2), then the
     oldest; the batch takes slices of that priority only, oldest study first,
-    so whole studies finish together.
+    so whole studies finish together. Each claim carries ``node`` and a new
+    ``claim_token``; pass the token to :func:`finish`, :func:`fail` and
+    :func:`release`, so a worker whose lease was taken back changes nothing.
+
+    On PostgreSQL several nodes claim at once: ``FOR UPDATE SKIP LOCKED``
+    passes over rows another transaction is claiming, so batches are disjoint
+    without a database-wide lock (call inside ``with db:`` after
+    ``begin_write(db, row_locks=True)``). SQLite has one writer anyway.
     """
     head = db.execute(
         "SELECT priority FROM slices WHERE status = 'queued' "
@@ -98,21 +112,29 @@ def claim(db: sqlite3.Connection, batch_size: int) -> list[sqlite3.Row]:
     ).fetchone()
     if head is None:
         return []
+    lock = " FOR UPDATE SKIP LOCKED" if db.engine == "postgresql" else ""
     rows = db.execute(
-        "SELECT * FROM slices WHERE status = 'queued' AND priority = ? "
-        "ORDER BY queued_at, study_id, id LIMIT ?",
+        "SELECT id FROM slices WHERE status = 'queued' AND priority = ? "
+        f"ORDER BY queued_at, study_id, id LIMIT ?{lock}",
         (head["priority"], batch_size),
     ).fetchall()
     now = time.time()
+    token = uuid.uuid4().hex
     db.executemany(
-        "UPDATE slices SET status = 'processing', started_at = ?, attempts = attempts + 1 "
-        "WHERE id = ?",
-        [(now, row["id"]) for row in rows],
+        "UPDATE slices SET status = 'processing', started_at = ?, attempts = attempts + 1, "
+        "claimed_by = ?, claim_token = ? WHERE id = ?",
+        [(now, node, token, row["id"]) for row in rows],
     )
     return [db.execute("SELECT * FROM slices WHERE id = ?", (r["id"],)).fetchone() for r in rows]
 
 
-def release(db: sqlite3.Connection, slice_ids: list[int], *, refund: bool = False) -> None:
+#: The fence of a claimed slice's update: still claimed, and (with a token) by this claim.
+_CLAIMED = "status = 'processing' AND (CAST(? AS TEXT) IS NULL OR claim_token = ?)"
+
+
+def release(
+    db: Connection, slice_ids: list[int], *, refund: bool = False, claim_token: str | None = None
+) -> None:
     """Return claimed slices to the queue.
 
     Args:
@@ -120,49 +142,77 @@ def release(db: sqlite3.Connection, slice_ids: list[int], *, refund: bool = Fals
         slice_ids: Claimed slices.
         refund: Give the attempt back: the classifier was not there, so the
             slices were never tried (a Triton restart must not use them up).
+        claim_token: Only slices still held by this claim (None: any claim).
     """
     db.executemany(
-        "UPDATE slices SET status = 'queued', started_at = NULL, "
-        "attempts = attempts - ? WHERE id = ? AND status = 'processing'",
-        [(int(refund), i) for i in slice_ids],
+        "UPDATE slices SET status = 'queued', started_at = NULL, claimed_by = NULL, "
+        f"claim_token = NULL, attempts = attempts - ? WHERE id = ? AND {_CLAIMED}",
+        [(int(refund), i, claim_token, claim_token) for i in slice_ids],
     )
 
 
 def finish(
-    db: sqlite3.Connection,
+    db: Connection,
     slice_id: int,
     probability: float,
     head_fraction: float,
     timings: SliceTimings,
-) -> None:
-    """Record a slice's probability and stage timings; it becomes ``classified``."""
-    db.execute(
-        "UPDATE slices SET status = 'classified', probability = ?, head_fraction = ?, "
-        "error = NULL, finished_at = ?, decode_ms = ?, preprocess_ms = ?, queue_wait_ms = ?, "
-        "inference_ms = ? WHERE id = ?",
-        (
-            probability,
-            head_fraction,
-            time.time(),
-            timings.decode_ms,
-            timings.preprocess_ms,
-            timings.queue_wait_ms,
-            timings.inference_ms,
-            slice_id,
-        ),
+    claim_token: str | None = None,
+) -> bool:
+    """Record a slice's probability and stage timings; it becomes ``classified``.
+
+    Args:
+        db: Connection inside the caller's write transaction.
+        slice_id: The claimed slice.
+        probability: The model's output for it.
+        head_fraction: Share of the image that is head (near-blank slices are ignored).
+        timings: Its stage latencies.
+        claim_token: The claim's token: a lease taken back since (the slice
+            re-queued, or claimed by another worker) refuses the result, so a
+            slice is never classified twice. None: any claim.
+
+    Returns:
+        Whether the result was recorded.
+    """
+    return (
+        db.execute(
+            "UPDATE slices SET status = 'classified', probability = ?, head_fraction = ?, "
+            "error = NULL, finished_at = ?, decode_ms = ?, preprocess_ms = ?, "
+            f"queue_wait_ms = ?, inference_ms = ? WHERE id = ? AND {_CLAIMED}",
+            (
+                probability,
+                head_fraction,
+                time.time(),
+                timings.decode_ms,
+                timings.preprocess_ms,
+                timings.queue_wait_ms,
+                timings.inference_ms,
+                slice_id,
+                claim_token,
+                claim_token,
+            ),
+        ).rowcount
+        == 1
     )
 
 
-def fail(db: sqlite3.Connection, slice_id: int, reason: str) -> None:
-    """Mark a claimed slice ``failed`` with the reason shown to users (a finished one stays)."""
-    db.execute(
-        "UPDATE slices SET status = 'failed', error = ?, finished_at = ? "
-        "WHERE id = ? AND status = 'processing'",
-        (reason, time.time(), slice_id),
+def fail(db: Connection, slice_id: int, reason: str, claim_token: str | None = None) -> bool:
+    """Mark a claimed slice ``failed`` with the reason shown to users (a finished one stays).
+
+    Returns:
+        Whether it was marked (False: not claimed, or not by ``claim_token``'s claim).
+    """
+    return (
+        db.execute(
+            f"UPDATE slices SET status = 'failed', error = ?, finished_at = ? "
+            f"WHERE id = ? AND {_CLAIMED}",
+            (reason, time.time(), slice_id, claim_token, claim_token),
+        ).rowcount
+        == 1
     )
 
 
-def depth(db: sqlite3.Connection) -> dict[str, int]:
+def depth(db: Connection) -> dict[str, int]:
     """Number of slices in each state."""
     counts = dict.fromkeys(("queued", "processing", "classified", "failed"), 0)
     for row in db.execute("SELECT status, COUNT(*) AS n FROM slices GROUP BY status"):
@@ -170,13 +220,13 @@ def depth(db: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def ordered_slices(db: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
+def ordered_slices(db: Connection, study_id: int) -> list[Row]:
     """A study's slices in anatomical order: DICOM position, instance number, file name."""
     rows = db.execute("SELECT * FROM slices WHERE study_id = ?", (study_id,)).fetchall()
     return sorted(rows, key=_anatomical_key)
 
 
-def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> StudyChange:
+def refresh_study(db: Connection, study_id: int, spec: ModelSpec) -> StudyChange:
     """Recompute a study's status, score and key slice from its slices.
 
     Unfinished slices make it ``queued`` (none started) or ``processing``. Once
@@ -250,7 +300,7 @@ def refresh_study(db: sqlite3.Connection, study_id: int, spec: ModelSpec) -> Stu
     return StudyChange(study_id, study["status"], status, newly_flagged)
 
 
-def reopen(db: sqlite3.Connection, study_id: int) -> None:
+def reopen(db: Connection, study_id: int) -> None:
     """New slices arrived: an earlier acknowledgement no longer covers the study.
 
     A flag a person acknowledged is spent too, so the new slices get a fresh
@@ -270,7 +320,7 @@ def model_version(spec: ModelSpec) -> str:
     return f"1 (weights {spec.trained.weights_sha256[:12]})"
 
 
-def _anatomical_key(row: sqlite3.Row) -> tuple:
+def _anatomical_key(row: Row) -> tuple:
     """Sort key after :func:`client.classify._order_key`: position, instance, then name."""
     if row["slice_position_mm"] is not None:
         return (0, row["slice_position_mm"], row["id"])

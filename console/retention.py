@@ -23,7 +23,6 @@ purged slice's file nobody else needs (a rerun finishes what a crash left).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from console.db import audit, connect
+from console.db import Connection, audit, begin_write, connect
 from console.filestore import remove, stored_path
 from console.queue import FINISHED
 
@@ -53,7 +52,7 @@ class PurgeResult:
     files_deleted: int
 
 
-def purge(db: sqlite3.Connection, storage_dir: Path, retention_days: float) -> PurgeResult:
+def purge(db: Connection, storage_dir: Path, retention_days: float) -> PurgeResult:
     """Mark and audit the slices of studies finished over ``retention_days`` ago; delete files.
 
     Args:
@@ -68,7 +67,7 @@ def purge(db: sqlite3.Connection, storage_dir: Path, retention_days: float) -> P
     now = time.time()
     cutoff = now - retention_days * 86400
     with db:
-        db.execute("BEGIN IMMEDIATE")
+        begin_write(db)
         studies = db.execute(
             f"SELECT id FROM studies WHERE status IN ({', '.join('?' * len(FINISHED))})"
             " AND finished_at < ? AND EXISTS"
@@ -103,13 +102,13 @@ def purge(db: sqlite3.Connection, storage_dir: Path, retention_days: float) -> P
     return result
 
 
-def _delete_unneeded_files(db: sqlite3.Connection, storage_dir: Path) -> int:
+def _delete_unneeded_files(db: Connection, storage_dir: Path) -> int:
     """Delete the files of purged slices that no unpurged slice refers to; return how many.
 
     Runs under the write lock, so no upload commits a new reference meanwhile.
     """
     with db:
-        db.execute("BEGIN IMMEDIATE")
+        begin_write(db)
         relative = [
             row["stored_path"]
             for row in db.execute(

@@ -16,7 +16,6 @@ ingest entry point for the API, the upload page, the inbox and the DICOM receive
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from flask import Flask, current_app
 from client.constants import PRIORITY_ROUTINE
 from client.registry import ModelSpec, get_model
 from console.completion import ResultMaker, complete_quiet_series
-from console.db import connect
+from console.db import DATABASE_ERRORS, POOL_KEY, Connection, RequestPool, connect
 from console.dicom_node import DicomReceiver, DicomSettings
 from console.errors import storage_error
 from console.events import EventBroker, publish_study
@@ -51,7 +50,7 @@ class Services:
     Attributes:
         spec: The configured model.
         storage_dir: Root of stored uploads.
-        database: SQLite file.
+        database: The SQLite file or PostgreSQL URL (``console.db.connect`` opens either).
         limits: Upload limits.
         rule: Worklist priority rule.
         broker: SSE fan-out.
@@ -66,11 +65,12 @@ class Services:
             site's validation period. Results are classified and recorded, but no alert is
             raised and nothing leaves the console: every outward path (the results outbox
             to PACS, any notifier) checks it before queuing or sending.
+        db_pool: Request handlers' PostgreSQL connections (None on SQLite), closed at stop.
     """
 
     spec: ModelSpec
     storage_dir: Path
-    database: Path
+    database: str
     limits: IngestLimits
     rule: PriorityRule
     broker: EventBroker
@@ -81,14 +81,15 @@ class Services:
     results: ResultsThread | None
     cam: CamRenderer
     shadow_mode: bool
+    db_pool: RequestPool | None = None
 
     @classmethod
     def from_app(cls, app: Flask) -> Services:
         """Build (without starting) the services from ``app.config``."""
         config = app.config
-        database = Path(config["DATABASE"])
+        database = str(config["DATABASE"])
         shadow_mode = bool(config["SHADOW_MODE"])
-        broker = EventBroker(alerts=not shadow_mode)
+        broker = EventBroker(alerts=not shadow_mode, database=database)
         metrics = ConsoleMetrics(database)
         services = cls(
             spec=get_model(config["MODEL_NAME"]),
@@ -106,6 +107,7 @@ class Services:
             results=None,
             cam=CamRenderer(get_model(config["MODEL_NAME"])),
             shadow_mode=shadow_mode,
+            db_pool=app.extensions.get(POOL_KEY),
         )
         if config["INBOX_DIR"]:
             services.inbox = InboxWatcher(
@@ -159,7 +161,7 @@ class Services:
             changed=self._publish_unchanged,
         )
 
-    def _publish_unchanged(self, db: sqlite3.Connection, study_ids: set[int]) -> None:
+    def _publish_unchanged(self, db: Connection, study_ids: set[int]) -> None:
         """Tell the screens to redraw studies whose status stayed but whose results moved."""
         marks = ",".join("?" * len(study_ids))
         for row in db.execute(
@@ -189,7 +191,7 @@ class Services:
         """
         try:
             result = self._ingest(files, label, source, priority, actor, via)
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, *DATABASE_ERRORS) as e:
             typed = storage_error(e, self.storage_dir)
             if typed is None:
                 raise
@@ -260,6 +262,8 @@ class Services:
             self.results.stop()
         self.worker.stop()
         self.cam.release()
+        if self.db_pool is not None:
+            self.db_pool.close()
 
 
 def current_services() -> Services:

@@ -12,10 +12,10 @@ the decision (a flagged or negative study reads ``classified``).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import asdict
 
+from console.db import Connection, Row
 from console.errors import StudyNotFoundError
 from console.outbox import delivery
 from console.priority import PriorityRule
@@ -66,7 +66,7 @@ _SLICE_COLUMNS = (
 )
 
 
-def get_study(db: sqlite3.Connection, study_id: int) -> sqlite3.Row:
+def get_study(db: Connection, study_id: int) -> Row:
     """One study row.
 
     Raises:
@@ -79,7 +79,7 @@ def get_study(db: sqlite3.Connection, study_id: int) -> sqlite3.Row:
 
 
 def study_json(
-    study: sqlite3.Row,
+    study: Row,
     rule: PriorityRule,
     now: float,
     slice_counts: dict[str, int] | None = None,
@@ -117,7 +117,7 @@ def study_json(
 
 
 def worklist(
-    db: sqlite3.Connection, rule: PriorityRule, limit: int = 500, *, show_results: bool = True
+    db: Connection, rule: PriorityRule, limit: int = 500, *, show_results: bool = True
 ) -> list[dict]:
     """The most recent studies as JSON, highest priority first."""
     now = time.time()
@@ -142,7 +142,7 @@ def worklist(
 
 
 def study_detail(
-    db: sqlite3.Connection, study_id: int, rule: PriorityRule, *, show_results: bool = True
+    db: Connection, study_id: int, rule: PriorityRule, *, show_results: bool = True
 ) -> dict:
     """One study with every slice (key slice first, then anatomical order) and its results.
 

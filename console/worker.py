@@ -13,8 +13,11 @@ other failure between claim and commit (a timeout, an error answer from the
 server, a full disk, a locked database, a bug) gives the batch back too, but
 uses up an attempt: after ``MAX_INFERENCE_ATTEMPTS`` a slice is ``failed``
 with the reason and the studies behind it keep flowing. Claims are leases:
-on start, and every ``LEASE_CHECK_S`` for claims older than ``CLAIM_LEASE_S``,
-:func:`console.queue.requeue_claims` takes back work nobody finished.
+on start (this node's earlier claims), and every ``LEASE_CHECK_S`` (any
+node's claims older than ``CLAIM_LEASE_S``), :func:`console.queue.requeue_claims`
+takes back work nobody finished. Several nodes may share a PostgreSQL
+database: each claims its own batches, and a result whose lease was taken
+back is refused, never recorded twice.
 
     worker = QueueWorker(settings, broker, metrics, build_classifier)
     worker.start()        # or worker.run_once() from a test
@@ -44,7 +47,7 @@ from client.preprocess import head_fraction, model_view, normalize
 from client.registry import ModelSpec, get_model
 from client.triton_pool import ServerStatus
 from console import queue
-from console.db import connect
+from console.db import begin_write, connect
 from console.events import EventBroker, publish_study
 from console.filestore import stored_path
 from console.metrics import ConsoleMetrics
@@ -61,7 +64,7 @@ CLASSIFIER_KINDS = ("triton", "local")
 class WorkerSettings:
     """The worker's part of the app config (see :func:`console.create_app`)."""
 
-    database: Path
+    database: str
     busy_timeout_s: float
     storage_dir: Path
     model_name: str
@@ -76,12 +79,13 @@ class WorkerSettings:
     max_attempts: int
     lease_s: float
     lease_check_s: float
+    node_id: str = ""
 
     @classmethod
     def from_config(cls, config: dict) -> WorkerSettings:
         """Read the ``create_app`` config keys."""
         return cls(
-            database=Path(config["DATABASE"]),
+            database=str(config["DATABASE"]),
             busy_timeout_s=float(config["DATABASE_BUSY_TIMEOUT_S"]),
             storage_dir=Path(config["STORAGE_DIR"]),
             model_name=config["MODEL_NAME"],
@@ -96,6 +100,7 @@ class WorkerSettings:
             max_attempts=int(config["MAX_INFERENCE_ATTEMPTS"]),
             lease_s=float(config["CLAIM_LEASE_S"]),
             lease_check_s=float(config["LEASE_CHECK_S"]),
+            node_id=str(config["NODE_ID"]),
         )
 
 
@@ -177,10 +182,11 @@ class QueueWorker:
     def start(self) -> None:
         """Run the loop in a daemon thread (once).
 
-        Its first round takes back every claim an earlier run left (the
-        single-box console runs one worker, so no claim can be live then); it
-        runs in the loop, so a database that is locked or on a full disk at
-        start delays it instead of stopping the console from starting.
+        Its first round takes back every claim an earlier run of this node
+        left (a node runs one worker, so none of its claims can be live then)
+        and expired ones of other nodes; it runs in the loop, so a database
+        that is locked or on a full disk at start delays it instead of
+        stopping the console from starting.
         """
         if self._thread is not None:
             return
@@ -193,17 +199,23 @@ class QueueWorker:
         """The loop thread runs (False before start, after stop, or if it died)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def requeue_claims(self, claimed_before: float | None) -> int:
-        """Take back claims older than ``claimed_before`` (None: all): leases that ran out.
+    def requeue_claims(self, starting: bool = False) -> int:
+        """Take back leases that ran out (older than ``lease_s``), of any node.
+
+        Args:
+            starting: This node is starting: take back its own claims of any age too.
 
         Returns:
             How many slices went back to the queue.
         """
         db = self._connection()
         with db:
-            db.execute("BEGIN IMMEDIATE")
+            begin_write(db)
             requeued, failed_studies = queue.requeue_claims(
-                db, self.settings.max_attempts, claimed_before
+                db,
+                self.settings.max_attempts,
+                claimed_before=time.time() - self.settings.lease_s,
+                node=self.settings.node_id if starting else None,
             )
             changes = [queue.refresh_study(db, sid, self.spec) for sid in failed_studies]
         if requeued or failed_studies:
@@ -271,8 +283,8 @@ class QueueWorker:
         classifier = self.classifier()
         db = self._connection()
         with db:
-            db.execute("BEGIN IMMEDIATE")
-            rows = queue.claim(db, self.settings.batch_size)
+            begin_write(db, row_locks=True)
+            rows = queue.claim(db, self.settings.batch_size, self.settings.node_id)
         if not rows:
             return 0
         try:
@@ -317,9 +329,9 @@ class QueueWorker:
         try:
             db = self._connection()
             with db:
-                db.execute("BEGIN IMMEDIATE")
-                queue.release(db, retry, refund=refund)
-                self._finish_failed(db, give_up)
+                begin_write(db)
+                queue.release(db, retry, refund=refund, claim_token=rows[0]["claim_token"])
+                failed = self._finish_failed(db, give_up)
                 changes = [
                     queue.refresh_study(db, sid, self.spec)
                     for sid in sorted({r["study_id"] for r, _ in give_up})
@@ -333,7 +345,7 @@ class QueueWorker:
             len(retry),
             len(give_up),
         )
-        self._metrics.slices.labels("failed").inc(len(give_up))
+        self._metrics.slices.labels("failed").inc(failed)
         for change in changes:
             publish_study(self._broker, change)
 
@@ -373,11 +385,15 @@ class QueueWorker:
                 scored.append((item, p))
             else:
                 failed.append((item[0], f"the model returned a non-finite probability ({p})"))
+        classified = 0
         with db:
+            begin_write(db)
             for (row, _, head, (decode_ms, preprocess_ms)), p in scored:
                 wait_ms = (row["started_at"] - row["queued_at"]) * 1000
                 timings = queue.SliceTimings(decode_ms, preprocess_ms, wait_ms, inference_ms)
-                queue.finish(db, row["id"], float(p), head, timings)
+                if not queue.finish(db, row["id"], float(p), head, timings, row["claim_token"]):
+                    continue
+                classified += 1
                 for stage, ms in (
                     ("decode", decode_ms),
                     ("preprocess", preprocess_ms),
@@ -385,13 +401,18 @@ class QueueWorker:
                     ("inference", inference_ms),
                 ):
                     self._metrics.stage_seconds.labels(stage).observe(ms / 1000)
-            self._finish_failed(db, failed)
+            failed_count = self._finish_failed(db, failed)
             changes = [
                 queue.refresh_study(db, sid, self.spec)
                 for sid in sorted({r["study_id"] for r in rows})
             ]
-        self._metrics.slices.labels("classified").inc(len(scored))
-        self._metrics.slices.labels("failed").inc(len(failed))
+        if classified + failed_count < len(rows):
+            logger.warning(
+                "%d results refused: their lease ran out and the slices were taken back",
+                len(rows) - classified - failed_count,
+            )
+        self._metrics.slices.labels("classified").inc(classified)
+        self._metrics.slices.labels("failed").inc(failed_count)
         for change in changes:
             study = db.execute("SELECT * FROM studies WHERE id = ?", (change.study_id,)).fetchone()
             if change.newly_flagged:
@@ -409,15 +430,15 @@ class QueueWorker:
             publish_study(self._broker, change)
         logger.info(
             "classified %d slices (%d failed) in %.1f ms/slice, claimed %.0f ms ago",
-            len(scored),
-            len(failed),
+            classified,
+            failed_count,
             inference_ms,
             (time.time() - claimed_at) * 1000,
         )
 
-    def _finish_failed(self, db, failed) -> None:
-        for row, reason in failed:
-            queue.fail(db, row["id"], reason)
+    def _finish_failed(self, db, failed) -> int:
+        """Fail each slice under its claim; how many were still held by it."""
+        return sum(queue.fail(db, row["id"], reason, row["claim_token"]) for row, reason in failed)
 
     def _drop_classifier(self, error: Exception) -> None:
         with self._classifier_lock:
@@ -469,11 +490,12 @@ class QueueWorker:
             delay_s = min(delay_s * 2, self.settings.backoff_max_s)
 
     def _check_leases(self) -> None:
-        """First every claim of an earlier run, then every ``lease_check_s`` the expired ones."""
+        """First this node's claims of an earlier run, then every ``lease_check_s`` expired ones."""
         if not self._took_back_earlier_claims:
-            self.requeue_claims(claimed_before=None)
+            self.requeue_claims(starting=True)
             self._took_back_earlier_claims = True
+            self._next_lease_check = time.time() + self.settings.lease_check_s
         now = time.time()
         if now >= self._next_lease_check:
             self._next_lease_check = now + self.settings.lease_check_s
-            self.requeue_claims(claimed_before=now - self.settings.lease_s)
+            self.requeue_claims()

@@ -137,10 +137,10 @@ def test_slice_claimed_by_every_crashed_run_fails_after_the_cap_with_its_reason(
     db = connect(app.config["DATABASE"])
     for _ in range(2):  # two runs that each died holding the first slice
         with db:
-            queue.claim(db, batch_size=1)
+            queue.claim(db, 1, app.config["NODE_ID"])
             db.execute("UPDATE slices SET status = 'queued' WHERE id = 1 AND status = 'processing'")
     with db:
-        queue.claim(db, batch_size=1)  # a third run died too: claimed three times
+        queue.claim(db, 1, app.config["NODE_ID"])  # a third run died too: claimed three times
     db.close()
     restarted = app_factory(storage, MAX_INFERENCE_ATTEMPTS=3, INBOX_DIR="")
     restarted.extensions[EXTENSION_KEY].start()

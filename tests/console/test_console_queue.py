@@ -18,7 +18,7 @@ def test_restart_requeues_processing_slices_and_finishes_them(
     ]
     db = connect(app.config["DATABASE"])
     with db:
-        claimed = queue.claim(db, batch_size=2)  # the "crashed" worker took two slices
+        claimed = queue.claim(db, 2, app.config["NODE_ID"])  # the "crashed" worker took two slices
     db.close()
     assert len(claimed) == 2
     assert {r["status"] for r in db_rows("SELECT status FROM slices")} == {"processing", "queued"}
