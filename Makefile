@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1s
 ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
 CONSOLE_URL ?= http://127.0.0.1:5000
 
-.PHONY: venv browser orthanc engines test lint fuzz train serve demo bench loadtest clean
+.PHONY: venv browser orthanc postgres engines test lint fuzz train serve demo bench loadtest clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ orthanc:
 	command -v Orthanc >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq orthanc; }
 
+## Debian PostgreSQL, the console suite's second engine (the tests start a throwaway cluster
+## with initdb/pg_ctl on a free port, never the system service).
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq postgresql; }
+
 ## ONNX fp32 (parity-checked against PyTorch) and INT8 models from the committed weights.
 engines: $(ENGINES)
 
@@ -38,10 +44,12 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium, real Orthanc).
-test: venv browser orthanc engines
+## The CI command: lint, then the whole pytest suite (CPU only, real Triton, real chromium, real Orthanc)
+## on SQLite, then the console suite again on a real PostgreSQL.
+test: venv browser orthanc postgres engines
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	HEMOTRIAGE_TEST_DATABASE=postgresql $(BIN)/python -m pytest tests/console
 
 ## Property-based fuzzing of the decoder and POST /api/scans: 10,000 random cases per property.
 fuzz: venv

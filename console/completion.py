@@ -75,7 +75,7 @@ def due_series(db: Connection, quiet_s: float, now: float) -> list[DueSeries]:
     rows = db.execute(
         "SELECT s.id, s.result_version, s.completed_slices, COUNT(sl.id) AS n, "
         "MAX(sl.queued_at) AS last_at, "
-        "SUM(sl.status IN ('queued', 'processing')) AS unfinished "
+        "SUM(CASE WHEN sl.status IN ('queued', 'processing') THEN 1 ELSE 0 END) AS unfinished "
         "FROM studies s JOIN slices sl ON sl.study_id = s.id "
         "WHERE s.source = 'dicom' AND (s.completed_at IS NULL OR s.updated_at > s.completed_at) "
         "GROUP BY s.id ORDER BY s.id"

@@ -198,6 +198,8 @@ class SqliteConnection(sqlite3.Connection):
     """A :class:`sqlite3.Connection` that names its engine and starts writes like PostgreSQL's."""
 
     engine = "sqlite"
+    #: A file connection does not drop (PostgreSQL's may: see ``PgConnection.broken``).
+    broken = False
 
     def begin_write(self, row_locks: bool = False) -> None:
         """``BEGIN IMMEDIATE``: take SQLite's one write lock now (``row_locks`` changes nothing)."""

@@ -145,6 +145,11 @@ class PgConnection:
         return Cursor(cursor)
 
     @property
+    def broken(self) -> bool:
+        """The server or the network dropped the connection: open a new one."""
+        return self._connection.broken or self._connection.closed
+
+    @property
     def in_transaction(self) -> bool:
         """A transaction is open (as :attr:`sqlite3.Connection.in_transaction`)."""
         return self._connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE

@@ -163,6 +163,8 @@ class Services:
 
     def _publish_unchanged(self, db: Connection, study_ids: set[int]) -> None:
         """Tell the screens to redraw studies whose status stayed but whose results moved."""
+        if not study_ids:
+            return
         marks = ",".join("?" * len(study_ids))
         for row in db.execute(
             f"SELECT id, status FROM studies WHERE id IN ({marks})", sorted(study_ids)

@@ -125,12 +125,10 @@ def worklist(
         "SELECT * FROM studies ORDER BY received_at DESC LIMIT ?", (limit,)
     ).fetchall()
     counts: dict[int, dict[str, int]] = {}
-    listed = [s["id"] for s in studies]
-    marks = ",".join("?" * len(listed))
     for row in db.execute(
-        f"SELECT study_id, status, COUNT(*) AS n FROM slices WHERE study_id IN ({marks}) "
-        "GROUP BY study_id, status",
-        listed,
+        "SELECT study_id, status, COUNT(*) AS n FROM slices WHERE study_id IN "
+        "(SELECT id FROM studies ORDER BY received_at DESC LIMIT ?) GROUP BY study_id, status",
+        (limit,),
     ):
         counts.setdefault(row["study_id"], {})[row["status"]] = row["n"]
     items = [

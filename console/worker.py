@@ -457,7 +457,13 @@ class QueueWorker:
         self._metrics.worker_last_error.set(self.state.last_error_at)
 
     def _connection(self):
-        """The worker thread's own connection (request connections live in ``g``)."""
+        """The worker thread's own connection (request connections live in ``g``).
+
+        A PostgreSQL connection the server dropped is replaced on the next round.
+        """
+        if self._db is not None and self._db.broken:
+            self._db.close()
+            self._db = None
         if self._db is None:
             self._db = connect(self.settings.database, self.settings.busy_timeout_s)
         return self._db

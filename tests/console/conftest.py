@@ -14,11 +14,14 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from benchmarks import stack
 from benchmarks.phantoms import dicom_bytes as _dicom_bytes
 from benchmarks.phantoms import phantom_series as _phantom_series
+from benchmarks.postgres import Postgres
 from build_engines.data import data_dir_from_env
 from console import create_app
 from console.auth import create_token, create_user
 from console.db import connect
 from console.services import EXTENSION_KEY
+from tests.console import engines
+from tests.console.engines import ON_POSTGRES, database_settings
 
 REPO = Path(__file__).resolve().parents[2]
 #: The calling AE title of the tests' scanner, and the node's default AE title.
@@ -26,6 +29,23 @@ SCANNER = "CTSCANNER"
 NODE = "HEMOTRIAGE"
 ADMIN = ("admin", "correct horse battery")
 NURSE = ("nurse", "another long password")
+
+
+def sqlite_only(why: str):
+    """Skip a test about SQLite itself on the PostgreSQL run, saying why."""
+    return pytest.mark.skipif(ON_POSTGRES, reason=f"SQLite only: {why}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgres_cluster():
+    """On the PostgreSQL run, one cluster for the session; every console gets its own database."""
+    if not ON_POSTGRES:
+        yield None
+        return
+    with Postgres() as cluster:
+        engines.CLUSTERS.append(cluster)
+        yield cluster
+        engines.CLUSTERS.clear()
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +107,7 @@ def make_app(storage: Path, **overrides):
         "SSE_KEEPALIVE_S": 0.2,
         # The DICOM receiver stays off unless a test gives it a free port (11112 may be taken).
         "DICOM_PORT": 0,
+        **database_settings(storage),
     }
     config.update(overrides)
     return create_app(config)
@@ -277,7 +298,8 @@ class ConsoleServer(stack.ConsoleServer):
     """The shared launcher's console with the in-process classifier (no Triton) and ADMIN."""
 
     def __init__(self, storage: Path) -> None:
-        super().__init__(storage, {"CLASSIFIER": "local", "CONSOLE_THREADS": "8"}, admin=ADMIN)
+        settings = {"CLASSIFIER": "local", "CONSOLE_THREADS": "8", **database_settings(storage)}
+        super().__init__(storage, settings, admin=ADMIN)
 
 
 @pytest.fixture

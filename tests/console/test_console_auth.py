@@ -11,6 +11,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from console.auth import dummy_password_hash, hash_token
 from console.db import connect, init_db
 from console.security import SECURITY_HEADERS
+from tests.console.conftest import sqlite_only
 
 OLD_SCHEMA = Path(__file__).parents[1] / "assets" / "console_schema_v1.sql"
 NURSE = ("nurse", "another long password")
@@ -335,6 +336,7 @@ def test_revoke_token_refuses_it_from_then_on_and_audits(app, runner, db_rows):
     assert (row["username"], row["detail"]) == ("admin", "pacs-bridge")
 
 
+@sqlite_only("upgrades a SQLite file made by a release before schema versions")
 def test_init_db_upgrades_a_database_of_the_old_schema_in_place(
     tmp_path, app_factory, logged_in_as
 ):

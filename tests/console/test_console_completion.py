@@ -9,7 +9,7 @@ import pytest
 from build_engines.serve import free_ports
 from console.db import connect, init_db
 from console.services import EXTENSION_KEY
-from tests.console.conftest import SCANNER, c_store, wait_for
+from tests.console.conftest import SCANNER, c_store, sqlite_only, wait_for
 
 QUIET_S = 1.0
 
@@ -89,6 +89,7 @@ def test_completion_survives_a_restart_before_the_quiet_period_ends(
     assert wait_for(lambda: _study(db_rows)["result_version"] == 1, timeout_s=60)
 
 
+@sqlite_only("upgrades a SQLite file made by a release before schema versions")
 def test_upgrading_an_older_database_completes_its_studies_without_sending_them(tmp_path):
     path = tmp_path / "old.sqlite"
     old = connect(path)

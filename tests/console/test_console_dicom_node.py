@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (
 )
 
 from build_engines.serve import free_ports
-from console.db import connect
+from console.db import begin_write, connect
 from console.dicom_node import DicomSettings
 from console.errors import DicomPortError
 from console.services import EXTENSION_KEY
@@ -223,7 +223,7 @@ def test_locked_database_answers_out_of_resources_and_a_resend_is_stored(
     console, services = node(DATABASE_BUSY_TIMEOUT_S=0.2)
     files = phantom_series(1)
     locker = connect(console.config["DATABASE"])
-    locker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    begin_write(locker)  # another writer holds the database
     try:
         (refused,) = c_store(services.dicom.settings.port, files)
     finally:

@@ -21,10 +21,11 @@ import pytest
 from client.classify import LocalClassifier
 from client.registry import get_model
 from console import queue
-from console.db import connect
+from console.db import begin_write, connect
 from console.services import EXTENSION_KEY
 from console.worker import QueueWorker
-from tests.console.conftest import ConsoleServer, wait_for
+from tests.console.conftest import ConsoleServer, sqlite_only, wait_for
+from tests.console.engines import database_of
 
 
 def _statuses(db_rows) -> list[str]:
@@ -89,9 +90,9 @@ def test_batch_that_fails_between_claim_and_commit_goes_back_and_finishes_once(
     locker = connect(app.config["DATABASE"])
     try:
         assert gated.entered.wait(60)  # the batch is claimed and inside predict
-        locker.execute("BEGIN IMMEDIATE")  # another writer takes the database
+        begin_write(locker)  # another writer takes the database
         gated.gate.set()
-        assert wait_for(lambda: "locked" in worker.state.last_error, timeout_s=30)
+        assert wait_for(lambda: "lock" in worker.state.last_error, timeout_s=30)
         assert set(_statuses(db_rows)) == {"processing"}  # held, not lost, not failed
         locker.rollback()
         assert wait_for(lambda: set(_statuses(db_rows)) == {"classified"}, timeout_s=60)
@@ -175,7 +176,7 @@ def test_upload_while_another_writer_locks_the_database_gets_503_and_stores_noth
     app = app_factory(storage, DATABASE_BUSY_TIMEOUT_S=0.2, INBOX_DIR="")
     client = _api_client(app, token_for)
     locker = connect(app.config["DATABASE"])
-    locker.execute("BEGIN IMMEDIATE")
+    begin_write(locker)
     try:
         refused = upload(client, [("a.dcm", phantom_series(1)[0])])
     finally:
@@ -338,7 +339,7 @@ def _http_upload(server, token: str, files: list[tuple[str, bytes]]) -> dict:
         return json.loads(response.read())
 
 
-def _classified(database: Path) -> int:
+def _classified(database: str) -> int:
     db = connect(database)
     try:
         return db.execute("SELECT COUNT(*) FROM slices WHERE status = 'classified'").fetchone()[0]
@@ -350,7 +351,7 @@ def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
     tmp_path, phantom_series
 ):
     storage = tmp_path / "storage"
-    database = storage / "hemotriage.sqlite"
+    database = database_of(storage)
     server = ConsoleServer(storage).start()
     accepted: list[int] = []
     try:
@@ -379,6 +380,7 @@ def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
     assert max(r["attempts"] for r in rows) <= 2
 
 
+@sqlite_only("SQLite's own lock and error codes (PostgreSQL's: test_console_postgres.py)")
 def test_only_disk_and_lock_failures_are_told_to_send_again(tmp_path):
     from console.errors import StorageBusyError, storage_error
 

@@ -136,7 +136,8 @@ def _constructed_study(db, version: str, flagged: bool, days_ago: float) -> int:
     cursor = db.execute(
         "INSERT INTO studies (study_key, label, source, priority, status, score, threshold, "
         "model_name, model_version, received_at, finished_at, flagged_at, flag_score, updated_at)"
-        " VALUES (?, 'constructed', 'api', 2, ?, ?, 0.3, 'mobilenet_v2', ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, 'constructed', 'api', 2, ?, ?, 0.3, 'mobilenet_v2', ?, ?, ?, ?, ?, ?)"
+        " RETURNING id",
         (
             f"constructed:{version}:{flagged}:{days_ago}:{time.monotonic_ns()}",
             "flagged" if flagged else "negative",
@@ -149,7 +150,7 @@ def _constructed_study(db, version: str, flagged: bool, days_ago: float) -> int:
             received + 1,
         ),
     )
-    return cursor.lastrowid
+    return cursor.fetchone()["id"]
 
 
 #: (version, flagged, days ago, verdicts in order; the last one counts)

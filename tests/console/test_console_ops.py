@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.console.conftest import sqlite_only
+
 
 def test_healthz_is_open_and_ok(client):
     response = client.get("/healthz")
@@ -60,6 +62,7 @@ def test_invalid_settings_fail_at_start(tmp_path, key, value):
         create_app({"STORAGE_DIR": str(tmp_path), key: value})
 
 
+@sqlite_only("SQLite's journal mode")
 def test_database_runs_in_wal_mode(app, db_rows):
     assert db_rows("PRAGMA journal_mode")[0][0] == "wal"
 

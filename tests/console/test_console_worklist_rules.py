@@ -8,7 +8,7 @@ from console import create_app
 from console.auth import create_user
 from console.db import connect
 from console.services import EXTENSION_KEY
-from tests.console.conftest import ADMIN, NURSE, csrf
+from tests.console.conftest import ADMIN, NURSE, csrf, sqlite_only
 
 #: kaggle id 85, label 1: p = 0.56 with the committed MobileNetV2, so alone (slice threshold
 #: 0.34) it is flagged, and in a series (threshold 0.75 for either series rule) it is not.
@@ -168,6 +168,7 @@ def test_shadow_mode_is_read_from_the_environment(tmp_path, monkeypatch):
         app.extensions[EXTENSION_KEY].stop()
 
 
+@sqlite_only("upgrades a SQLite file made by a release before schema versions")
 def test_an_upgraded_database_keeps_the_score_that_flagged_each_study(tmp_path, app_factory):
     storage = tmp_path / "old"
     storage.mkdir()
