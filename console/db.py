@@ -355,7 +355,7 @@ _MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_baseline, _claim_owner
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-def init_db(database: str | Path) -> int:
+def init_db(database: str | Path) -> None:
     """Create the schema, or upgrade it to :data:`SCHEMA_VERSION` (idempotent).
 
     Safe on a live database and with several nodes starting together: the
@@ -366,8 +366,8 @@ def init_db(database: str | Path) -> int:
     Args:
         database: A SQLite file or a PostgreSQL URL.
 
-    Returns:
-        The version the database was at before (0: new, or older than versions).
+    Raises:
+        RuntimeError: the database is at a newer version than this release knows.
     """
     db = connect(database)
     try:
@@ -376,6 +376,11 @@ def init_db(database: str | Path) -> int:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             before = 0 if row is None else row["version"]
+            if before > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the database is at schema version {before}, newer than this "
+                    f"release's {SCHEMA_VERSION}: run the newer release"
+                )
             for migration in _MIGRATIONS[before:]:
                 migration(db)
             if row is None:
@@ -384,7 +389,6 @@ def init_db(database: str | Path) -> int:
                 db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
     finally:
         db.close()
-    return before
 
 
 def _add_missing_columns(db: Connection) -> None:
@@ -459,10 +463,9 @@ def audit(
 @with_appcontext
 def init_db_command() -> None:
     """Create the console's tables, or upgrade them to the current version (data is kept)."""
-    before = init_db(current_app.config["DATABASE"])
+    init_db(current_app.config["DATABASE"])
     click.echo(
-        f"initialized the database at {_shown(current_app)} "
-        f"(schema version {SCHEMA_VERSION}, was {before})"
+        f"initialized the database at {_shown(current_app)} (schema version {SCHEMA_VERSION})"
     )
 
 

@@ -42,7 +42,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-from console.db import Connection, connect
+from console.db import Connection, begin_write, connect
 from console.dicom_node import DicomPeer
 from console.threads import LoopThread
 
@@ -165,6 +165,11 @@ def counts(db: Connection) -> dict[str, int]:
 def deliver_due(db: Connection, settings: OutboxSettings) -> set[int]:
     """Send the rows that are due over one association and record each outcome.
 
+    The rows are taken in a write transaction that moves their next attempt
+    past the longest the sending may take, a lease: another node's results
+    thread sharing the database passes over them, so each is sent by one node,
+    and a node that dies mid-send leaves them due again once the lease ends.
+
     Args:
         db: A connection (not inside a transaction).
         settings: Where to send, timeouts and backoff.
@@ -175,11 +180,22 @@ def deliver_due(db: Connection, settings: OutboxSettings) -> set[int]:
     peer = settings.destination
     if peer is None:
         return set()
-    rows = db.execute(
+    due = (
         "SELECT id, study_id, attempts, dataset FROM outbox WHERE status = 'pending' "
-        "AND destination = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-        (destination_name(peer), time.time(), _BATCH),
-    ).fetchall()
+        "AND destination = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?"
+    )
+    if not db.execute(due, (destination_name(peer), time.time(), 1)).fetchall():
+        return set()  # the usual case: no write lock taken
+    with db:
+        begin_write(db)
+        now = time.time()
+        rows = db.execute(due, (destination_name(peer), now, _BATCH)).fetchall()
+        # Associating, then one C-STORE per row, each bounded by timeout_s.
+        lease_until = now + settings.timeout_s * (len(rows) + 2)
+        db.executemany(
+            "UPDATE outbox SET next_attempt_at = ? WHERE id = ?",
+            [(lease_until, row["id"]) for row in rows],
+        )
     if not rows:
         return set()
     outcomes = _send(settings, [row["dataset"] for row in rows])

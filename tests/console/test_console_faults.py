@@ -380,7 +380,7 @@ def test_console_killed_mid_queue_finishes_every_accepted_slice_after_restart(
     assert max(r["attempts"] for r in rows) <= 2
 
 
-@sqlite_only("SQLite's own lock and error codes (PostgreSQL's: test_console_postgres.py)")
+@sqlite_only("SQLite's own lock and error codes (PostgreSQL's: test_console_nodes.py)")
 def test_only_disk_and_lock_failures_are_told_to_send_again(tmp_path):
     from console.errors import StorageBusyError, storage_error
 

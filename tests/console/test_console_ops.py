@@ -62,6 +62,21 @@ def test_invalid_settings_fail_at_start(tmp_path, key, value):
         create_app({"STORAGE_DIR": str(tmp_path), key: value})
 
 
+def test_init_db_records_the_schema_version_and_refuses_a_newer_database(app, runner, db_rows):
+    from console.db import SCHEMA_VERSION, connect, init_db
+
+    assert "(schema version 2)" in runner.invoke(args=["init-db"]).output
+    assert [r["version"] for r in db_rows("SELECT version FROM schema_version")] == [2]
+    assert SCHEMA_VERSION == 2
+    db = connect(app.config["DATABASE"])
+    with db:
+        db.execute("UPDATE schema_version SET version = 3")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer than this release's 2"):
+        init_db(app.config["DATABASE"])
+    assert [r["version"] for r in db_rows("SELECT version FROM schema_version")] == [3]
+
+
 @sqlite_only("SQLite's journal mode")
 def test_database_runs_in_wal_mode(app, db_rows):
     assert db_rows("PRAGMA journal_mode")[0][0] == "wal"
