@@ -42,8 +42,9 @@ DEFAULTS = {
     "DATABASE_URL": "",
     # PostgreSQL connections request handlers may hold at once (one per gunicorn thread).
     "DATABASE_POOL_SIZE": 32,
-    # This node's name on its queue claims: at start it takes back only its own unfinished
-    # claims (and expired ones of any node). Default: the host name.
+    # This node's name on its queue claims (PostgreSQL): at start it takes back only its own
+    # unfinished claims (and expired ones of any node). Default: the host name; set a stable
+    # one where containers come back under new names.
     "NODE_ID": None,
     # How long a write waits for another writer before the request gets a 503.
     "DATABASE_BUSY_TIMEOUT_S": 10.0,

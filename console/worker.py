@@ -204,17 +204,21 @@ class QueueWorker:
 
         Args:
             starting: This node is starting: take back its own claims of any age too.
+                A SQLite queue has one node, so then every claim (a container that
+                came back under a new host name still finds its claims at once).
 
         Returns:
             How many slices went back to the queue.
         """
         db = self._connection()
+        now = time.time()
+        only_node = starting and db.engine == "sqlite"
         with db:
             begin_write(db)
             requeued, failed_studies = queue.requeue_claims(
                 db,
                 self.settings.max_attempts,
-                claimed_before=time.time() - self.settings.lease_s,
+                claimed_before=now if only_node else now - self.settings.lease_s,
                 node=self.settings.node_id if starting else None,
             )
             changes = [queue.refresh_study(db, sid, self.spec) for sid in failed_studies]

@@ -1,8 +1,8 @@
 """Several console nodes on one database: claims, leases, fenced results and live events.
 
-Leases and fencing run on both engines; concurrent claiming, the lock
-timeout and events across nodes need PostgreSQL (the suite's PostgreSQL run,
-``HEMOTRIAGE_TEST_DATABASE=postgresql``, which ``make test`` runs).
+Fenced results are tested on both engines; several nodes need PostgreSQL (the
+suite's PostgreSQL run, ``HEMOTRIAGE_TEST_DATABASE=postgresql``, which
+``make test`` runs).
 """
 
 import threading
@@ -65,6 +65,7 @@ def test_two_nodes_claiming_at_once_get_disjoint_batches_without_waiting(
     assert {r["claimed_by"] for r in other} == {"node-b"}
 
 
+@postgres_only
 def test_a_starting_node_leaves_live_claims_of_others_and_any_node_requeues_expired_ones(
     app, api, upload, phantom_series, app_factory, storage, drain, db_rows
 ):
