@@ -15,7 +15,7 @@ from console import queue
 from console.db import begin_write, connect
 from console.errors import StorageBusyError, storage_error
 from console.services import EXTENSION_KEY
-from tests.console.conftest import ON_POSTGRES
+from tests.console.conftest import ON_POSTGRES, wait_for
 
 postgres_only = pytest.mark.skipif(
     not ON_POSTGRES, reason="needs PostgreSQL: run with HEMOTRIAGE_TEST_DATABASE=postgresql"
@@ -146,3 +146,24 @@ def test_a_write_that_waits_past_the_busy_timeout_is_told_to_send_again(app, tmp
         waiter.close()
     assert isinstance(storage_error(locked.value, tmp_path), StorageBusyError)
     assert storage_error(bad_sql.value, tmp_path) is None  # a bug stays a 500, never "retry"
+
+
+@postgres_only
+def test_the_event_listener_comes_back_after_its_connection_drops(app):
+    broker = app.extensions[EXTENSION_KEY].broker
+    with broker.subscribe() as screen:
+        db = connect(app.config["DATABASE"])
+        try:
+            dropped = db.execute(
+                "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+            ).fetchall()
+        finally:
+            db.close()
+        assert [r["done"] for r in dropped] == [True]
+
+        def delivered() -> bool:  # events sent while it reconnects are lost: send until one lands
+            broker.publish("ping", {"n": 1})
+            return screen.get(timeout_s=0.2) == ("ping", {"n": 1})
+
+        assert wait_for(delivered, timeout_s=15)
