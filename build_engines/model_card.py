@@ -13,6 +13,7 @@ from pathlib import Path
 
 from client.constants import REPO_ROOT
 from client.registry import list_models
+from client.series import EARLY_FLAG_RULES
 
 REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
 CARD_PATH = REPO_ROOT / "MODEL_CARD.md"
@@ -212,10 +213,24 @@ def _served_series(name: str, report: dict) -> str:
             f"series rule **{served['rule']}** at threshold **{served['threshold']:.4f}**"
             f" (chosen by nested cross-validation below; highest threshold with ct_ich_dev"
             f" out-of-fold series sensitivity >= {series['target_sensitivity']})."
+            f" {_early_flag(served['rule'])}"
         )
     return (
         f"series threshold **{report['series_threshold']:.4f}**"
         f" ({report['series_threshold_rule']})."
+    )
+
+
+def _early_flag(rule: str) -> str:
+    """Whether the console may flag a series of this rule before its last slice."""
+    if rule in EARLY_FLAG_RULES:
+        return (
+            "A series still arriving is flagged as soon as one slice showing enough head"
+            " reaches the threshold: no later slice can lower its maximum."
+        )
+    return (
+        "A series is decided only once every slice is read: a slice arriving between two"
+        " agreeing neighbours can lower this score."
     )
 
 
