@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from client.constants import REPO_ROOT
-from client.registry import list_models
+from client.registry import get_model, list_models
 from client.series import EARLY_FLAG_RULES
 
 REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
@@ -130,7 +130,7 @@ def render() -> str:
         lines.append(f"\n## {name}")
         lines.append(
             f"Operating threshold **{report['threshold']:.4f}** ({report['threshold_rule']});"
-            f" {_served_series(name, report)} {_initialization(report)}"
+            f" {_served_series(name, report)} {_initialization(name, report)}"
             " CPU inference (PyTorch, batch 1, 2 cores):"
             f" {report['cpu_inference_ms_per_image']:.1f} ms per image.\n"
         )
@@ -234,13 +234,24 @@ def _early_flag(rule: str) -> str:
     )
 
 
-def _initialization(report: dict) -> str:
+def _initialization(name: str, report: dict) -> str:
+    """How training started, and the teacher it learned from (the weights sidecar says)."""
     if report["config"].get("pretrained"):
-        return (
+        start = (
             "Initialized from the ImageNet MobileNetV2 (dequantized TFLite, batch norm"
             " calibrated on training slices; `build_engines/pretrained.py`)."
         )
-    return "Trained from random initialization."
+    else:
+        start = "Trained from random initialization."
+    teacher = get_model(name).trained.extra.get("teacher")
+    if teacher:
+        start += (
+            f" Distilled from {teacher}: {report['config']['distill_weight']:.0%} of the loss"
+            f" from the teacher's softened probabilities (temperature"
+            f" {report['config']['distill_temperature']:g}) on every training view, the rest"
+            " from the labels."
+        )
+    return start
 
 
 def _met(ok: bool) -> str:
