@@ -264,6 +264,8 @@ class TritonClassifier:
         with self._clients_lock:
             clients, self._clients = self._clients, []
             regions, self._shm_regions = self._shm_regions, []
+            # Every thread's connections and region go with them; a later call opens new ones.
+            self._local = threading.local()
         for client in clients:
             client.close()
         for region in regions:
@@ -373,9 +375,10 @@ class TritonClassifier:
                 return None
         if url in region.registered:
             return region
+        # A server that is down raises ServerUnavailableError: the caller's retries apply.
         try:
             self._register(url, region)
-        except (InferenceFailedError, InferenceTimeoutError) as e:  # down: the caller retries
+        except (InferenceFailedError, InferenceTimeoutError) as e:
             with self._clients_lock:
                 self._shm_urls.discard(url)
             logger.warning(

@@ -104,3 +104,15 @@ def test_setting_comes_from_the_environment_and_is_validated(monkeypatch):
         shm_mode_from_env()
     assert is_local_url("localhost:8001") and is_local_url("127.0.0.1:8000")
     assert is_local_url("[::1]:8001") and not is_local_url("triton-0:8001")
+
+
+def test_a_closed_classifier_opens_a_new_region_when_used_again(triton_server, real_batch):
+    classifier = TritonClassifier(SPEC, triton_server.grpc_url, "grpc", shm="on")
+    try:
+        first = classifier.predict(real_batch[:2])
+        classifier.close()
+        again = classifier.predict(real_batch[:2])
+        assert len(classifier._shm_regions) == 1
+    finally:
+        classifier.close()
+    np.testing.assert_array_equal(first, again)
