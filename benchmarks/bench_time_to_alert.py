@@ -68,7 +68,7 @@ from benchmarks.stack import ConsoleStack, StackSettings
 from build_engines.data import data_dir_from_env
 from client.constants import ENV_PREFIX
 from client.decode import decode_bytes
-from client.preprocess import model_view, normalize
+from client.preprocess import model_input, model_view
 from client.registry import ModelSpec, get_model, list_models
 from console import DEFAULTS as CONSOLE_DEFAULTS
 
@@ -255,7 +255,7 @@ def bare_work(series: Series, spec: ModelSpec, batch_size: int, repeats: int = 3
         start = time.perf_counter()
         images = [decode_bytes(data, name) for name, data in series.files]
         decoded = time.perf_counter()
-        tensors = np.stack([normalize(model_view(image, spec), spec) for image in images])
+        tensors = np.stack([model_input(model_view(image, spec)) for image in images])
         preprocessed = time.perf_counter()
         predict(tensors[:1])  # the session's first call allocates; keep it off the clock
         started = time.perf_counter()

@@ -21,10 +21,13 @@ a repeat is safe.
     TritonClassifier(get_model("resnet18"), url="triton-0:8001,triton-1:8001", protocol="grpc")
 
 Where client and server share a host (the edge box, ``make demo``) the input
-tensor goes through Triton's system shared memory instead of the socket
-(issue 10): ``shm`` (or ``HEMOTRIAGE_TRITON_SHM``) is ``auto`` (shared memory
-to the servers listed as localhost, 127.0.0.1 or ::1; the default), ``on``
-(every listed server; a remote one falls back) or ``off``. Each calling thread
+tensor can go through Triton's system shared memory instead of the socket
+(issue 10): ``shm`` (or ``HEMOTRIAGE_TRITON_SHM``) is ``off`` (the default),
+``auto`` (shared memory to the servers listed as localhost, 127.0.0.1 or ::1)
+or ``on`` (every listed server; a remote one falls back). Off by default because
+it measured no faster than the 150 KB-a-slice uint8 wire on loopback
+(``benchmarks/results/wire_format/``), and a container with a small /dev/shm
+dies of SIGBUS where the wire would only be slow. Each calling thread
 gets one region sized for ``spec.max_batch_size`` slices, registered once with
 each server it talks to and reused for every request; :meth:`close`
 unregisters and destroys them. A server that refuses the registration (another
@@ -92,12 +95,12 @@ class _ShmRegion:
 
 
 def shm_mode_from_env() -> ShmMode:
-    """``HEMOTRIAGE_TRITON_SHM`` (``auto`` when unset), read when a classifier is made.
+    """``HEMOTRIAGE_TRITON_SHM`` (``off`` when unset), read when a classifier is made.
 
     Raises:
         ValueError: a value other than auto, on or off.
     """
-    mode = os.environ.get(SHM_ENV, "auto").strip().lower() or "auto"
+    mode = os.environ.get(SHM_ENV, "off").strip().lower() or "off"
     if mode not in SHM_MODES:
         raise ValueError(f"{SHM_ENV} must be one of {', '.join(SHM_MODES)}, got {mode!r}")
     return mode
