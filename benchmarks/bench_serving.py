@@ -10,7 +10,10 @@ rows measure the same work from the same input:
   server decodes, preprocesses and runs PyTorch eager per request.
 - ``http`` / ``grpc``: the served path end to end: the calling thread decodes
   and preprocesses (client side, as the console does), then Triton
-  (fp32 and int8 ONNX, dynamic batching) scores the tensor.
+  (fp32 and int8 ONNX, dynamic batching) scores the uint8 model input, sent in
+  the request (the wire).
+- ``http-shm`` / ``grpc-shm``: the same, with the input in system shared
+  memory (``TritonClassifier(shm="on")``; benchmark and Triton share this host).
 - ``onnxruntime``: the same preprocessing, then the same ``model.onnx`` in this
   process (the ceiling: no network, no server).
 
@@ -66,7 +69,7 @@ from client.triton_client import TritonClassifier
 logger = logging.getLogger(__name__)
 
 NAIVE = "naive-flask"
-SERVED = ("http", "grpc")
+SERVED = ("http", "grpc", "http-shm", "grpc-shm")
 PATHS = (NAIVE, "onnxruntime", *SERVED)
 PRECISIONS = ("fp32", "int8")
 #: File name sent with every upload; decoding goes by content, the suffix names the format.
@@ -140,7 +143,14 @@ def served_predictor(
     if path == "onnxruntime":
         yield from_png(spec, onnxruntime_predict(spec, ort_threads))
         return
-    with TritonClassifier(spec, urls[path], path, timeout_s=_REQUEST_TIMEOUT_S) as classifier:
+    protocol, _, transport = path.partition("-")
+    with TritonClassifier(
+        spec,
+        urls[protocol],
+        protocol,
+        timeout_s=_REQUEST_TIMEOUT_S,
+        shm="on" if transport == "shm" else "off",
+    ) as classifier:
         yield from_png(spec, classifier.predict)
 
 
@@ -223,6 +233,31 @@ def ratios(cells: list[Cell], concurrency: int) -> list[Ratio]:
     return found
 
 
+def inprocess_ratios(cells: list[Cell]) -> list[dict]:
+    """Each Triton cell against in-process ONNX Runtime for the same model and concurrency."""
+    ort = {(c.model, c.concurrency): c for c in cells if c.backend == "onnxruntime"}
+    found = []
+    for cell in (c for c in cells if c.backend in SERVED):
+        base = ort.get((cell.model, cell.concurrency))
+        if base is not None:
+            found.append(
+                {
+                    "model": cell.model,
+                    "path": cell.backend,
+                    "concurrency": cell.concurrency,
+                    "throughput_ratio": cell.slices_per_s / base.slices_per_s,
+                    "p95_ratio": cell.p95_ms / base.p95_ms,
+                    "p99_ratio": cell.p99_ms / base.p99_ms,
+                }
+            )
+    return found
+
+
+def payload_bytes(spec: ModelSpec, pngs: np.ndarray) -> int:
+    """Bytes of the model input one slice puts on the wire (the tensor, without headers)."""
+    return int(preprocess_bytes(pngs[0], _UPLOAD_NAME, spec).nbytes)
+
+
 def machine() -> dict[str, object]:
     """CPU model, core count and load before the run (others' work skews every cell)."""
     cpu = platform.processor() or "unknown"
@@ -301,6 +336,14 @@ def render_markdown(report: dict) -> str:
             "",
             _cells_table(cells),
             "",
+            "## Triton vs in-process ONNX Runtime (same model, same concurrency)",
+            "",
+            _inprocess_table(report.get("inprocess_ratios", [])),
+            "",
+            "Model input per slice (tensor bytes in each request over the wire, or written to "
+            "shared memory): "
+            + ", ".join(f"{m} {b:,} B" for m, b in report.get("payload_bytes", {}).items()),
+            "",
             f"## Served vs naive at concurrency {report['ratio_concurrency']}",
             "",
             _ratios_table(found),
@@ -328,6 +371,25 @@ def _cells_table(cells: list[Cell]) -> str:
         [c.model, c.backend, c.concurrency, c.requests]
         + [f"{v:.1f}" for v in (c.slices_per_s, c.p50_ms, c.p95_ms, c.p99_ms)]
         for c in cells
+    ]
+    return markdown_table(headers, rows)
+
+
+def _inprocess_table(found: list[dict]) -> str:
+    headers = [
+        "model",
+        "path",
+        "concurrency",
+        "images/s Triton/in-process",
+        "p95 ratio",
+        "p99 ratio",
+    ]
+    rows = [
+        [
+            *(r["model"], r["path"], r["concurrency"]),
+            *(f"{r[k]:.2f}x" for k in ("throughput_ratio", "p95_ratio", "p99_ratio")),
+        ]
+        for r in found
     ]
     return markdown_table(headers, rows)
 
@@ -462,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": args.target_ratio,
         "cells": [asdict(c) for c in cells],
         "ratios": [asdict(r) for r in found],
+        "inprocess_ratios": inprocess_ratios(cells),
+        "payload_bytes": {m: payload_bytes(get_model(m), pngs) for m in args.model},
         "stages": stages,
     }
     write_results(report, args.out_dir)

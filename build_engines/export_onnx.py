@@ -1,10 +1,14 @@
-"""ONNX export of the trained torch weights, with the softmax inside the graph.
+"""ONNX export of the trained torch weights, with normalization and softmax inside the graph.
 
 Each fp32 model in the registry is loaded from ``weights/<name>.safetensors``,
-wrapped so the graph ends in a softmax (Triton then returns probabilities
-``[normal, hemorrhage]``), exported with a dynamic batch axis, checked with
-``onnx.checker`` and compared against PyTorch on real slices from the data
-folder. The file lands at ``spec.onnx_path`` in the model repository.
+wrapped so the graph starts with the registry's normalization
+(:class:`client.torch_models.InputNormalization`: it takes the client's uint8
+(N, 3, S, S) model input) and ends in a softmax (Triton then returns
+probabilities ``[normal, hemorrhage]``), exported with a dynamic batch axis,
+checked with ``onnx.checker`` and compared against PyTorch on real slices from
+the data folder: ONNX Runtime on the uint8 input against the network on
+:func:`client.preprocess.normalize` of the same input. The file lands at
+``spec.onnx_path`` in the model repository.
 
     python -m build_engines export                 # every fp32 model
     python -m build_engines export --model resnet18
@@ -22,8 +26,9 @@ import torch
 
 from client.constants import INPUT_NAME, OUTPUT_NAME
 from client.errors import HemoTriageError
+from client.preprocess import normalize
 from client.registry import ModelSpec
-from client.torch_models import load_model
+from client.torch_models import InputNormalization, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,19 @@ class WithSoftmax(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalized slices to (N, 2) probabilities [normal, hemorrhage]."""
         return torch.softmax(self.backbone(x), dim=1)
+
+
+class ServedModel(torch.nn.Module):
+    """What the exported graph computes: uint8 model input, normalization, network, softmax."""
+
+    def __init__(self, spec: ModelSpec, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.normalization = InputNormalization(spec)
+        self.classifier = WithSoftmax(backbone)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) model input to (N, 2) probabilities [normal, hemorrhage]."""
+        return self.classifier(self.normalization(x))
 
 
 @dataclass(frozen=True)
@@ -80,8 +98,8 @@ def export_onnx(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSE
         raise ValueError(f"opset {opset} < {OPSET}")
     out_path = Path(out_path or spec.onnx_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    model = WithSoftmax(load_model(spec)).eval()
-    dummy = torch.zeros(2, 3, spec.input_size, spec.input_size)
+    model = ServedModel(spec, load_model(spec)).eval()
+    dummy = torch.zeros(2, 3, spec.input_size, spec.input_size, dtype=torch.uint8)
     # The TorchScript exporter (dynamo=False) needs no onnxscript and gives a
     # plain single-file graph that TensorRT and ONNX Runtime quantization both read.
     torch.onnx.export(
@@ -107,7 +125,7 @@ def check_onnx(path: Path) -> onnx.ModelProto:
 
 
 def onnx_probabilities(path: Path, batch: np.ndarray) -> np.ndarray:
-    """ONNX Runtime CPU output for a float32 (N, 3, S, S) batch: (N, 2) probabilities."""
+    """ONNX Runtime CPU output for a uint8 (N, 3, S, S) model input: (N, 2) probabilities."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -115,10 +133,14 @@ def onnx_probabilities(path: Path, batch: np.ndarray) -> np.ndarray:
 
 
 def torch_probabilities(spec: ModelSpec, batch: np.ndarray) -> np.ndarray:
-    """PyTorch fp32 output of the same wrapped model: (N, 2) probabilities."""
+    """PyTorch fp32 network on :func:`client.preprocess.normalize` of ``batch``: (N, 2).
+
+    The training and Grad-CAM path: the normalization is the numpy function,
+    not the graph's copy, so parity also checks the two agree.
+    """
     model = WithSoftmax(load_model(spec)).eval()
     with torch.inference_mode():
-        return model(torch.from_numpy(batch)).numpy()
+        return model(torch.from_numpy(normalize(batch, spec))).numpy()
 
 
 def check_parity(

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from client.constants import REPO_ROOT
-from client.registry import list_models
+from client.registry import get_model, list_models
+from client.series import EARLY_FLAG_RULES
 
 REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
 CARD_PATH = REPO_ROOT / "MODEL_CARD.md"
@@ -129,7 +130,7 @@ def render() -> str:
         lines.append(f"\n## {name}")
         lines.append(
             f"Operating threshold **{report['threshold']:.4f}** ({report['threshold_rule']});"
-            f" {_served_series(name, report)} {_initialization(report)}"
+            f" {_served_series(name, report)} {_initialization(name, report)}"
             " CPU inference (PyTorch, batch 1, 2 cores):"
             f" {report['cpu_inference_ms_per_image']:.1f} ms per image.\n"
         )
@@ -212,6 +213,7 @@ def _served_series(name: str, report: dict) -> str:
             f"series rule **{served['rule']}** at threshold **{served['threshold']:.4f}**"
             f" (chosen by nested cross-validation below; highest threshold with ct_ich_dev"
             f" out-of-fold series sensitivity >= {series['target_sensitivity']})."
+            f" {_early_flag(served['rule'])}"
         )
     return (
         f"series threshold **{report['series_threshold']:.4f}**"
@@ -219,13 +221,37 @@ def _served_series(name: str, report: dict) -> str:
     )
 
 
-def _initialization(report: dict) -> str:
-    if report["config"].get("pretrained"):
+def _early_flag(rule: str) -> str:
+    """Whether the console may flag a series of this rule before its last slice."""
+    if rule in EARLY_FLAG_RULES:
         return (
+            "A series still arriving is flagged as soon as one slice showing enough head"
+            " reaches the threshold: no later slice can lower its maximum."
+        )
+    return (
+        "A series is decided only once every slice is read: a slice arriving between two"
+        " agreeing neighbours can lower this score."
+    )
+
+
+def _initialization(name: str, report: dict) -> str:
+    """How training started, and the teacher it learned from (the weights sidecar says)."""
+    if report["config"].get("pretrained"):
+        start = (
             "Initialized from the ImageNet MobileNetV2 (dequantized TFLite, batch norm"
             " calibrated on training slices; `build_engines/pretrained.py`)."
         )
-    return "Trained from random initialization."
+    else:
+        start = "Trained from random initialization."
+    teacher = get_model(name).trained.extra.get("teacher")
+    if teacher:
+        start += (
+            f" Distilled from {teacher}: {report['config']['distill_weight']:.0%} of the loss"
+            f" from the teacher's softened probabilities (temperature"
+            f" {report['config']['distill_temperature']:g}) on every training view, the rest"
+            " from the labels."
+        )
+    return start
 
 
 def _met(ok: bool) -> str:

@@ -2,12 +2,12 @@
 
 Export parity, INT8 calibration and the INT8-vs-fp32 comparison all need a few
 hundred real slices, preprocessed exactly as in training (through
-:func:`build_engines.data.load_view` and :func:`client.preprocess.normalize`),
+:func:`build_engines.data.load_view` and :func:`client.preprocess.model_input`),
 read in place from the data folder. Patients are split in two halves by a hash
 of their key, so the calibration slices never overlap the evaluation slices.
 
     batch, labels = labelled_sample(get_model("resnet18"), 64, part="evaluation")
-    batch.shape   # (64, 3, 224, 224) float32
+    batch.shape, batch.dtype   # (64, 3, 224, 224) uint8, the model input
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from build_engines.data import SliceRecord, data_dir_from_env, index_records, load_view
-from client.preprocess import normalize
+from client.preprocess import model_input
 from client.registry import ModelSpec
 
 Part = Literal["calibration", "evaluation", "any"]
@@ -56,10 +56,14 @@ def sample_records(
     return chosen
 
 
+def load_views(records: list[SliceRecord], spec: ModelSpec) -> np.ndarray:
+    """Records through the training preprocessing, as float32 (N, 1, S, S) views in [0, 1]."""
+    return np.stack([load_view(r, spec) for r in records])[:, None]
+
+
 def load_batch(records: list[SliceRecord], spec: ModelSpec) -> np.ndarray:
-    """Records through the training preprocessing, as a float32 (N, 3, S, S) batch."""
-    views = np.stack([load_view(r, spec) for r in records])[:, None]
-    return normalize(views, spec)
+    """Records through the training preprocessing, as the uint8 (N, 3, S, S) model input."""
+    return model_input(load_views(records, spec))
 
 
 def labelled_sample(
@@ -68,7 +72,7 @@ def labelled_sample(
     """A preprocessed batch and its labels; see :func:`sample_records`.
 
     Returns:
-        ``(batch, labels)``: float32 (N, 3, S, S) and int64 (N,).
+        ``(batch, labels)``: uint8 (N, 3, S, S) and int64 (N,).
     """
     records = sample_records(n, part, seed, data_dir)
     labels = np.array([r.label for r in records], dtype=np.int64)

@@ -6,7 +6,10 @@ for its compute capability (``model_sm90.plan`` on an H100) and the model's
 models become FP16 engines built from their ``model.onnx``; ``*_int8`` models
 become INT8 engines built from their QDQ ``model.onnx`` (explicit
 quantization: the scales come from ONNX Runtime's calibration, TensorRT needs
-no calibrator). Every engine has one optimization profile on the batch axis:
+no calibrator). The input is the client's uint8 (N, 3, S, S) model input and
+the graph's first nodes normalize it, as in ONNX Runtime (the ONNX parser maps
+the uint8 input and its Cast; TensorRT 8.6+ accepts uint8 network inputs).
+Every engine has one optimization profile on the batch axis:
 min 1, opt 8, max ``spec.max_batch_size`` (Triton's ``max_batch_size``).
 
     python -m build_engines build-trt --model resnet18          # TensorRT API
@@ -156,15 +159,16 @@ def build_plan_torch2trt(
         raise TensorRTUnavailableError("torch2trt is not installed; use --builder tensorrt") from e
     import torch
 
-    from build_engines.export_onnx import WithSoftmax
+    from build_engines.export_onnx import ServedModel
     from client.torch_models import load_model
 
     capability = compute_capability()
     max_batch_size = max_batch_size or spec.max_batch_size
     _check_profile(spec, opt_batch_size, max_batch_size)
-    model = WithSoftmax(load_model(spec, device="cuda")).eval()
+    # The same contract as the ONNX graph: uint8 model input, normalization inside.
+    model = ServedModel(spec, load_model(spec, device="cuda")).to("cuda").eval()
     shape = (3, spec.input_size, spec.input_size)
-    example = torch.zeros((opt_batch_size, *shape), device="cuda")
+    example = torch.zeros((opt_batch_size, *shape), dtype=torch.uint8, device="cuda")
     trt_module = torch2trt(
         model,
         [example],

@@ -1,9 +1,10 @@
 """Files in, slice and series scores out, through any :class:`Classifier`.
 
 The same code drives in-process PyTorch (``--local``) and Triton (``--url``):
-a classifier only has to turn a float32 (N, 3, S, S) batch into N
-probabilities of hemorrhage. Bad files become failed rows with their reason;
-they never stop the rest of the run.
+a classifier only has to turn a uint8 (N, 3, S, S) model input batch
+(:func:`client.preprocess.model_input`) into N probabilities of hemorrhage.
+Bad files become failed rows with their reason; they never stop the rest of
+the run.
 
     classifier = LocalClassifier(get_model("mobilenet_v2"))
     results = classify_files(find_image_files([Path("study/")]), classifier)
@@ -23,7 +24,7 @@ import numpy as np
 from client.constants import PRIORITY_ROUTINE
 from client.decode import decode_file
 from client.errors import HemoTriageError
-from client.preprocess import head_fraction, model_view, normalize
+from client.preprocess import head_fraction, model_input, model_view, normalize
 from client.registry import ModelSpec
 from client.series import SeriesDecision, decide_series
 
@@ -38,12 +39,16 @@ class Classifier(Protocol):
     spec: ModelSpec
 
     def predict(self, batch: np.ndarray, priority: int = PRIORITY_ROUTINE) -> np.ndarray:
-        """Score a float32 (N, 3, S, S) batch; return N probabilities of hemorrhage."""
+        """Score a uint8 (N, 3, S, S) model input batch; return N probabilities of hemorrhage."""
         ...
 
 
 class LocalClassifier:
-    """In-process PyTorch inference on the committed weights (no server needed)."""
+    """In-process PyTorch inference on the committed weights (no server needed).
+
+    Takes the same uint8 model input as Triton and normalizes it with
+    :func:`client.preprocess.normalize`, the one definition.
+    """
 
     def __init__(self, spec: ModelSpec, device: str = "cpu") -> None:
         from client.torch_models import load_model  # torch stays optional for the console
@@ -57,7 +62,8 @@ class LocalClassifier:
         import torch
 
         with torch.inference_mode():
-            logits = self._model(torch.from_numpy(batch).to(self._device))
+            x = torch.from_numpy(normalize(batch, self.spec)).to(self._device)
+            logits = self._model(x)
             return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
 
 
@@ -125,7 +131,7 @@ def classify_files(
             results.append(SliceResult(path, None, 0.0, _natural_key(path), error=str(e)))
             continue
         key = _order_key(path, image.dicom)
-        pending.append((path, normalize(view, classifier.spec), head_fraction(view), key))
+        pending.append((path, model_input(view), head_fraction(view), key))
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -1,4 +1,4 @@
-"""The one preprocessing path, from decoded slice to model tensor.
+"""The one preprocessing path, from decoded slice to model input.
 
 Training, ONNX parity checks, INT8 calibration, Triton serving, Grad-CAM and the
 console all call these functions, so what a model sees in training is exactly
@@ -6,8 +6,19 @@ what it sees in the ER. The steps follow the paper (noise reduction, grayscale,
 normalization, 224x224) with two changes for generalization across scanners:
 the image is cropped to the head, and the aspect ratio is kept by padding.
 
+The split between client and model (issue 10): the client produces the model
+input, the view in [0, 1] quantized to uint8 (``round(255 * view)``, three
+channels, 150 KB a slice instead of 602 KB of float32), and that is what goes
+to Triton, ONNX Runtime and the in-process PyTorch classifier. Normalization
+with the registry's mean and std is defined once, in :func:`normalize`; the
+exported ONNX graph carries it as its first nodes
+(:class:`client.torch_models.InputNormalization`, built from
+:func:`normalization_constants`, parity-checked against :func:`normalize`),
+and training and Grad-CAM call :func:`normalize` in front of the network.
+
     spec = get_model("mobilenet_v2")
-    tensor = preprocess_file(Path("slice.dcm"), spec)   # float32 (3, 224, 224)
+    tensor = preprocess_file(Path("slice.dcm"), spec)   # uint8 (3, 224, 224)
+    normalize(tensor, spec)                             # float32, what the network sees
 """
 
 from __future__ import annotations
@@ -68,18 +79,49 @@ def model_view(image: DecodedImage, spec: ModelSpec, window_stack: bool = False)
     )
 
 
-def normalize(view: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """View(s) in [0, 1], (..., C, S, S) with C = 1 or 3, to normalized (..., 3, S, S) float32."""
+#: Full scale of the uint8 model input: a view value v in [0, 1] is sent as round(v * 255).
+INPUT_SCALE = 255.0
+
+
+def model_input(view: np.ndarray) -> np.ndarray:
+    """View(s) in [0, 1], (..., C, S, S) with C = 1 or 3, to the uint8 (..., 3, S, S) model input.
+
+    This is the tensor every classifier takes (Triton, ONNX Runtime, PyTorch):
+    ``round(255 * view)``, one channel repeated to three.
+    """
+    quantized = np.rint(np.clip(view, 0.0, 1.0) * INPUT_SCALE).astype(np.uint8)
+    out = np.empty((*view.shape[:-3], 3, *view.shape[-2:]), dtype=np.uint8)
+    out[...] = quantized
+    return out
+
+
+def normalization_constants(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The registry's per-channel (mean, std), float32 (3, 1, 1), on the [0, 1] view scale."""
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return mean, std
+
+
+def normalize(view: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """The one normalization: view(s) to what the network sees, float32 (..., 3, S, S).
+
+    Args:
+        view: float (..., C, S, S) in [0, 1] (a model view, or an augmented
+            training view), or the uint8 model input of :func:`model_input`
+            (divided by :data:`INPUT_SCALE` first, as the exported graph does).
+        spec: Model whose mean and std apply.
+    """
+    if view.dtype == np.uint8:
+        view = view.astype(np.float32) / np.float32(INPUT_SCALE)
+    mean, std = normalization_constants(spec)
     out = np.empty((*view.shape[:-3], 3, *view.shape[-2:]), dtype=np.float32)
     out[...] = (view - mean) / std
     return out
 
 
 def preprocess(image: DecodedImage, spec: ModelSpec, window_stack: bool = False) -> np.ndarray:
-    """Decoded slice to model tensor, float32 (3, S, S)."""
-    return normalize(model_view(image, spec, window_stack), spec)
+    """Decoded slice to the uint8 model input (3, S, S); see :func:`model_input`."""
+    return model_input(model_view(image, spec, window_stack))
 
 
 def preprocess_file(path: Path, spec: ModelSpec, window_stack: bool = False) -> np.ndarray:

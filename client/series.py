@@ -22,6 +22,12 @@ show enough head) is chosen per model by nested cross-validation
 
     decision = decide_series(spec, probabilities, head_fractions)
     decision.flagged, decision.score, decision.threshold, decision.key_index
+
+A series still arriving (a thin series of 250+ slices takes a while) may be
+flagged before its last slice: :func:`early_flag` raises the flag only when no
+slice still to come can clear it, which holds for the maximum-slice rule
+(:data:`EARLY_FLAG_RULES`) and not for the neighbour pair, whose pair a slice
+arriving between two neighbours can split.
 """
 
 from __future__ import annotations
@@ -112,6 +118,8 @@ def series_features(
 
 #: The series rules a model can be served with, by name.
 SERIES_RULES = ("neighbour_pair", "max_slice")
+#: Rules whose score never falls as slices are added, so a partial series may be flagged.
+EARLY_FLAG_RULES = ("max_slice",)
 
 
 def rule_score(rule: str, probabilities: Sequence[float], head_fractions: Sequence[float]):
@@ -171,3 +179,25 @@ def decide_series(
         method, threshold = spec.series_rule, spec.series_threshold
         score, key = rule_score(method, probabilities, head_fractions)
     return SeriesDecision(score, threshold, score >= threshold, key, method, result.scored_slices)
+
+
+def early_flag(
+    spec: ModelSpec, probabilities: Sequence[float], head_fractions: Sequence[float]
+) -> SeriesDecision | None:
+    """The flag of a series whose other slices are still to come, if none of them can clear it.
+
+    Under a rule of :data:`EARLY_FLAG_RULES` the score of the whole series is
+    at least the score of any part of it, provided the key slice shows enough
+    head to be scored (slices that do not are counted only while no slice
+    does). Two slices at least: the whole series is then a series, decided by
+    the series rule and threshold, never the lone-image one.
+
+    Returns:
+        The decision on the slices so far when it flags and cannot be undone, else None.
+    """
+    if spec.series_rule not in EARLY_FLAG_RULES or len(probabilities) < 2:
+        return None
+    decision = decide_series(spec, probabilities, head_fractions)
+    if decision.flagged and head_fractions[decision.key_index] >= MIN_HEAD_FRACTION:
+        return decision
+    return None

@@ -18,6 +18,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from client.errors import MissingWeightsError
+from client.preprocess import INPUT_SCALE, normalization_constants
 from client.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,28 @@ _HEAD_ATTRIBUTE = {"mobilenet_v2": "classifier", "resnet18": "fc"}
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """A freshly initialized torchvision ``spec.arch`` with a 2-class head."""
     return getattr(torchvision.models, spec.arch)(weights=None, num_classes=NUM_CLASSES)
+
+
+class InputNormalization(torch.nn.Module):
+    """:func:`client.preprocess.normalize` as the first layer of a network.
+
+    Takes the uint8 (N, 3, S, S) model input (or a float tensor on the same
+    0-255 scale) and returns the normalized float32 tensor the network was
+    trained on, with the registry's mean and std from
+    :func:`client.preprocess.normalization_constants`. The ONNX export puts it
+    in front of the network (a Cast, a Div, a Sub and a Div in the graph), so
+    Triton receives 150 KB of uint8 per slice and normalizes in the graph.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        mean, std = normalization_constants(spec)
+        self.register_buffer("mean", torch.from_numpy(mean[None].copy()))
+        self.register_buffer("std", torch.from_numpy(std[None].copy()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) to normalized float32 (N, 3, S, S)."""
+        return (x.to(torch.float32) / INPUT_SCALE - self.mean) / self.std
 
 
 class SliceNet(torch.nn.Module):

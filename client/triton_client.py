@@ -19,20 +19,35 @@ a repeat is safe.
     with TritonClassifier(get_model("resnet18"), url="localhost:8001", protocol="grpc") as c:
         probabilities = c.predict(batch, priority=PRIORITY_URGENT)
     TritonClassifier(get_model("resnet18"), url="triton-0:8001,triton-1:8001", protocol="grpc")
+
+Where client and server share a host (the edge box, ``make demo``) the input
+tensor can go through Triton's system shared memory instead of the socket
+(issue 10): ``shm`` (or ``HEMOTRIAGE_TRITON_SHM``) is ``off`` (the default),
+``auto`` (shared memory to the servers listed as localhost, 127.0.0.1 or ::1)
+or ``on`` (every listed server; a remote one falls back). Off by default because
+it measured no faster than the 150 KB-a-slice uint8 wire on loopback
+(``benchmarks/results/wire_format/``), and a container with a small /dev/shm
+dies of SIGBUS where the wire would only be slow. Each calling thread
+gets one region sized for ``spec.max_batch_size`` slices, registered once with
+each server it talks to and reused for every request; :meth:`close`
+unregisters and destroys them. A server that refuses the registration (another
+host, no /dev/shm) is served over the wire, and the reason is logged once.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPException
 from typing import Literal
 
 import numpy as np
 
-from client.constants import INPUT_NAME, OUTPUT_NAME, PRIORITY_ROUTINE
+from client.constants import ENV_PREFIX, INPUT_NAME, OUTPUT_NAME, PRIORITY_ROUTINE
 from client.errors import (
     HemoTriageError,
     InferenceFailedError,
@@ -47,7 +62,15 @@ logger = logging.getLogger(__name__)
 
 Protocol = Literal["http", "grpc"]
 PROTOCOLS: tuple[Protocol, ...] = ("http", "grpc")
+ShmMode = Literal["auto", "on", "off"]
+SHM_MODES: tuple[ShmMode, ...] = ("auto", "on", "off")
+#: Environment variable that chooses the shared-memory mode when the caller does not.
+SHM_ENV = f"{ENV_PREFIX}TRITON_SHM"
+#: Host names that mean "this machine": ``auto`` uses shared memory with these only.
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
+#: Triton datatype of the model input: the client's uint8 view, normalized in the graph.
+INPUT_DATATYPE = "UINT8"
 #: Column of the hemorrhage class in the model output [normal, hemorrhage].
 _HEMORRHAGE = 1
 #: gRPC status codes (and HTTP statuses) worth another try: the server is restarting or busy.
@@ -55,6 +78,38 @@ _TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 _TRANSIENT_HTTP = ("502", "503")
 #: Longest health check of a server out of rotation: it runs on a request's path.
 _RECHECK_TIMEOUT_S = 2.0
+
+
+_REGION_IDS = itertools.count()
+
+
+@dataclass
+class _ShmRegion:
+    """One thread's input region: created once, registered with each server it is used on."""
+
+    name: str
+    key: str
+    byte_size: int
+    handle: object
+    registered: set[str] = field(default_factory=set)
+
+
+def shm_mode_from_env() -> ShmMode:
+    """``HEMOTRIAGE_TRITON_SHM`` (``off`` when unset), read when a classifier is made.
+
+    Raises:
+        ValueError: a value other than auto, on or off.
+    """
+    mode = os.environ.get(SHM_ENV, "off").strip().lower() or "off"
+    if mode not in SHM_MODES:
+        raise ValueError(f"{SHM_ENV} must be one of {', '.join(SHM_MODES)}, got {mode!r}")
+    return mode
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``host:port`` names this machine (loopback), where shared memory can work."""
+    host = url.rsplit(":", 1)[0] if url.count(":") == 1 or url.startswith("[") else url
+    return host.lower() in LOCAL_HOSTS
 
 
 @dataclass(frozen=True)
@@ -94,12 +149,14 @@ class TritonClassifier:
         backoff_s: Wait before the first retry; doubled before each next one.
         recheck_backoff_s: Wait before health-checking a failed server (one of
             several) again; doubled after each failed check, up to 30 s.
+        shm: ``auto``, ``on`` or ``off``: send the input through system shared
+            memory (see the module docstring); ``HEMOTRIAGE_TRITON_SHM`` by default.
 
     Raises:
         ServerUnavailableError: no server answers and is ready.
         ModelNotReadyError: the model is missing, not ready, or its input or
             output do not match ``spec`` (on every server that answers).
-        ValueError: a bad protocol, URL list or limit.
+        ValueError: a bad protocol, URL list, limit or shared-memory mode.
     """
 
     def __init__(
@@ -111,7 +168,11 @@ class TritonClassifier:
         retries: int = 2,
         backoff_s: float = 0.2,
         recheck_backoff_s: float = 1.0,
+        shm: ShmMode | None = None,
     ) -> None:
+        shm = shm_mode_from_env() if shm is None else shm
+        if shm not in SHM_MODES:
+            raise ValueError(f"shm must be one of {SHM_MODES}, got {shm!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
@@ -125,6 +186,11 @@ class TritonClassifier:
         self._local = threading.local()
         self._clients: list = []
         self._clients_lock = threading.Lock()
+        self.shm = shm
+        self._shm_urls = {
+            u for u in self.urls if shm == "on" or (shm == "auto" and is_local_url(u))
+        }
+        self._shm_regions: list[_ShmRegion] = []
         recheck_timeout_s = min(timeout_s, _RECHECK_TIMEOUT_S)
         self._pool = ServerPool(
             self.urls,
@@ -136,10 +202,11 @@ class TritonClassifier:
             self._pool.mark_down(server_url, error)
 
     def predict(self, batch: np.ndarray, priority: int = PRIORITY_ROUTINE) -> np.ndarray:
-        """Score a float32 (N, 3, S, S) batch; return N probabilities of hemorrhage.
+        """Score a uint8 (N, 3, S, S) batch; return N probabilities of hemorrhage.
 
         Args:
-            batch: Preprocessed slices from :mod:`client.preprocess`.
+            batch: The model input of :func:`client.preprocess.model_input`
+                (the graph normalizes it).
             priority: Triton queue priority, ``PRIORITY_URGENT`` (1) or ``PRIORITY_ROUTINE`` (2).
 
         Returns:
@@ -153,9 +220,9 @@ class TritonClassifier:
             InferenceFailedError: the server answered with an error for this request.
         """
         expected = (3, self.spec.input_size, self.spec.input_size)
-        if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.float32:
+        if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.uint8:
             raise ValueError(
-                f"{self.spec.name} takes float32 (N, {', '.join(map(str, expected))}); "
+                f"{self.spec.name} takes uint8 (N, {', '.join(map(str, expected))}); "
                 f"got {batch.dtype} {batch.shape}"
             )
         if len(batch) == 0:
@@ -191,12 +258,21 @@ class TritonClassifier:
         self._pool.check_due()
         return self._pool.statuses()
 
+    def transport(self, url: str | None = None) -> str:
+        """``shm`` or ``wire``: how requests to ``url`` (the first server) carry their input now."""
+        return "shm" if (url or self.urls[0]) in self._shm_urls else "wire"
+
     def close(self) -> None:
-        """Close every connection this classifier opened (one per calling thread)."""
+        """Unregister and destroy the shared-memory regions, close every connection."""
         with self._clients_lock:
             clients, self._clients = self._clients, []
+            regions, self._shm_regions = self._shm_regions, []
+            # Every thread's connections and region go with them; a later call opens new ones.
+            self._local = threading.local()
         for client in clients:
             client.close()
+        for region in regions:
+            self._release_region(region)
 
     def __enter__(self) -> TritonClassifier:
         return self
@@ -257,19 +333,123 @@ class TritonClassifier:
             finally:
                 self._pool.release(url)
 
-    def _infer(self, url: str, chunk: np.ndarray, priority: int) -> np.ndarray:
+    def _infer(
+        self, url: str, chunk: np.ndarray, priority: int, reregistered: bool = False
+    ) -> np.ndarray:
         module = _module(self.protocol)
-        tensor = module.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
-        tensor.set_data_from_numpy(chunk)
+        tensor = module.InferInput(INPUT_NAME, list(chunk.shape), INPUT_DATATYPE)
         output = module.InferRequestedOutput(OUTPUT_NAME)
         timeout = _grpc_timeout(self.protocol, self.timeout_s)
-        result = self._call(
-            url,
-            lambda c: c.infer(
+
+        def send(client):
+            return client.infer(
                 self.spec.name, [tensor], outputs=[output], priority=priority, **timeout
-            ),
-        )
-        return result.as_numpy(OUTPUT_NAME)
+            )
+
+        region = self._shm_region(url)
+        if region is None:
+            tensor.set_data_from_numpy(chunk)
+            return self._call(url, send).as_numpy(OUTPUT_NAME)
+        from tritonclient.utils import shared_memory
+
+        shared_memory.set_shared_memory_region(region.handle, [chunk])
+        tensor.set_shared_memory(region.name, chunk.nbytes)
+        try:
+            return self._call(url, send).as_numpy(OUTPUT_NAME)
+        except InferenceFailedError as e:
+            if reregistered or "shared memory" not in str(e).lower():
+                raise
+            # The server forgot the region (restarted between two health checks):
+            # register again and send once more.
+            logger.warning(
+                "%s on %s lost its shared-memory region; registering again", self.spec.name, url
+            )
+            region.registered.discard(url)
+            return self._infer(url, chunk, priority, reregistered=True)
+
+    def _shm_region(self, url: str) -> _ShmRegion | None:
+        """This thread's input region, registered with ``url``; None: use the wire."""
+        if url not in self._shm_urls:
+            return None
+        region = getattr(self._local, "shm_region", None)
+        if region is None:
+            region = self._local.shm_region = self._create_region()
+            if region is None:
+                return None
+        if url in region.registered:
+            return region
+        # A server that is down raises ServerUnavailableError: the caller's retries apply.
+        try:
+            self._register(url, region)
+        except (InferenceFailedError, InferenceTimeoutError) as e:
+            with self._clients_lock:
+                self._shm_urls.discard(url)
+            logger.warning(
+                "%s on %s: shared memory refused (%s); falling back to the wire",
+                self.spec.name,
+                url,
+                e,
+            )
+            return None
+        region.registered.add(url)
+        return region
+
+    def _create_region(self) -> _ShmRegion | None:
+        """A region for ``spec.max_batch_size`` slices; None (and no more shm) when it fails."""
+        from tritonclient.utils import shared_memory
+
+        size = self.spec.input_size
+        byte_size = self.spec.max_batch_size * 3 * size * size  # uint8
+        name = f"hemotriage_{os.getpid()}_{next(_REGION_IDS)}_{self.spec.name}"
+        try:
+            handle = shared_memory.create_shared_memory_region(name, "/" + name, byte_size)
+        except shared_memory.SharedMemoryException as e:
+            with self._clients_lock:
+                self._shm_urls.clear()
+            logger.warning(
+                "%s: cannot create shared memory (%s); falling back to the wire", self.spec.name, e
+            )
+            return None
+        region = _ShmRegion(name, "/" + name, byte_size, handle)
+        with self._clients_lock:
+            self._shm_regions.append(region)
+        return region
+
+    def _register(self, url: str, region: _ShmRegion) -> None:
+        """Register ``region`` with the server at ``url`` (dropping a stale one of that name).
+
+        Through :meth:`_call`, so a server that is down drops this thread's connection
+        like a failed request does, and the caller's retries apply.
+        """
+        timeout = _grpc_timeout(self.protocol, self.timeout_s)
+
+        def register(client) -> None:
+            client.unregister_system_shared_memory(region.name, **timeout)
+            client.register_system_shared_memory(
+                region.name, region.key, region.byte_size, **timeout
+            )
+
+        self._call(url, register)
+
+    def _release_region(self, region: _ShmRegion) -> None:
+        """Unregister ``region`` from every server that has it, then destroy it."""
+        from tritonclient.utils import InferenceServerException, shared_memory
+
+        for url in region.registered:
+            client = _make_client(url, self.protocol, self.timeout_s)
+            try:
+                client.unregister_system_shared_memory(
+                    region.name, **_grpc_timeout(self.protocol, self.timeout_s)
+                )
+            except (InferenceServerException, OSError) as e:
+                logger.warning("could not unregister %s from %s: %s", region.name, url, e)
+            finally:
+                client.close()
+        region.registered.clear()
+        try:
+            shared_memory.destroy_shared_memory_region(region.handle)
+        except shared_memory.SharedMemoryException as e:
+            logger.info("could not destroy %s: %s", region.name, e)
 
     def _call(self, url: str, request):
         """Run ``request(client)`` on ``url`` and translate tritonclient's failures into ours."""
@@ -304,6 +484,10 @@ class TritonClassifier:
         return InferenceFailedError(message)
 
     def _drop_client(self, url: str) -> None:
+        region = getattr(self._local, "shm_region", None)
+        if region is not None:
+            # A server that went away forgot its registrations; register again on return.
+            region.registered.discard(url)
         client = self._thread_clients().pop(url, None)
         if client is not None:
             with self._clients_lock:
@@ -387,7 +571,7 @@ class TritonClassifier:
 
     def _check_tensors(self, url: str, metadata: dict) -> None:
         size = self.spec.input_size
-        expected_in = {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, size, size]}
+        expected_in = {"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, 3, size, size]}
         expected_out = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 2]}
         for role, expected, tensors in (
             ("input", expected_in, metadata.get("inputs", [])),

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 
 from client.registry import ModelSpec
-from client.series import decide_series
+from client.series import decide_series, early_flag
 from console.db import Connection, Row
 
 #: Study states that mean "a person still has to look at the result".
@@ -229,10 +229,13 @@ def ordered_slices(db: Connection, study_id: int) -> list[Row]:
 def refresh_study(db: Connection, study_id: int, spec: ModelSpec) -> StudyChange:
     """Recompute a study's status, score and key slice from its slices.
 
-    Unfinished slices make it ``queued`` (none started) or ``processing``. Once
-    every slice is done, :func:`client.series.decide_series` decides on the
-    classified ones (the same decision as the command line); a study with no
-    classified slice is ``failed``. An acknowledged study stays acknowledged.
+    Unfinished slices make it ``queued`` (none started) or ``processing``,
+    unless the slices classified so far already flag it for good
+    (:func:`client.series.early_flag`: a long series alerts before its last
+    slice). Once every slice is done, :func:`client.series.decide_series`
+    decides on the classified ones (the same decision as the command line); a
+    study with no classified slice is ``failed``. An acknowledged study stays
+    acknowledged.
 
     A flag is never downgraded by a later result (more slices, a re-decision):
     the study stays ``flagged``, first on the worklist, until a person
@@ -248,18 +251,25 @@ def refresh_study(db: Connection, study_id: int, spec: ModelSpec) -> StudyChange
     now = time.time()
     score = threshold = key_slice_id = None
     finished_at = flagged_at = None
+    scored = [s for s in slices if s["status"] == "classified"]
+    probabilities = [s["probability"] for s in scored]
+    head_fractions = [s["head_fraction"] for s in scored]
     if states & {"queued", "processing"}:
         started = bool(states - {"queued"})
         status = "processing" if started else "queued"
+        early = early_flag(spec, probabilities, head_fractions)
+        if early is not None:
+            status, score, threshold = "flagged", early.score, early.threshold
+            key_slice_id = scored[early.key_index]["id"]
+            flagged_at = study["flagged_at"] or now
+            if study["acknowledged_at"] is not None:
+                status = "acknowledged"
     else:
-        scored = [s for s in slices if s["status"] == "classified"]
         finished_at = now
         if not scored:
             status = "failed"
         else:
-            decision = decide_series(
-                spec, [s["probability"] for s in scored], [s["head_fraction"] for s in scored]
-            )
+            decision = decide_series(spec, probabilities, head_fractions)
             score, threshold = decision.score, decision.threshold
             key_slice_id = scored[decision.key_index]["id"]
             status = "flagged" if decision.flagged else "negative"

@@ -43,7 +43,7 @@ from client.errors import (
     ModelNotReadyError,
     ServerUnavailableError,
 )
-from client.preprocess import head_fraction, model_view, normalize
+from client.preprocess import head_fraction, model_input, model_view
 from client.registry import ModelSpec, get_model
 from client.triton_pool import ServerStatus
 from console import queue
@@ -362,7 +362,7 @@ class QueueWorker:
                 image = decode_file(stored_path(self.settings.storage_dir, row["stored_path"]))
                 decoded = time.perf_counter()
                 view = model_view(image, self.spec)
-                tensor = normalize(view, self.spec)
+                tensor = model_input(view)
                 done = time.perf_counter()
             except (HemoTriageError, OSError) as e:
                 logger.warning(

@@ -3,9 +3,10 @@
 The pytriton-bundled tritonserver carries only the python backend, so the
 embedded CPU server runs every model through this one file: each model's
 ``1/model.py`` is a relative symlink to it (the backend loads the link target
-in place). It holds no preprocessing: the input is the already normalized
-float32 (N, 3, S, S) tensor that ``client.preprocess`` produced, and the graph
-ends in a softmax, so the output is (N, 2) probabilities.
+in place). It holds no preprocessing: the input is the uint8 (N, 3, S, S) model
+input that ``client.preprocess`` produced, the graph starts with the
+normalization and ends in a softmax, so the output is (N, 2) probabilities.
+The input dtype is whatever the config and graph declare; nothing here depends on it.
 
 Triton's dynamic batcher hands ``execute`` several requests at once; they are
 concatenated into one ONNX Runtime call and split back, which is where batching

@@ -54,7 +54,7 @@ def real_slice_paths(data_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def real_batch(real_slice_paths: list[Path]) -> np.ndarray:
-    """``real_slice_paths`` through the one preprocessing path, float32 (N, 3, 224, 224)."""
+    """``real_slice_paths`` through the one preprocessing path: uint8 (N, 3, 224, 224)."""
     from client.preprocess import preprocess_file
     from client.registry import get_model
 

@@ -190,3 +190,27 @@ def test_an_upgraded_database_keeps_the_score_that_flagged_each_study(tmp_path, 
         assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0  # the new table
     finally:
         db.close()
+
+
+def test_a_long_series_is_flagged_as_soon_as_no_later_slice_can_clear_it(
+    app_factory, tmp_path, token_for, upload, shared_data, drain
+):
+    """Two bleeding slices read first: the alert goes out while the rest still wait."""
+    app = app_factory(tmp_path / "early", BATCH_SIZE=2)
+    services = app.extensions[EXTENSION_KEY]
+    api = app.test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app)}"
+    files = _files(shared_data, "000.png", "001.png", *NORMALS, "152.png", "153.png")
+    study_id = upload(api, files, study="bay 4").get_json()["study_id"]
+    with services.broker.subscribe() as subscription:
+        assert services.worker.run_once() == 2  # one batch: the two bleeding slices
+        early = api.get(f"/api/studies/{study_id}").get_json()
+        assert early["status"] == "flagged" and early["slices"] == {"classified": 2, "queued": 4}
+        assert early["score"] >= early["threshold"] == services.spec.series_threshold
+        drain(services)
+        final = api.get(f"/api/studies/{study_id}").get_json()
+        alerts = [e["alert"] for e in _events(subscription) if e["id"] == study_id]
+    assert alerts.count(True) == 1 and alerts[0] is True  # alerted once, at the early flag
+    assert final["slices"] == {"classified": 6}
+    assert final["status"] == "flagged" and final["flagged_at"] == early["flagged_at"]
+    assert final["score"] == early["score"]  # the whole series decides as the part did

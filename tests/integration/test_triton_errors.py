@@ -50,10 +50,10 @@ def test_input_shape_mismatch_raises_model_not_ready(triton_server, protocol):
 
 def test_wrong_batch_shape_is_refused_before_sending(triton_server):
     with TritonClassifier(get_model("resnet18"), triton_server.http_url) as classifier:
-        with pytest.raises(ValueError, match=r"takes float32 \(N, 3, 224, 224\)"):
-            classifier.predict(np.zeros((2, 3, 128, 128), np.float32))
-        with pytest.raises(ValueError, match="float64"):
-            classifier.predict(np.zeros((2, 3, 224, 224)))
+        with pytest.raises(ValueError, match=r"takes uint8 \(N, 3, 224, 224\)"):
+            classifier.predict(np.zeros((2, 3, 128, 128), np.uint8))
+        with pytest.raises(ValueError, match="float32"):  # the old, normalized contract
+            classifier.predict(np.zeros((2, 3, 224, 224), np.float32))
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -24,11 +24,14 @@ def _url(server, protocol: str) -> str:
     return server.http_url if protocol == "http" else server.grpc_url
 
 
+@pytest.mark.parametrize("shm", ["off", "on"])
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("name", MODELS)
-def test_triton_matches_onnx_runtime_on_real_slices(triton_server, real_batch, name, protocol):
-    with TritonClassifier(get_model(name), _url(triton_server, protocol), protocol) as classifier:
+def test_triton_matches_onnx_runtime_on_real_slices(triton_server, real_batch, name, protocol, shm):
+    url = _url(triton_server, protocol)
+    with TritonClassifier(get_model(name), url, protocol, shm=shm) as classifier:
         served = classifier.predict(real_batch)
+        assert classifier.transport() == ("shm" if shm == "on" else "wire")
     assert served.shape == (len(real_batch),)
     assert served.dtype == np.float32
     np.testing.assert_allclose(served, _onnx_runtime(name, real_batch), atol=1e-4, rtol=0)
@@ -49,5 +52,5 @@ def test_batches_above_max_batch_size_are_split_and_kept_in_order(
 def test_empty_batch_gives_no_probabilities_without_a_request(triton_server):
     spec = get_model("resnet18")
     with TritonClassifier(spec, triton_server.http_url) as classifier:
-        empty = np.empty((0, 3, spec.input_size, spec.input_size), np.float32)
+        empty = np.empty((0, 3, spec.input_size, spec.input_size), np.uint8)
         assert classifier.predict(empty).shape == (0,)

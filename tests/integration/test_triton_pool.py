@@ -19,11 +19,9 @@ from tests.console.conftest import wait_for
 pytestmark = pytest.mark.integration
 
 SPEC = get_model("mobilenet_v2")
-SLICE = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+SLICE = np.random.default_rng(0).integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
 #: One full request: long enough on the CPU server to be caught executing.
-FULL = np.random.default_rng(1).standard_normal(
-    (SPEC.max_batch_size, 3, 224, 224), dtype=np.float32
-)
+FULL = np.random.default_rng(1).integers(0, 256, (SPEC.max_batch_size, 3, 224, 224), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -103,9 +103,10 @@ def test_multipart_body_parses_into_files_and_study_label():
     assert request.form["study"] == "label 1"
 
 
-def test_worker_stages_add_up_to_the_console_time_to_alert():
+def test_worker_stages_add_up_to_the_console_time_to_its_decision():
     detail = {
-        "time_to_alert_s": 1.0,
+        "received_at": 100.0,
+        "finished_at": 101.0,
         "slice_list": [
             {"queue_wait_ms": 20.0, "decode_ms": 5.0, "preprocess_ms": 5.0, "inference_ms": 25.0},
             {"queue_wait_ms": 400.0, "decode_ms": 5.0, "preprocess_ms": 5.0, "inference_ms": 25.0},

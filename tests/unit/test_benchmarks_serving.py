@@ -8,6 +8,7 @@ import requests
 from benchmarks.bench_serving import (
     NAIVE,
     from_png,
+    inprocess_ratios,
     parse_args,
     ratios,
     render_markdown,
@@ -126,3 +127,21 @@ def test_serving_reads_hemotriage_data_dir_and_takes_free_ports_by_default(monke
     args = parse_args([])
     assert args.data_dir == tmp_path
     assert (args.naive_port, args.triton_ports) == (None, None)
+
+
+def test_triton_paths_are_compared_with_in_process_onnx_runtime_of_the_same_model():
+    cells = [
+        _cell("resnet18", "onnxruntime", 8, 20.0, 400.0),
+        _cell("resnet18", "grpc", 8, 18.0, 500.0),
+        _cell("resnet18", "grpc-shm", 8, 19.0, 420.0),
+        _cell("resnet18_int8", "grpc", 8, 30.0, 300.0),  # no in-process row: left out
+    ]
+    found = {r["path"]: r for r in inprocess_ratios(cells)}
+    assert set(found) == {"grpc", "grpc-shm"}
+    assert found["grpc"]["throughput_ratio"] == pytest.approx(0.9)
+    assert found["grpc-shm"]["p95_ratio"] == pytest.approx(1.05)
+
+
+def test_shm_paths_are_choices():
+    args = parse_args(["--path", "onnxruntime", "grpc-shm", "http-shm", "--concurrency", "8"])
+    assert args.path == ["onnxruntime", "grpc-shm", "http-shm"]

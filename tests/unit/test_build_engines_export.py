@@ -31,12 +31,30 @@ def test_export_is_checker_clean_with_dynamic_batch_and_named_tensors(exported):
     [tensor_out] = model.graph.output
     assert tensor_in.name == INPUT_NAME and tensor_out.name == OUTPUT_NAME
     assert tensor_in.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert tensor_in.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    # The normalization is in the graph: the input is read by a Cast to float.
+    assert [n.op_type for n in model.graph.node if INPUT_NAME in n.input] == ["Cast"]
     assert model.graph.node[-1].op_type == "Softmax"
 
 
 def test_onnx_matches_pytorch_on_real_slices(exported, real_batch):
+    # ONNX Runtime on the uint8 input against the network on normalize() of it.
     spec, path = exported
+    assert real_batch.dtype == np.uint8
     assert check_parity(spec, path, real_batch) <= PARITY_TOLERANCE
+
+
+def test_graph_normalization_is_the_registry_one(exported):
+    spec, _ = exported
+    import torch
+
+    from client.preprocess import normalize
+    from client.torch_models import InputNormalization
+
+    batch = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+    with torch.inference_mode():
+        in_graph = InputNormalization(spec)(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(in_graph, normalize(batch, spec), atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])

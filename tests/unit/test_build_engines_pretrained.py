@@ -63,12 +63,13 @@ def test_batch_norm_calibration_keeps_the_function_and_the_last_layer_alive(data
     """Calibrated on real slices, training-mode batches start from the ImageNet function."""
     from build_engines.pretrained import calibrate_batch_norm
     from client.decode import decode_file
-    from client.preprocess import preprocess
+    from client.preprocess import normalize, preprocess
     from client.registry import get_model
 
     spec = get_model("mobilenet_v2")
     files = sorted((data_dir / "kaggle_head_ct" / "head_ct").glob("*.png"))[::10]
-    batch = torch.from_numpy(np.stack([preprocess(decode_file(f), spec) for f in files]))
+    inputs = np.stack([preprocess(decode_file(f), spec) for f in files])
+    batch = torch.from_numpy(normalize(inputs, spec))
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=2)
     load_imagenet_mobilenet_v2(model)

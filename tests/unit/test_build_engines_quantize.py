@@ -32,7 +32,7 @@ def test_calibration_reader_feeds_preprocessed_batches_and_rewinds(data_dir):
     first = [reader.get_next() for _ in range(3)]
     assert [b[INPUT_NAME].shape[0] for b in first[:2]] == [4, 2]
     assert first[2] is None
-    assert first[0][INPUT_NAME].dtype == np.float32
+    assert first[0][INPUT_NAME].dtype == np.uint8  # the model input, normalized in the graph
     reader.rewind()
     np.testing.assert_array_equal(reader.get_next()[INPUT_NAME], first[0][INPUT_NAME])
 

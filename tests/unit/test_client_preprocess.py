@@ -5,7 +5,15 @@ import pytest
 
 from benchmarks.phantoms import BLOOD_HU, BRAIN_HU, Lesion, head_phantom
 from client.decode import DecodedImage
-from client.preprocess import apply_window, head_fraction, model_view, preprocess, preprocess_file
+from client.preprocess import (
+    apply_window,
+    head_fraction,
+    model_input,
+    model_view,
+    normalize,
+    preprocess,
+    preprocess_file,
+)
 from client.registry import BRAIN_WINDOW, get_model
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -21,13 +29,29 @@ def test_brain_window_maps_level_to_middle_gray_and_clips():
     np.testing.assert_allclose(apply_window(hu, BRAIN_WINDOW), [0, 0, 0.5, 1, 1])
 
 
-def test_preprocess_gives_normalized_nchw_float32_of_the_spec_size():
+def test_preprocess_gives_the_uint8_nchw_model_input_of_the_spec_size():
+    view = model_view(_phantom_image(), SPEC)
     tensor = preprocess(_phantom_image(), SPEC)
     assert tensor.shape == (3, SPEC.input_size, SPEC.input_size)
-    assert tensor.dtype == np.float32
+    assert tensor.dtype == np.uint8
+    # round(255 * view): at most half a step from the float view, on every channel.
+    assert np.abs(tensor / 255.0 - view).max() <= 0.5 / 255 + 1e-6
+    assert (tensor[0] == tensor[1]).all() and (tensor[0] == tensor[2]).all()
+
+
+def test_normalize_gives_the_same_tensor_from_the_uint8_input_and_its_float_view():
+    tensor = preprocess(_phantom_image(), SPEC)
+    from_uint8 = normalize(tensor, SPEC)
+    assert from_uint8.dtype == np.float32 and from_uint8.shape == tensor.shape
+    np.testing.assert_allclose(from_uint8, normalize(tensor[:1] / np.float32(255), SPEC), atol=1e-6)
     low = (0 - SPEC.mean[0]) / SPEC.std[0]
     high = (1 - SPEC.mean[0]) / SPEC.std[0]
-    assert tensor.min() >= low - 1e-6 and tensor.max() <= high + 1e-6
+    assert from_uint8.min() >= low - 1e-6 and from_uint8.max() <= high + 1e-6
+
+
+def test_model_input_clips_and_rounds_half_steps():
+    view = np.array([[[-0.2, 0.0, 0.5 / 255 + 1e-4, 0.5, 1.0, 1.3]]], np.float32)
+    assert model_input(view)[0, 0].tolist() == [0, 0, 1, 128, 255, 255]
 
 
 def test_blood_is_brighter_than_brain_after_windowing():
@@ -89,6 +113,5 @@ def test_preprocess_file_reads_real_images_from_every_source(data_dir: Path):
         data_dir / "cq500_ct1/single_5mm/CT000000.dcm",
     ):
         tensor = preprocess_file(path, SPEC)
-        assert tensor.shape == (3, 224, 224)
-        assert np.isfinite(tensor).all()
-        assert tensor.std() > 0.1
+        assert tensor.shape == (3, 224, 224) and tensor.dtype == np.uint8
+        assert normalize(tensor, SPEC).std() > 0.1

@@ -31,7 +31,9 @@ def test_config_matches_registry(spec, config_name):
         INPUT_NAME,
         [3, spec.input_size, spec.input_size],
     )
-    assert tensor_in.data_type == model_config_pb2.TYPE_FP32
+    assert tensor_in.data_type == model_config_pb2.TYPE_UINT8  # normalized in the graph
+    [warmup] = config.model_warmup
+    assert warmup.inputs[INPUT_NAME].data_type == model_config_pb2.TYPE_UINT8
     [tensor_out] = config.output
     assert (tensor_out.name, list(tensor_out.dims)) == (OUTPUT_NAME, [len(spec.labels)])
     assert spec.labels == ["normal", "hemorrhage"]
