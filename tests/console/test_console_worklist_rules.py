@@ -8,7 +8,7 @@ from console import create_app
 from console.auth import create_user
 from console.db import connect
 from console.services import EXTENSION_KEY
-from tests.console.conftest import ADMIN, NURSE, csrf, sqlite_only
+from tests.console.conftest import ADMIN, NURSE, ON_POSTGRES, csrf, sqlite_only
 
 #: kaggle id 85, label 1: p = 0.56 with the committed MobileNetV2, so alone (slice threshold
 #: 0.34) it is flagged, and in a series (threshold 0.75 for either series rule) it is not.
@@ -22,9 +22,13 @@ def _files(shared_data, *names: str) -> list[tuple[str, bytes]]:
 
 
 def _events(subscription) -> list[dict]:
-    """Every study event published so far (the broker delivers synchronously)."""
+    """Every study event published so far.
+
+    SQLite's broker delivers synchronously; on PostgreSQL events come back
+    through LISTEN, so read until none arrives for half a second.
+    """
     events = []
-    while (message := subscription.get(timeout_s=0)) is not None:
+    while (message := subscription.get(timeout_s=0.5 if ON_POSTGRES else 0)) is not None:
         events.append(message[1])
     return events
 
