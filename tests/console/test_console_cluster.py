@@ -1,0 +1,167 @@
+"""Two console nodes and two Triton servers on one PostgreSQL, one of each killed mid-queue.
+
+Everything is real and in its own process: PostgreSQL (the suite's cluster),
+two embedded Triton servers, and two consoles under gunicorn sharing the
+database and a storage folder, as two pods on a ReadWriteMany volume would.
+Series go to both nodes; once node A is working on a batch, node A and
+Triton server 0 are killed (SIGKILL, no goodbye). Then every accepted slice
+must be classified, exactly once (a trigger in the database counts every
+write of a result), and the screen on the surviving node must have seen
+every flag, including those node A raised before it died.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+
+from benchmarks.console_api import ConsoleApi
+from benchmarks.phantoms import phantom_series
+from benchmarks.stack import ConsoleServer, triton_on_free_ports
+from build_engines.serve import missing_model_files
+from console.db import connect
+from tests.console.conftest import ADMIN, ON_POSTGRES
+
+pytestmark = pytest.mark.skipif(
+    not ON_POSTGRES, reason="needs PostgreSQL: run with HEMOTRIAGE_TEST_DATABASE=postgresql"
+)
+
+MODEL = "mobilenet_v2"
+SERIES_PER_NODE, SLICES = 3, 24
+#: Every write of a result, counted by the database itself (one row per UPDATE).
+RESULT_LOG = """
+CREATE TABLE result_log (slice_id BIGINT NOT NULL, node TEXT);
+CREATE FUNCTION log_result() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO result_log VALUES (NEW.id, NEW.claimed_by); RETURN NEW; END $$;
+CREATE TRIGGER slices_result AFTER UPDATE OF status ON slices
+    FOR EACH ROW WHEN (NEW.status = 'classified') EXECUTE FUNCTION log_result();
+"""
+
+
+def _rows(url: str, sql: str, *params) -> list:
+    db = connect(url)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _freeze_holding_a_claim(node: ConsoleServer, url: str) -> set[int]:
+    """Stop ``node`` (SIGSTOP) at a moment it holds a claimed batch; return those slices.
+
+    Seen in the database, then frozen: if the batch was finished in between
+    and no other claimed yet, the node runs on and the next batch is caught.
+    """
+    claimed = "SELECT id FROM slices WHERE status = 'processing' AND claimed_by = ?"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if _rows(url, claimed, node.env["HEMOTRIAGE_NODE_ID"]):
+            os.killpg(node.process.pid, signal.SIGSTOP)
+            held = {r["id"] for r in _rows(url, claimed, node.env["HEMOTRIAGE_NODE_ID"])}
+            if held:
+                return held
+            os.killpg(node.process.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    pytest.fail("the node never held a claimed batch")
+
+
+@pytest.fixture
+def tritons():
+    from build_engines.serve import ServeSettings
+
+    if missing_model_files(ServeSettings.from_env(models=(MODEL,))):
+        pytest.skip("model.onnx not built; run 'python -m build_engines export'")
+    servers = []
+    try:
+        for _ in range(2):  # one at a time: each takes its free ports before the next looks
+            servers.append(triton_on_free_ports((MODEL,)).start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
+    postgres_cluster, tritons, tmp_path
+):
+    url = postgres_cluster.create_database()
+    shared = tmp_path / "shared-storage"
+    settings = {
+        "DATABASE_URL": url,
+        "STORAGE_DIR": str(shared),
+        "TRITON_URL": ",".join(t.grpc_url for t in tritons),
+        "MODEL_NAME": MODEL,
+        "BATCH_SIZE": "4",
+        "CLAIM_LEASE_S": "5",
+        "LEASE_CHECK_S": "0.5",
+        "INBOX_DIR": "",
+    }
+    for node in "ab":
+        (tmp_path / node).mkdir()  # each node's gunicorn log; the stored files are shared
+    node_a = ConsoleServer(tmp_path / "a" / "storage", {**settings, "NODE_ID": "a"}, ADMIN)
+    node_b = ConsoleServer(tmp_path / "b" / "storage", {**settings, "NODE_ID": "b"}, ADMIN)
+    with node_a, node_b:
+        db = connect(url)
+        with db:
+            for statement in RESULT_LOG.split(";\n"):
+                if statement.strip():
+                    db.execute(statement)
+        db.close()
+        token = node_a.token("cluster test")  # one database: valid on both nodes
+        apis = {"a": ConsoleApi(node_a.url, token), "b": ConsoleApi(node_b.url, token)}
+        with apis["b"].events() as screen_b:
+            # Made first, so the uploads follow each other and the queue is long when it starts.
+            series = [
+                (name, [(f"{name}{i}-{k}.dcm", d) for k, d in enumerate(phantom_series(SLICES))])
+                for i in range(SERIES_PER_NODE)
+                for name in apis
+            ]
+            accepted = []
+            for name, files in series:
+                accepted += apis[name].upload(files, None)["slice_ids"]
+            held = _freeze_holding_a_claim(node_a, url)
+            node_a.kill()
+            tritons[0].kill()
+            _wait(
+                lambda: (
+                    not _rows(url, "SELECT 1 FROM slices WHERE status IN ('queued', 'processing')")
+                ),
+                180,
+                "every slice to be finished by node b",
+            )
+            flagged = {
+                r["id"] for r in _rows(url, "SELECT id FROM studies WHERE flagged_at IS NOT NULL")
+            }
+            seen = set()
+            deadline = time.monotonic() + 10
+            while flagged - seen and time.monotonic() < deadline:
+                event = screen_b.get(0.5)
+                if event is not None and event.data.get("status") == "flagged":
+                    seen.add(event.data["id"])
+
+    slices = _rows(url, "SELECT id, status, error FROM slices ORDER BY id")
+    assert sorted(r["id"] for r in slices) == sorted(accepted)  # 0 lost
+    assert {r["status"] for r in slices} == {"classified"}, [r["error"] for r in slices]
+    writes = _rows(url, "SELECT slice_id, COUNT(*) AS n FROM result_log GROUP BY slice_id")
+    assert {r["slice_id"]: r["n"] for r in writes} == dict.fromkeys(accepted, 1)  # 0 repeated
+    by_node = {
+        r["node"]: r["n"]
+        for r in _rows(url, "SELECT node, COUNT(*) AS n FROM result_log GROUP BY node")
+    }
+    assert by_node.get("b", 0) > 0 and sum(by_node.values()) == len(accepted)
+    # The batch node a died holding came back when its lease ran out, and node b did it.
+    retaken = _rows(
+        url, "SELECT id, attempts, claimed_by FROM slices WHERE id = ANY(?)", list(held)
+    )
+    assert len(retaken) == len(held) and held
+    assert all(r["claimed_by"] == "b" and r["attempts"] >= 2 for r in retaken)
+    assert len(flagged) == 2 * SERIES_PER_NODE  # every phantom series has its bleed
+    assert flagged <= seen  # node b's screen heard node a's flags too
