@@ -244,9 +244,7 @@ def test_several_consoles_share_postgresql_and_a_read_write_many_store(resources
     assert init[0] == ["console", "init-db"]  # the schema before anything uses it
 
 
-def test_console_init_containers_run_registered_commands_with_valid_options(
-    resources, console_app
-):
+def test_console_init_containers_run_registered_commands_with_valid_options(resources, console_app):
     init_db, create_admin = _pod(resources[("Deployment", "console")])["initContainers"]
     for container in (init_db, create_admin):
         program, name, *args = container["command"][2:]
