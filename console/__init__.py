@@ -12,10 +12,12 @@ can be, so ``HEMOTRIAGE_BATCH_SIZE=8`` is a number), then ``test_config``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -228,14 +230,25 @@ def _resolve_paths(app: Flask) -> None:
 
 
 def _session_key(path: Path) -> str:
-    """A random key kept in the data folder, so sessions survive restarts; never in git."""
+    """A random key kept in the data folder, so sessions survive restarts; never in git.
+
+    Console nodes sharing the folder start together: the key is written to a
+    file of its own and linked into place, which only the first node manages,
+    so every node reads one complete key.
+    """
     if path.exists():
         return path.read_text().strip()
-    key = secrets.token_hex(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(key)
-    return key
+    descriptor, draft = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+    try:
+        with os.fdopen(descriptor, "w") as out:  # mkstemp makes it 0600
+            out.write(secrets.token_hex(32))
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+    finally:
+        os.unlink(draft)
+    return path.read_text().strip()
 
 
 def _typed_error(error: HemoTriageError):

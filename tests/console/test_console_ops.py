@@ -1,6 +1,8 @@
 import signal
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,23 @@ def test_config_comes_from_prefixed_env_then_test_config(monkeypatch, tmp_path):
     assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
     again = create_app({"STORAGE_DIR": str(tmp_path)})
     assert again.config["SECRET_KEY"] == app.config["SECRET_KEY"]  # sessions survive restarts
+
+
+def test_consoles_starting_together_on_one_storage_folder_share_one_session_key(tmp_path):
+    """Several nodes mount one folder: a session signed by one must be valid on the others."""
+    from console import create_app
+
+    start = threading.Barrier(6)
+
+    def start_console(_):
+        start.wait()
+        return create_app({"STORAGE_DIR": str(tmp_path), "DICOM_PORT": 0}).config["SECRET_KEY"]
+
+    with ThreadPoolExecutor(6) as pool:
+        keys = set(pool.map(start_console, range(6)))
+    assert keys == {(tmp_path / "secret_key").read_text()}
+    assert len(keys.pop()) == 64
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".secret_key")] == []
 
 
 @pytest.mark.parametrize(("key", "value"), [("CLASSIFIER", "cloud"), ("TRITON_PROTOCOL", "udp")])

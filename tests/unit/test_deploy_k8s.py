@@ -10,6 +10,7 @@ and the real Triton, the HPA metric against Triton's own metric names.
 
 import argparse
 import re
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +36,8 @@ GUNICORN_CONF = REPO_ROOT / "console" / "gunicorn.conf.py"
 #: Oldest Kubernetes the manifests are meant for (autoscaling/v2 and every field used are GA)
 #: and the newest whose schemas the validator ships.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
+#: Variables libpq itself reads (https://www.postgresql.org/docs/15/libpq-envars.html).
+LIBPQ_ENVIRONMENT = {"PGPASSWORD"}
 
 
 def _manifest_files() -> list[Path]:
@@ -206,22 +209,48 @@ def test_console_runs_gunicorn_on_the_console_port_with_real_probes(resources, c
     probes = {p: container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")}
     assert probes == {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
     assert set(probes.values()) <= routes
-    # SQLite on a ReadWriteOnce volume: one console, never two at once during a rollout.
-    assert console["spec"]["replicas"] == 1 and console["spec"]["strategy"]["type"] == "Recreate"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     storage = re.search(rf"{ENV_PREFIX}STORAGE_DIR=(\S+)", dockerfile)[1]
     assert mounts[storage] == "instance"
 
 
-def test_console_init_container_runs_a_registered_command_with_valid_options(
-    resources, console_app
-):
-    [create_admin] = _pod(resources[("Deployment", "console")])["initContainers"]
-    program, name, *args = create_admin["command"][2:]
-    assert create_admin["command"][:2] == ["python", "-m"] and program == "console"
-    command = console_app.cli.commands[name]
-    command.make_context(name, list(args))  # raises on an unknown option
+def test_several_consoles_share_postgresql_and_a_read_write_many_store(resources):
+    console = resources[("Deployment", "console")]
+    assert console["spec"]["replicas"] >= 2
+    assert console["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    [claim] = [v["persistentVolumeClaim"]["claimName"] for v in _pod(console)["volumes"]]
+    assert resources[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
+    postgres = resources[("StatefulSet", "postgres")]
+    [server] = _pod(postgres)["containers"]
+    server_env = _env(server)
+    service = resources[("Service", postgres["spec"]["serviceName"])]
+    [port] = service["spec"]["ports"]
+    assert _port(server, port["targetPort"]) == port["port"]
+    for container in _containers(console):
+        env = _env(container)
+        url = urllib.parse.urlsplit(env[f"{ENV_PREFIX}DATABASE_URL"]["value"])
+        assert (url.scheme, url.hostname, url.port) == (
+            "postgresql",
+            service["metadata"]["name"],
+            port["port"],
+        )
+        assert url.username == server_env["POSTGRES_USER"]["value"] and url.password is None
+        assert url.path == f"/{server_env['POSTGRES_DB']['value']}"
+        # libpq's own variable carries the password, from the secret the server reads.
+        assert env["PGPASSWORD"]["valueFrom"] == server_env["POSTGRES_PASSWORD"]["valueFrom"]
+        assert env.get(f"{ENV_PREFIX}INBOX_DIR", {"value": ""})["value"] == ""
+    init = [c["command"][2:] for c in _pod(console)["initContainers"]]
+    assert init[0] == ["console", "init-db"]  # the schema before anything uses it
+
+
+def test_console_init_containers_run_registered_commands_with_valid_options(resources, console_app):
+    init_db, create_admin = _pod(resources[("Deployment", "console")])["initContainers"]
+    for container in (init_db, create_admin):
+        program, name, *args = container["command"][2:]
+        assert container["command"][:2] == ["python", "-m"] and program == "console"
+        command = console_app.cli.commands[name]
+        command.make_context(name, list(args))  # raises on an unknown option
     assert f"{ENV_PREFIX}ADMIN_PASSWORD" in {p.envvar for p in command.params}
 
 
@@ -237,7 +266,7 @@ def test_console_environment_names_are_settings_the_console_reads(resources, con
     }
     known = set(DEFAULTS) | read_by_gunicorn | click_envvars
     for container in _containers(resources[("Deployment", "console")]):
-        for name in _env(container):
+        for name in _env(container).keys() - LIBPQ_ENVIRONMENT:
             assert name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) in known, name
 
 
