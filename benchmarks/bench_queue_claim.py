@@ -141,6 +141,7 @@ def report(runs: list[Run], args: argparse.Namespace, load: float) -> str:
             r.engine,
             str(r.workers),
             str(r.recorded),
+            str(r.refused),
             f"{r.seconds:.2f}",
             f"{r.slices_per_s:.0f}",
             f"{r.slices_per_s / box.slices_per_s:.2f}",
@@ -154,17 +155,26 @@ def report(runs: list[Run], args: argparse.Namespace, load: float) -> str:
             f"{args.slices} queued slices in studies of {SLICES_PER_STUDY}, batches of "
             f"{args.batch_size}; each worker a process with its own connection: claim, then "
             "finish every slice and refresh its studies in one transaction, as the console "
-            "worker commits. Every slice was recorded exactly once in every run (0 refused "
-            "means no claim was lost to another worker). SQLite with `synchronous=FULL` on "
+            "worker commits. A run fails unless every slice was recorded exactly once; "
+            "`refused` counts results a fenced update turned away (a claim another worker "
+            "took over). SQLite with `synchronous=FULL` on "
             "this disk; the PostgreSQL cluster is a throwaway one with `fsync=off`, so its "
             "commits cost no disk flush (a production server's do).",
             "",
             f"1-minute load average before the run: {load:.2f} on {platform.platform()}.",
             "",
             markdown_table(
-                ["engine", "workers", "slices", "seconds", "slices/s", "vs SQLite, 1 worker"],
+                [
+                    "engine",
+                    "workers",
+                    "recorded",
+                    "refused",
+                    "seconds",
+                    "slices/s",
+                    "vs SQLite, 1 worker",
+                ],
                 rows,
-                align="lrrrrr",
+                align="lrrrrrr",
             ),
         ]
     )
