@@ -348,6 +348,19 @@ class EmbeddedTriton:
             if not self._keep_log:
                 self.log_path.unlink(missing_ok=True)
 
+    def pause(self) -> None:
+        """SIGSTOP the server and its backend stubs, as a hung server would (fault tests).
+
+        Connections are still accepted by the kernel, and requests wait.
+        """
+        if self.running:
+            os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server: the requests that waited are served."""
+        if self.running:
+            os.killpg(self._process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the server and its backend stubs at once, as a crash would (fault tests)."""
         process = self._process
