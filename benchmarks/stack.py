@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from build_engines.serve import EmbeddedTriton, ServeSettings, free_ports
+from build_engines.serve import EmbeddedTriton, ServeSettings, free_ports, terminate
 from client.constants import ENV_PREFIX, REPO_ROOT
 from client.errors import ServerUnavailableError
 
@@ -171,14 +171,8 @@ class ConsoleServer:
 
     def stop(self) -> None:
         """SIGTERM gunicorn (it lets the current batch finish); SIGKILL if it hangs."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                logger.warning("gunicorn ignored SIGTERM for %.0f s; killing it", _STOP_TIMEOUT_S)
-                self.kill()
+        if self.process is not None:
+            terminate(self.process, _STOP_TIMEOUT_S, "gunicorn")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

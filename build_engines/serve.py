@@ -251,6 +251,25 @@ def missing_model_files(settings: ServeSettings) -> list[Path]:
     ]
 
 
+def terminate(process: subprocess.Popen, timeout_s: float, name: str) -> None:
+    """SIGTERM a server started in its own session; SIGKILL its whole group if it hangs.
+
+    Args:
+        process: The server, leader of its process group (``start_new_session``).
+        timeout_s: How long it may take to drain and exit.
+        name: What the warning calls it.
+    """
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s ignored SIGTERM for %.0f s; killing it", name, timeout_s)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class EmbeddedTriton:
     """A tritonserver subprocess on the model repository, ready when entered.
 
@@ -333,15 +352,8 @@ class EmbeddedTriton:
     def stop(self) -> None:
         """SIGTERM the server (it drains, unloads models and exits); SIGKILL if it hangs."""
         process, self._process = self._process, None
-        timeout_s = self.settings.exit_timeout_s + _KILL_GRACE_S
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("tritonserver ignored SIGTERM for %.0f s; killing it", timeout_s)
-                process.kill()
-                process.wait()
+        if process is not None:
+            terminate(process, self.settings.exit_timeout_s + _KILL_GRACE_S, "tritonserver")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -85,6 +85,18 @@ def test_upload_raises_the_alert_on_every_open_screen_without_reload(
         _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice, tmp_path)
 
 
+def _text(driver, selector: str) -> str:
+    """The visible text of the element ``selector`` now, read in the page in one step.
+
+    The pages redraw parts of themselves on every live event. Reading an
+    element's text through a handle can meet the node just replaced, which
+    chromedriver reports as an unknown error rather than a stale element.
+    """
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", selector
+    )
+
+
 def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice, tmp_path):
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -102,7 +114,7 @@ def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice,
     browser.find_element(By.ID, "password").send_keys("correct horse battery")
     browser.find_element(By.ID, "login").click()
     wait.until(ec.presence_of_element_located((By.ID, "worklist-rows")))
-    wait.until(lambda d: "No studies yet" in d.find_element(By.ID, "worklist-rows").text)
+    wait.until(lambda d: "No studies yet" in _text(d, "#worklist-rows"))
     worklist_tab = browser.current_window_handle
     browser.execute_script("window.notReloaded = true;")
 
@@ -110,16 +122,14 @@ def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice,
     browser.get(base + "/upload")
     browser.find_element(By.ID, "file-input").send_keys(str(flagged_slice))
     browser.find_element(By.ID, "upload-button").click()
-    wait.until(lambda d: "Accepted into" in d.find_element(By.ID, "upload-result").text)
+    wait.until(lambda d: "Accepted into" in _text(d, "#upload-result"))
 
     banner = wait.until(ec.visibility_of_element_located((By.ID, "alert-banner")))
     assert "Possible intracranial hemorrhage" in banner.text
 
     browser.switch_to.window(worklist_tab)
     banner = wait.until(ec.visibility_of_element_located((By.ID, "alert-banner")))
-    wait.until(
-        lambda d: "flagged" in d.find_element(By.CSS_SELECTOR, "tr.row-flagged").text.lower()
-    )
+    wait.until(lambda d: "flagged" in _text(d, "tr.row-flagged").lower())
     assert browser.execute_script("return window.notReloaded === true;")
     screenshot = tmp_path / "worklist-alert.png"  # kept under pytest's tmp folder
     assert browser.save_screenshot(str(screenshot))
@@ -128,9 +138,9 @@ def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice,
     browser.find_element(By.CSS_SELECTOR, "#alert-banner a.alert-link").click()
     wait.until(ec.presence_of_element_located((By.ID, "main-slice")))
     browser.find_element(By.ID, "acknowledge").click()
-    wait.until(lambda d: "acknowledged" in d.find_element(By.ID, "study-status").text.lower())
+    wait.until(lambda d: "acknowledged" in _text(d, "#study-status").lower())
     assert not browser.find_element(By.ID, "alert-banner").is_displayed()
 
     # The reader's verdict on the flag, from the same page.
     browser.find_element(By.ID, "feedback-confirmed").click()
-    wait.until(lambda d: "true positive" in d.find_element(By.ID, "feedback-current").text)
+    wait.until(lambda d: "true positive" in _text(d, "#feedback-current"))

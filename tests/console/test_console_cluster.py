@@ -22,7 +22,7 @@ from benchmarks.phantoms import phantom_series
 from benchmarks.stack import ConsoleServer, triton_on_free_ports
 from build_engines.serve import missing_model_files
 from console.db import connect
-from tests.console.conftest import ADMIN, ON_POSTGRES
+from tests.console.conftest import ADMIN, ON_POSTGRES, wait_for
 
 pytestmark = pytest.mark.skipif(
     not ON_POSTGRES, reason="needs PostgreSQL: run with HEMOTRIAGE_TEST_DATABASE=postgresql"
@@ -46,13 +46,6 @@ def _rows(url: str, sql: str, *params) -> list:
         return db.execute(sql, params).fetchall()
     finally:
         db.close()
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -110,18 +103,13 @@ def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
                     ]
                     accepted += api.upload(files, None)["slice_ids"]
             claimed_by_a = "SELECT id FROM slices WHERE status = 'processing' AND claimed_by = 'a'"
-            _wait(lambda: _rows(url, claimed_by_a), 60, "node a to claim a batch")
+            assert wait_for(lambda: _rows(url, claimed_by_a), 60), "node a never claimed a batch"
             held = {r["id"] for r in _rows(url, claimed_by_a)}
             node_a.kill()
             tritons[0].kill()
             tritons[1].resume()
-            _wait(
-                lambda: (
-                    not _rows(url, "SELECT 1 FROM slices WHERE status IN ('queued', 'processing')")
-                ),
-                180,
-                "every slice to be finished by node b",
-            )
+            unfinished = "SELECT 1 FROM slices WHERE status IN ('queued', 'processing')"
+            assert wait_for(lambda: not _rows(url, unfinished), 180), "node b left slices undone"
             flagged = {
                 r["id"] for r in _rows(url, "SELECT id FROM studies WHERE flagged_at IS NOT NULL")
             }
