@@ -349,8 +349,25 @@ ALTER TABLE slices ADD COLUMN claimed_by TEXT;
 ALTER TABLE slices ADD COLUMN claim_token TEXT
 """
 
+
+def _stage_times(db: Connection) -> None:
+    """Version 3: when a slice's batch was prepared and inferred, and its wait in between.
+
+    The worker decodes the next batch while the classifier computes the current
+    one, so the stages of a series overlap; these times draw its timeline.
+    """
+    for statement in _statements(_STAGE_TIME_COLUMNS, db.engine):
+        db.execute(statement)
+
+
+_STAGE_TIME_COLUMNS = """
+ALTER TABLE slices ADD COLUMN prepared_at REAL;
+ALTER TABLE slices ADD COLUMN handoff_ms REAL;
+ALTER TABLE slices ADD COLUMN inferred_at REAL
+"""
+
 #: Schema steps in order: a database at version ``n`` has run the first ``n``.
-_MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_baseline, _claim_owners)
+_MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_baseline, _claim_owners, _stage_times)
 #: The version :func:`init_db` brings every database to.
 SCHEMA_VERSION = len(_MIGRATIONS)
 

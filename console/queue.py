@@ -35,12 +35,20 @@ FINISHED = ("flagged", "negative", "failed", "acknowledged")
 
 @dataclass(frozen=True)
 class SliceTimings:
-    """Per-stage latencies of one slice, in milliseconds."""
+    """Per-stage latencies of one slice (milliseconds) and when its batch passed each stage.
+
+    ``handoff_ms`` is how long the prepared batch waited for the classifier
+    (busy with the batch before); ``prepared_at`` and ``inferred_at`` (epoch
+    seconds) place the batch's preparation and inference on a timeline.
+    """
 
     decode_ms: float
     preprocess_ms: float
     queue_wait_ms: float
     inference_ms: float
+    handoff_ms: float = 0.0
+    prepared_at: float | None = None
+    inferred_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,15 @@ def requeue_claims(
         )
     release(db, [r["id"] for r in stale if r["attempts"] < max_attempts])
     return len(stale) - len(out_of_attempts), sorted({r["study_id"] for r in out_of_attempts})
+
+
+def has_queued(db: Connection) -> bool:
+    """Whether any slice waits, read without taking the write lock an idle poll does not need."""
+    with db:
+        return (
+            db.execute("SELECT 1 FROM slices WHERE status = 'queued' LIMIT 1").fetchone()
+            is not None
+        )
 
 
 def claim(db: Connection, batch_size: int, node: str) -> list[Row]:
@@ -178,7 +195,8 @@ def finish(
         db.execute(
             "UPDATE slices SET status = 'classified', probability = ?, head_fraction = ?, "
             "error = NULL, finished_at = ?, decode_ms = ?, preprocess_ms = ?, "
-            f"queue_wait_ms = ?, inference_ms = ? WHERE id = ? AND {_CLAIMED}",
+            "queue_wait_ms = ?, inference_ms = ?, handoff_ms = ?, prepared_at = ?, "
+            f"inferred_at = ? WHERE id = ? AND {_CLAIMED}",
             (
                 probability,
                 head_fraction,
@@ -187,6 +205,9 @@ def finish(
                 timings.preprocess_ms,
                 timings.queue_wait_ms,
                 timings.inference_ms,
+                timings.handoff_ms,
+                timings.prepared_at,
+                timings.inferred_at,
                 slice_id,
                 claim_token,
                 claim_token,

@@ -61,7 +61,12 @@ _SLICE_COLUMNS = (
     "decode_ms",
     "preprocess_ms",
     "queue_wait_ms",
+    "handoff_ms",
     "inference_ms",
+    "started_at",
+    "prepared_at",
+    "inferred_at",
+    "finished_at",
     "purged_at",
 )
 

@@ -3,7 +3,13 @@
 Each round claims a batch from :mod:`console.queue`, decodes and preprocesses
 the stored files with :mod:`client.preprocess`, sends the batch to the
 classifier in one ``predict`` call (Triton by default, see
-:func:`build_classifier`) and commits the results.
+:func:`build_classifier`) and commits the results. Two threads share the work
+as a pipeline: a preparer claims and decodes the next batch while the
+classifier thread waits on Triton for the current one, so a series costs
+about the slower of the two stages instead of their sum. The hand-off holds
+one prepared batch, so the preparer never runs more than a batch ahead and an
+urgent study waits at most for the batch in the classifier and the one
+prepared (claims take the most urgent slices first).
 
 Nothing can hold the queue: while the classifier is unreachable
 (:class:`~client.errors.ServerUnavailableError`, or a model that is not
@@ -20,7 +26,7 @@ database: each claims its own batches, and a result whose lease was taken
 back is refused, never recorded twice.
 
     worker = QueueWorker(settings, broker, metrics, build_classifier)
-    worker.start()        # or worker.run_once() from a test
+    worker.start()        # or worker.run_once() from a test: one batch, no pipeline
     ...
     worker.stop()
 """
@@ -28,6 +34,7 @@ back is refused, never recorded twice.
 from __future__ import annotations
 
 import logging
+import queue as handoff_queue
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +134,23 @@ def build_classifier(settings: WorkerSettings) -> Classifier:
     raise ValueError(f"CLASSIFIER must be one of {CLASSIFIER_KINDS}, got {settings.classifier!r}")
 
 
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A claimed batch, decoded and preprocessed, on its way to the classifier.
+
+    Attributes:
+        rows: The claimed slice rows (all under one claim token).
+        prepared: ``(row, model input, head fraction, (decode ms, preprocess ms))``.
+        failed: ``(row, reason)`` for slices whose stored file no longer decodes.
+        prepared_at: When preparation ended (epoch seconds).
+    """
+
+    rows: list
+    prepared: list
+    failed: list
+    prepared_at: float
+
+
 @dataclass
 class WorkerState:
     """What ``/readyz``, ``/metrics`` and the status bar show about the worker.
@@ -174,7 +198,11 @@ class QueueWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._db = None
+        self._preparer: threading.Thread | None = None
+        #: One prepared batch waits here while the classifier works on the one before.
+        self._handoff: handoff_queue.Queue[PreparedBatch] = handoff_queue.Queue(maxsize=1)
+        #: Each thread's own connection: "classify" (commits) and "prepare" (claims).
+        self._dbs: dict[str, object] = {}
         self._next_lease_check = 0.0
         self._took_back_earlier_claims = False
         metrics.watch_triton(self.triton_servers)
@@ -192,12 +220,16 @@ class QueueWorker:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="hemotriage-worker", daemon=True)
+        self._preparer = threading.Thread(
+            target=self._prepare_loop, name="hemotriage-preparer", daemon=True
+        )
         self.state.heartbeat_at = time.time()
         self._thread.start()
+        self._preparer.start()
 
     def is_alive(self) -> bool:
-        """The loop thread runs (False before start, after stop, or if it died)."""
-        return self._thread is not None and self._thread.is_alive()
+        """Both threads run (False before start, after stop, or if either died)."""
+        return all(t is not None and t.is_alive() for t in (self._thread, self._preparer))
 
     def requeue_claims(self, starting: bool = False) -> int:
         """Take back leases that ran out (older than ``lease_s``), of any node.
@@ -210,7 +242,7 @@ class QueueWorker:
         Returns:
             How many slices went back to the queue.
         """
-        db = self._connection()
+        db = self._connection("classify")
         now = time.time()
         only_node = starting and db.engine == "sqlite"
         with db:
@@ -233,24 +265,30 @@ class QueueWorker:
         return requeued
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish the current batch, stop the thread and close the classifier."""
+        """Finish the current batch, stop the threads and close the classifier.
+
+        A batch prepared but not yet classified goes back to the queue with its
+        attempt refunded: it was never tried.
+        """
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        for thread in (self._thread, self._preparer):
+            if thread is not None:
+                thread.join(timeout_s)
+        self._thread = self._preparer = None
+        self._give_back_prepared()
         with self._classifier_lock:
             classifier, self._classifier = self._classifier, None
         # TritonClassifier holds connections (and gRPC threads); LocalClassifier holds none.
         close = getattr(classifier, "close", None)
         if close is not None:
             close()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for db in self._dbs.values():
+            db.close()
+        self._dbs.clear()
 
     def wake(self) -> None:
-        """New work arrived: skip the idle poll wait (not the backoff)."""
+        """New work arrived: the preparer skips its idle poll wait (not the backoff)."""
         self._wake.set()
 
     def classifier(self) -> Classifier:
@@ -268,6 +306,7 @@ class QueueWorker:
                     raise
                 self.state.classifier_ready = True
                 self._metrics.classifier_up.set(1)
+                self._wake.set()  # the preparer waits for a classifier before it claims
             return self._classifier
 
     def triton_servers(self) -> tuple[ServerStatus, ...]:
@@ -276,7 +315,9 @@ class QueueWorker:
         return servers() if servers is not None else ()
 
     def run_once(self) -> int:
-        """Classify one batch; return how many slices it finished (0: queue empty).
+        """Claim, prepare and classify one batch in this thread; how many slices it finished.
+
+        The loop started by :meth:`start` runs the same steps as a pipeline.
 
         Raises:
             ServerUnavailableError, ModelNotReadyError: the classifier is
@@ -285,43 +326,64 @@ class QueueWorker:
                 back to the queue (or failed, for slices out of attempts).
         """
         classifier = self.classifier()
-        db = self._connection()
+        batch = self._claim_and_prepare("classify")
+        return 0 if batch is None else self._classify(classifier, batch)
+
+    def _claim_and_prepare(self, role: str) -> PreparedBatch | None:
+        """Claim the head of the queue and decode it (None: nothing queued)."""
+        db = self._connection(role)
+        if not queue.has_queued(db):
+            return None
         with db:
             begin_write(db, row_locks=True)
             rows = queue.claim(db, self.settings.batch_size, self.settings.node_id)
         if not rows:
-            return 0
+            return None
         try:
-            return self._classify(db, classifier, rows)
+            prepared, failed = self._prepare(rows)
+        except BaseException as e:
+            self._give_back(rows, e, refund=False, role=role)
+            raise
+        return PreparedBatch(rows, prepared, failed, time.time())
+
+    def _classify(self, classifier: Classifier, batch: PreparedBatch) -> int:
+        """Infer and commit a prepared batch; on failure give it back (see :meth:`run_once`)."""
+        try:
+            return self._infer_and_commit(classifier, batch)
         except _UNAVAILABLE as e:
             self._drop_classifier(e)
-            self._give_back(rows, e, refund=True)
+            self._give_back(batch.rows, e, refund=True)
             raise
         except BaseException as e:
             if isinstance(e, HemoTriageError):
                 self._drop_classifier(e)  # rebuilt next round: checks the model again
-            self._give_back(rows, e, refund=False)
+            self._give_back(batch.rows, e, refund=False)
             raise
 
-    def _classify(self, db, classifier: Classifier, rows) -> int:
-        claimed_at = time.time()
-        prepared, failed = self._prepare(rows)
+    def _infer_and_commit(self, classifier: Classifier, batch: PreparedBatch) -> int:
+        started_at = time.time()
         probabilities = np.empty(0, dtype=np.float32)
         inference_ms = 0.0
-        if prepared:
-            batch = np.stack([p[1] for p in prepared])
-            priority = min(r["priority"] for r, *_ in prepared)
+        if batch.prepared:
+            tensors = np.stack([p[1] for p in batch.prepared])
+            priority = min(r["priority"] for r, *_ in batch.prepared)
             start = time.perf_counter()
-            probabilities = classifier.predict(batch, priority=priority)
-            inference_ms = (time.perf_counter() - start) * 1000 / len(prepared)
-        self._commit(db, rows, prepared, failed, probabilities, inference_ms, claimed_at)
-        return len(rows)
+            probabilities = classifier.predict(tensors, priority=priority)
+            inference_ms = (time.perf_counter() - start) * 1000 / len(batch.prepared)
+        times = {
+            "handoff_ms": (started_at - batch.prepared_at) * 1000,
+            "prepared_at": batch.prepared_at,
+            "inferred_at": time.time(),
+        }
+        self._commit(batch, probabilities, inference_ms, times)
+        return len(batch.rows)
 
-    def _give_back(self, rows, error: BaseException, refund: bool) -> None:
+    def _give_back(self, rows, error: BaseException, refund: bool, role: str = "classify") -> None:
         """Return a batch that did not finish: re-queued, or failed once out of attempts.
 
         If even this fails (the database is locked or gone), the claims stay
-        ``processing`` and the lease timer takes them back later.
+        ``processing`` and the lease timer takes them back later. ``role`` names
+        the calling thread's connection.
         """
         reason = f"{type(error).__name__}: {error}"
         retry = [r["id"] for r in rows if refund or r["attempts"] < self.settings.max_attempts]
@@ -331,7 +393,7 @@ class QueueWorker:
             if not refund and r["attempts"] >= self.settings.max_attempts
         ]
         try:
-            db = self._connection()
+            db = self._connection(role)
             with db:
                 begin_write(db)
                 queue.release(db, retry, refund=refund, claim_token=rows[0]["claim_token"])
@@ -377,14 +439,17 @@ class QueueWorker:
             prepared.append((row, tensor, head_fraction(view), timings))
         return prepared, failed
 
-    def _commit(self, db, rows, prepared, failed, probabilities, inference_ms, claimed_at):
+    def _commit(self, batch: PreparedBatch, probabilities, inference_ms: float, times: dict):
         """Record the batch's results in one transaction, then tell the screens.
 
         A non-finite probability (a broken model or input) fails its slice: it
-        must never count as a negative.
+        must never count as a negative. ``times`` holds the batch's
+        :class:`~console.queue.SliceTimings` hand-off wait and timestamps.
         """
+        db = self._connection("classify")
+        rows, failed = batch.rows, list(batch.failed)
         scored = []
-        for item, p in zip(prepared, probabilities, strict=True):
+        for item, p in zip(batch.prepared, probabilities, strict=True):
             if np.isfinite(p):
                 scored.append((item, p))
             else:
@@ -394,7 +459,9 @@ class QueueWorker:
             begin_write(db)
             for (row, _, head, (decode_ms, preprocess_ms)), p in scored:
                 wait_ms = (row["started_at"] - row["queued_at"]) * 1000
-                timings = queue.SliceTimings(decode_ms, preprocess_ms, wait_ms, inference_ms)
+                timings = queue.SliceTimings(
+                    decode_ms, preprocess_ms, wait_ms, inference_ms, **times
+                )
                 if not queue.finish(db, row["id"], float(p), head, timings, row["claim_token"]):
                     continue
                 classified += 1
@@ -402,6 +469,7 @@ class QueueWorker:
                     ("decode", decode_ms),
                     ("preprocess", preprocess_ms),
                     ("queue_wait", wait_ms),
+                    ("handoff", times["handoff_ms"]),
                     ("inference", inference_ms),
                 ):
                     self._metrics.stage_seconds.labels(stage).observe(ms / 1000)
@@ -437,7 +505,7 @@ class QueueWorker:
             classified,
             failed_count,
             inference_ms,
-            (time.time() - claimed_at) * 1000,
+            (time.time() - min(r["started_at"] for r in rows)) * 1000,
         )
 
     def _finish_failed(self, db, failed) -> int:
@@ -460,29 +528,39 @@ class QueueWorker:
         self._metrics.worker_errors.labels(type(error).__name__).inc()
         self._metrics.worker_last_error.set(self.state.last_error_at)
 
-    def _connection(self):
-        """The worker thread's own connection (request connections live in ``g``).
+    def _connection(self, role: str):
+        """The connection of one worker thread (request connections live in ``g``).
 
-        A PostgreSQL connection the server dropped is replaced on the next round.
+        ``role`` is ``"classify"`` (the loop, and :meth:`run_once`) or
+        ``"prepare"`` (the preparer): each thread uses only its own. A
+        PostgreSQL connection the server dropped is replaced on the next round.
         """
-        if self._db is not None and self._db.broken:
-            self._db.close()
-            self._db = None
-        if self._db is None:
-            self._db = connect(self.settings.database, self.settings.busy_timeout_s)
-        return self._db
+        db = self._dbs.get(role)
+        if db is not None and db.broken:
+            db.close()
+            db = None
+        if db is None:
+            db = self._dbs[role] = connect(self.settings.database, self.settings.busy_timeout_s)
+        return db
 
     def _loop(self) -> None:
+        """The classifier side of the pipeline: take a prepared batch, infer, commit."""
         delay_s = self.settings.backoff_initial_s
         while not self._stop.is_set():
             self.state.heartbeat_at = time.time()
             try:
                 self._check_leases()
-                done = self.run_once()
+                classifier = self.classifier()
+                try:
+                    batch = self._handoff.get(timeout=self.settings.poll_s)
+                except handoff_queue.Empty:
+                    continue
+                self._classify(classifier, batch)
             except _UNAVAILABLE as e:
                 logger.warning(
                     "classifier unavailable (%s); retrying in %.1f s", type(e).__name__, delay_s
                 )
+                self._give_back_prepared()
             except Exception as e:
                 # A timeout, an error answer, a full disk or a bug must not kill the only
                 # worker thread: record it for /readyz and /metrics, back off, go on.
@@ -491,13 +569,51 @@ class QueueWorker:
             else:
                 delay_s = self.settings.backoff_initial_s
                 self.state.backoff_s = 0.0
-                if done == 0:
-                    self._wake.wait(self.settings.poll_s)
-                    self._wake.clear()
                 continue
             self.state.backoff_s = delay_s
             self._stop.wait(delay_s)
             delay_s = min(delay_s * 2, self.settings.backoff_max_s)
+
+    def _prepare_loop(self) -> None:
+        """The preparer side: claim and decode the next batch while the classifier works.
+
+        It claims only while a classifier is up (claims made while Triton is
+        down would only be handed back) and after the loop took back this
+        node's claims of an earlier run (which would include its own), and
+        blocks while the hand-off is full.
+        """
+        while not self._stop.is_set():
+            if not (self.state.classifier_ready and self._took_back_earlier_claims):
+                self._wake.wait(self.settings.poll_s)
+                self._wake.clear()
+                continue
+            try:
+                batch = self._claim_and_prepare("prepare")
+            except Exception as e:
+                logger.exception("preparing a batch failed; retrying")
+                self._record_error(e)
+                self._stop.wait(self.settings.backoff_initial_s)
+                continue
+            if batch is None:
+                self._wake.wait(self.settings.poll_s)
+                self._wake.clear()
+                continue
+            while not self._stop.is_set():
+                try:
+                    self._handoff.put(batch, timeout=self.settings.poll_s)
+                    break
+                except handoff_queue.Full:
+                    continue
+            else:
+                self._give_back(batch.rows, _Stopping(), refund=True, role="prepare")
+
+    def _give_back_prepared(self) -> None:
+        """Hand the prepared batch waiting for the classifier back to the queue, untried."""
+        try:
+            batch = self._handoff.get_nowait()
+        except handoff_queue.Empty:
+            return
+        self._give_back(batch.rows, _Stopping(), refund=True)
 
     def _check_leases(self) -> None:
         """First this node's claims of an earlier run, then every ``lease_check_s`` expired ones."""
@@ -509,3 +625,10 @@ class QueueWorker:
         if now >= self._next_lease_check:
             self._next_lease_check = now + self.settings.lease_check_s
             self.requeue_claims()
+
+
+class _Stopping(Exception):
+    """Why a prepared batch went back untried: the worker stopped or the classifier left."""
+
+    def __str__(self) -> str:
+        return "prepared, not classified: the worker stopped or the classifier is unavailable"

@@ -309,7 +309,9 @@ def test_server_error_answers_fail_the_batch_after_the_cap_and_the_queue_flows_o
     )
     worker.start()
     try:
-        assert wait_for(lambda: "classified" in _statuses(db_rows), timeout_s=60)
+        # The small study flows on while the big batch is retried (the worker prepares the
+        # next batch while one is in the server, so their order is not fixed).
+        assert wait_for(lambda: set(_statuses(db_rows)) <= {"classified", "failed"}, timeout_s=60)
     finally:
         worker.stop()
     statuses = _statuses(db_rows)

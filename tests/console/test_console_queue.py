@@ -199,3 +199,42 @@ def test_default_triton_classifier_scores_a_real_series(
     detail = client.get(f"/api/studies/{study_id}").get_json()
     assert detail["status"] in ("flagged", "negative")
     assert detail["slices"] == {"classified": len(cq500_series)}
+
+
+@pytest.mark.integration
+def test_worker_prepares_the_next_batches_while_triton_computes_one(
+    triton_server, app_factory, storage, token_for, upload, phantom_series, db_rows
+):
+    """Decoding overlaps inference: with the server held inside batch 1, batches 2 and 3
+    are claimed (so batch 2 was decoded and handed over); each slice is classified once."""
+    app = app_factory(
+        storage,
+        CLASSIFIER="triton",
+        TRITON_URL=triton_server.grpc_url,
+        BATCH_SIZE=4,
+        INBOX_DIR="",
+    )
+    services = app.extensions[EXTENSION_KEY]
+    client = app.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app)}"
+    services.start()
+    assert wait_for(lambda: services.worker.state.classifier_ready)
+
+    def statuses() -> list[str]:
+        return [r["status"] for r in db_rows("SELECT status FROM slices")]
+
+    triton_server.pause()
+    try:
+        accepted = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(12))])
+        assert accepted.status_code == 201
+        assert wait_for(lambda: statuses() == ["processing"] * 12, timeout_s=60)
+    finally:
+        triton_server.resume()
+    assert wait_for(lambda: statuses() == ["classified"] * 12, timeout_s=60)
+    rows = db_rows("SELECT attempts, prepared_at, handoff_ms, inferred_at FROM slices ORDER BY id")
+    assert [r["attempts"] for r in rows] == [1] * 12
+    batches = sorted({(r["prepared_at"], r["inferred_at"]) for r in rows})
+    assert len(batches) == 3
+    (_, first_inferred), (second_prepared, _), _ = batches
+    assert second_prepared < first_inferred  # ready before the server answered batch 1
+    assert all(r["handoff_ms"] >= 0 for r in rows)

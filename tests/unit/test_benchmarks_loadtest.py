@@ -5,9 +5,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from werkzeug.wrappers import Request
 
-from benchmarks.bench_time_to_alert import worker_stages
+from benchmarks.bench_time_to_alert import batch_timeline, worker_stages
 from benchmarks.console_api import study_events, upload_body
 from benchmarks.loadtest import audit_database
 from benchmarks.phantoms import phantom_series
@@ -103,19 +104,35 @@ def test_multipart_body_parses_into_files_and_study_label():
     assert request.form["study"] == "label 1"
 
 
-def test_worker_stages_add_up_to_the_console_time_to_its_decision():
+def test_worker_stages_count_the_overlap_of_preparation_and_inference():
+    """Batch 2 is prepared (100.10-100.30) while batch 1 is inferred (100.10-100.40)."""
+
+    def slice_(started, prepared, handoff_ms, inferred, finished):
+        return {
+            "started_at": started,
+            "prepared_at": prepared,
+            "handoff_ms": handoff_ms,
+            "inferred_at": inferred,
+            "finished_at": finished,
+        }
+
     detail = {
         "received_at": 100.0,
-        "finished_at": 101.0,
+        "finished_at": 100.8,
         "slice_list": [
-            {"queue_wait_ms": 20.0, "decode_ms": 5.0, "preprocess_ms": 5.0, "inference_ms": 25.0},
-            {"queue_wait_ms": 400.0, "decode_ms": 5.0, "preprocess_ms": 5.0, "inference_ms": 25.0},
+            slice_(100.02, 100.10, 0.0, 100.40, 100.45),
+            slice_(100.02, 100.10, 0.0, 100.40, 100.45),
+            slice_(100.10, 100.30, 150.0, 100.75, 100.8),
         ],
     }
     stages = worker_stages(detail)
-    assert stages["first_claim_ms"] == 20.0
-    assert stages["inference_ms"] == 50.0
-    assert sum(stages.values()) == 1000.0
+    assert stages["first_claim_ms"] == pytest.approx(20.0)
+    assert stages["prepare_ms"] == pytest.approx(80.0 + 200.0)
+    assert stages["inference_ms"] == pytest.approx(300.0 + 300.0)
+    assert stages["commit_ms"] == pytest.approx(50.0 + 50.0)
+    # 20 + 280 + 600 + 100 = 1000 ms of stages in an 800 ms record.
+    assert stages["overlapped_ms"] == pytest.approx(200.0)
+    assert [b["slices"] for b in batch_timeline(detail)] == [2, 1]
 
 
 def test_study_events_yield_the_data_of_study_events_only():
