@@ -328,6 +328,11 @@ def worker_stages(detail: dict) -> dict[str, float]:
     return stages
 
 
+def decision_record_ms(stages: dict[str, float]) -> float:
+    """The console's ``finished_at - received_at`` that :func:`worker_stages` split."""
+    return sum(v for k, v in stages.items() if k != "overlapped_ms") - stages["overlapped_ms"]
+
+
 def choose_source(args: argparse.Namespace, api: ConsoleApi, stream: EventStream) -> Source:
     """The requested source; for ``auto``, the phantom if a warm-up upload gets flagged."""
     candidates = {
@@ -488,7 +493,7 @@ def summarize(
     breakdown = {}
     for stage in STAGES:
         values = [r.stages[stage] for r in flagged]
-        shares = [r.stages[stage] / (r.server_time_to_alert_s * 1000) for r in flagged]
+        shares = [r.stages[stage] / decision_record_ms(r.stages) for r in flagged]
         breakdown[stage] = {**percentiles(values), "share": float(np.mean(shares))}
     return {
         "model": args.model,

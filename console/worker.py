@@ -7,9 +7,9 @@ classifier in one ``predict`` call (Triton by default, see
 as a pipeline: a preparer claims and decodes the next batch while the
 classifier thread waits on Triton for the current one, so a series costs
 about the slower of the two stages instead of their sum. The hand-off holds
-one prepared batch, so the preparer never runs more than a batch ahead and an
-urgent study waits at most for the batch in the classifier and the one
-prepared (claims take the most urgent slices first).
+one prepared batch and the preparer claims only when it is free, so it never
+runs more than a batch ahead: an urgent study waits at most for the batch in
+the classifier and the one prepared (claims take the most urgent slices first).
 
 Nothing can hold the queue: while the classifier is unreachable
 (:class:`~client.errors.ServerUnavailableError`, or a model that is not
@@ -201,6 +201,9 @@ class QueueWorker:
         self._preparer: threading.Thread | None = None
         #: One prepared batch waits here while the classifier works on the one before.
         self._handoff: handoff_queue.Queue[PreparedBatch] = handoff_queue.Queue(maxsize=1)
+        #: The preparer claims only while the hand-off is free: it never holds a
+        #: second prepared batch that an urgent study would have to wait behind.
+        self._slot = threading.Semaphore(1)
         #: Each thread's own connection: "classify" (commits) and "prepare" (claims).
         self._dbs: dict[str, object] = {}
         self._next_lease_check = 0.0
@@ -555,6 +558,7 @@ class QueueWorker:
                     batch = self._handoff.get(timeout=self.settings.poll_s)
                 except handoff_queue.Empty:
                     continue
+                self._slot.release()  # the preparer claims the next batch now
                 self._classify(classifier, batch)
             except _UNAVAILABLE as e:
                 logger.warning(
@@ -578,34 +582,31 @@ class QueueWorker:
         """The preparer side: claim and decode the next batch while the classifier works.
 
         It claims only while a classifier is up (claims made while Triton is
-        down would only be handed back) and after the loop took back this
-        node's claims of an earlier run (which would include its own), and
-        blocks while the hand-off is full.
+        down would only be handed back), after the loop took back this node's
+        claims of an earlier run (which would include its own), and only while
+        the hand-off is free.
         """
         while not self._stop.is_set():
             if not (self.state.classifier_ready and self._took_back_earlier_claims):
                 self._wake.wait(self.settings.poll_s)
                 self._wake.clear()
                 continue
+            if not self._slot.acquire(timeout=self.settings.poll_s):
+                continue
             try:
                 batch = self._claim_and_prepare("prepare")
             except Exception as e:
+                self._slot.release()
                 logger.exception("preparing a batch failed; retrying")
                 self._record_error(e)
                 self._stop.wait(self.settings.backoff_initial_s)
                 continue
             if batch is None:
+                self._slot.release()
                 self._wake.wait(self.settings.poll_s)
                 self._wake.clear()
                 continue
-            while not self._stop.is_set():
-                try:
-                    self._handoff.put(batch, timeout=self.settings.poll_s)
-                    break
-                except handoff_queue.Full:
-                    continue
-            else:
-                self._give_back(batch.rows, _Stopping(), refund=True, role="prepare")
+            self._handoff.put_nowait(batch)  # the slot keeps it free
 
     def _give_back_prepared(self) -> None:
         """Hand the prepared batch waiting for the classifier back to the queue, untried."""
@@ -613,6 +614,7 @@ class QueueWorker:
             batch = self._handoff.get_nowait()
         except handoff_queue.Empty:
             return
+        self._slot.release()
         self._give_back(batch.rows, _Stopping(), refund=True)
 
     def _check_leases(self) -> None:

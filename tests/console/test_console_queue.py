@@ -202,11 +202,12 @@ def test_default_triton_classifier_scores_a_real_series(
 
 
 @pytest.mark.integration
-def test_worker_prepares_the_next_batches_while_triton_computes_one(
+def test_worker_prepares_the_next_batch_while_triton_computes_one_and_urgent_goes_next(
     triton_server, app_factory, storage, token_for, upload, phantom_series, db_rows
 ):
-    """Decoding overlaps inference: with the server held inside batch 1, batches 2 and 3
-    are claimed (so batch 2 was decoded and handed over); each slice is classified once."""
+    """Decoding overlaps inference, one batch ahead: with the server held inside batch 1,
+    batch 2 is claimed and decoded, batch 3 is not; an urgent study sent then is the next
+    batch claimed; each slice is classified once."""
     app = app_factory(
         storage,
         CLASSIFIER="triton",
@@ -221,20 +222,27 @@ def test_worker_prepares_the_next_batches_while_triton_computes_one(
     assert wait_for(lambda: services.worker.state.classifier_ready)
 
     def statuses() -> list[str]:
-        return [r["status"] for r in db_rows("SELECT status FROM slices")]
+        return [r["status"] for r in db_rows("SELECT status FROM slices ORDER BY id")]
 
     triton_server.pause()
     try:
-        accepted = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(12))])
-        assert accepted.status_code == 201
-        assert wait_for(lambda: statuses() == ["processing"] * 12, timeout_s=60)
+        routine = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(12))])
+        assert routine.status_code == 201
+        assert wait_for(lambda: statuses() == ["processing"] * 8 + ["queued"] * 4, timeout_s=60)
+        urgent = upload(
+            client, [(f"u{i}.dcm", d) for i, d in enumerate(phantom_series(4))], priority="urgent"
+        )
+        assert urgent.status_code == 201
     finally:
         triton_server.resume()
-    assert wait_for(lambda: statuses() == ["classified"] * 12, timeout_s=60)
-    rows = db_rows("SELECT attempts, prepared_at, handoff_ms, inferred_at FROM slices ORDER BY id")
-    assert [r["attempts"] for r in rows] == [1] * 12
-    batches = sorted({(r["prepared_at"], r["inferred_at"]) for r in rows})
-    assert len(batches) == 3
-    (_, first_inferred), (second_prepared, _), _ = batches
+    assert wait_for(lambda: statuses() == ["classified"] * 16, timeout_s=60)
+    rows = db_rows(
+        "SELECT study_id, attempts, prepared_at, handoff_ms, inferred_at FROM slices ORDER BY id"
+    )
+    assert [r["attempts"] for r in rows] == [1] * 16
+    batches = sorted({(r["prepared_at"], r["inferred_at"], r["study_id"]) for r in rows})
+    assert len(batches) == 4
+    (_, first_inferred, _), (second_prepared, *_), (*_, third_study), _ = batches
     assert second_prepared < first_inferred  # ready before the server answered batch 1
+    assert third_study == urgent.get_json()["study_id"]  # ahead of routine batch 3
     assert all(r["handoff_ms"] >= 0 for r in rows)
