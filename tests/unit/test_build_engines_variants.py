@@ -82,3 +82,18 @@ def test_console_default_is_the_recorded_fastest_variant():
     report = json.loads(path.read_text())
     assert DEFAULTS["MODEL_NAME"] == fastest_within(report)
     assert get_model(DEFAULTS["MODEL_NAME"]).weights_name == report["base"]
+
+
+def test_openvino_runner_reports_the_precision_it_compiled(real_batch):
+    ov = pytest.importorskip("openvino")
+    from build_engines.runners import predict, runner_for
+
+    spec = get_model("mobilenet_v2_openvino_bf16")
+    if not spec.onnx_path.exists():
+        pytest.skip("ONNX not built; run 'python -m build_engines export'")
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    runner = runner_for(spec, threads=2)
+    assert runner.precision == ("bf16" if has_bf16 else "f32")
+    p = predict(runner, real_batch)
+    assert p.shape == (len(real_batch),) and ((p >= 0) & (p <= 1)).all()
+    assert runner_for(get_model("mobilenet_v2_openvino_int8"), threads=2).precision == "int8"
