@@ -114,7 +114,10 @@ class ModelSpec:
 
     @property
     def onnx_path(self) -> Path:
-        """ONNX file that Triton's CPU config serves (built, never committed)."""
+        """ONNX file that Triton's CPU config serves (built, never committed).
+
+        An OpenVINO entry's is a committed relative symlink to :attr:`graph_name`'s file.
+        """
         return self.repository_dir / "1" / "model.onnx"
 
     @property
