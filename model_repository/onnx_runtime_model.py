@@ -36,11 +36,11 @@ def _parameter(config, key, default):
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
 
 
-def _onnx_runtime(path, input_name, output_name, config):
+def _onnx_runtime(path, input_name, output_name, threads, config):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(_parameter(config, "intra_op_thread_count", "1"))
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # Spinning threads wait for each other on a core someone else may hold (the
     # console, the client): benchmarks/bench_ort_threads.py measures the cost.
@@ -64,7 +64,7 @@ def _inference_precision(requested, capabilities):
     return "bf16" if requested == "bf16" and "BF16" in capabilities else "f32"
 
 
-def _openvino(path, input_name, output_name, config):
+def _openvino(path, input_name, output_name, threads, config):
     import openvino as ov
 
     core = ov.Core()
@@ -86,7 +86,7 @@ def _openvino(path, input_name, output_name, config):
         "CPU",
         {
             "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": int(_parameter(config, "intra_op_thread_count", "1")),
+            "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
         },
     )
@@ -120,8 +120,9 @@ class TritonPythonModel:
                 f"runtime {runtime!r}: one of {', '.join(_RUNTIMES)}"
             )
         self._runtime = runtime
+        threads = int(_parameter(config, "intra_op_thread_count", "1"))
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self._run = _RUNTIMES[runtime](path, self._input_name, self._output_name, config)
+        self._run = _RUNTIMES[runtime](path, self._input_name, self._output_name, threads, config)
 
     def execute(self, requests):
         """Run all queued requests as one batch and answer each with its own rows."""
