@@ -34,6 +34,7 @@ postgres:
 	  { apt-get update -qq && apt-get install -y -qq postgresql; }
 
 ## ONNX fp32 (parity-checked against PyTorch) and INT8 models from the committed weights.
+## The *_openvino entries need nothing more: their 1/model.onnx are committed symlinks to these.
 engines: $(ENGINES)
 
 $(ENGINES) &: $(STAMP) weights/mobilenet_v2.safetensors weights/resnet18.safetensors
@@ -80,10 +81,12 @@ demo: venv engines
 	echo "Ctrl-C stops the console and Triton."; \
 	wait $$console
 
-## Benchmarks (measured tables, plots in benchmarks/results/): INT8 vs fp32 (model card), served vs naive,
+## Benchmarks (measured tables, plots in benchmarks/results/): INT8 and the other CPU variants vs fp32
+## (model card), served vs naive,
 ## time-to-alert, DICOM in and out (C-STORE series, results to Orthanc).
 bench: venv orthanc engines
 	$(BIN)/python -m build_engines quantize
+	$(BIN)/python -m build_engines variants
 	$(BIN)/python -m benchmarks.bench_serving
 	$(BIN)/python -m benchmarks.bench_time_to_alert
 	$(BIN)/python -m benchmarks.bench_dicom

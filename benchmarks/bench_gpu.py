@@ -316,7 +316,11 @@ def measure_model(
     onnx_path = spec.onnx_path
     if not onnx_path.exists():
         onnx_path = export_onnx(spec, work_dir / f"{spec.name}.onnx")
-    int8 = next(s for s in list_models(precision="int8") if s.weights_name == spec.name)
+    int8 = next(
+        s
+        for s in list_models(precision="int8", runtime="onnxruntime")
+        if s.weights_name == spec.name
+    )
     runtimes = torch_runtimes(spec, largest)
     builders = (
         ("onnxruntime fp32", lambda: onnxruntime_runtime(spec, onnx_path, largest)),
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         action="append",
-        choices=[s.name for s in list_models(precision="fp32")],
+        choices=[s.name for s in list_models(precision="fp32", runtime="onnxruntime")],
         help="repeatable; default every fp32 model",
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
@@ -427,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     properties = torch.cuda.get_device_properties(0)
-    specs = [get_model(name) for name in args.model or []] or list_models(precision="fp32")
+    specs = [get_model(name) for name in args.model or []] or list_models(
+        precision="fp32", runtime="onnxruntime"
+    )
     report = Report(
         device=properties.name,
         peak=lookup_peak(properties.name, properties.multi_processor_count),

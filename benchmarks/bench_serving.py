@@ -10,12 +10,13 @@ rows measure the same work from the same input:
   server decodes, preprocesses and runs PyTorch eager per request.
 - ``http`` / ``grpc``: the served path end to end: the calling thread decodes
   and preprocesses (client side, as the console does), then Triton
-  (fp32 and int8 ONNX, dynamic batching) scores the uint8 model input, sent in
-  the request (the wire).
+  (fp32 and int8 ONNX in ONNX Runtime, and the OpenVINO entries: fp32, bf16 and
+  int8 on the same graphs; dynamic batching) scores the uint8 model input, sent
+  in the request (the wire).
 - ``http-shm`` / ``grpc-shm``: the same, with the input in system shared
   memory (``TritonClassifier(shm="on")``; benchmark and Triton share this host).
 - ``onnxruntime``: the same preprocessing, then the same ``model.onnx`` in this
-  process (the ceiling: no network, no server).
+  process (the ceiling: no network, no server); ONNX Runtime entries only.
 
 Each cell is a closed loop: ``concurrency`` threads send their next request when
 the last one answers, for ``--duration-s`` seconds (``run_cell`` of
@@ -25,6 +26,7 @@ shared machine, serialize timed runs with the benchmark lock:
 
     flock /tmp/hemotriage-bench.lock python -m benchmarks.bench_serving --duration-s 10
     python -m benchmarks.bench_serving --model mobilenet_v2 --concurrency 1 8 --duration-s 3
+    python -m benchmarks.bench_serving --path onnxruntime grpc --concurrency 8   # every variant
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ logger = logging.getLogger(__name__)
 NAIVE = "naive-flask"
 SERVED = ("http", "grpc", "http-shm", "grpc-shm")
 PATHS = (NAIVE, "onnxruntime", *SERVED)
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")
+RUNTIMES = ("onnxruntime", "openvino")
 #: File name sent with every upload; decoding goes by content, the suffix names the format.
 _UPLOAD_NAME = "slice.png"
 _REQUEST_TIMEOUT_S = 60.0
@@ -169,10 +172,21 @@ def sweep(
     return cells
 
 
-def variants(base: str, precisions: list[str]) -> list[ModelSpec]:
-    """The registered builds of one base model's weights, in ``precisions`` order."""
+def variants(base: str, args: argparse.Namespace) -> list[ModelSpec]:
+    """The registered builds of one base model's weights in ``--runtime``, ``--precision`` order."""
     specs = [s for s in list_models() if (s.weights_name or s.name) == base]
-    return [s for p in precisions for s in specs if s.precision == p]
+    return [
+        s
+        for r in args.runtime
+        for p in args.precision
+        for s in specs
+        if (s.runtime, s.precision) == (r, p)
+    ]
+
+
+def paths_of(spec: ModelSpec, args: argparse.Namespace) -> list[str]:
+    """The measured paths of ``spec``: in-process is ONNX Runtime's ceiling, for its entries."""
+    return [p for p in args.path if p != NAIVE and (p != "onnxruntime" or spec.runtime == p)]
 
 
 def measure_model(
@@ -183,8 +197,8 @@ def measure_model(
     if NAIVE in args.path:
         with naive_predictor(base, args.naive_port) as predict:
             cells += sweep(base, NAIVE, predict, pngs, args, bar)
-    for spec in variants(base, args.precision):
-        for path in (p for p in args.path if p != NAIVE):
+    for spec in variants(base, args):
+        for path in paths_of(spec, args):
             with served_predictor(spec, path, urls, args.ort_threads) as predict:
                 cells += sweep(spec.name, path, predict, pngs, args, bar)
     return cells
@@ -200,7 +214,7 @@ def stage_costs(base: str, pngs: np.ndarray, args: argparse.Namespace) -> dict[s
         "decode+preprocess": (from_png(spec, len), pngs),  # len: no model, just the tensors
         "torch eager forward": (LocalClassifier(spec).predict, tensors),
     }
-    for variant in variants(base, args.precision):
+    for variant in (v for v in variants(base, args) if v.runtime == "onnxruntime"):
         predict = onnxruntime_predict(variant, args.ort_threads)
         stages[f"onnxruntime {variant.precision} forward"] = (predict, tensors)
     costs = {}
@@ -234,11 +248,14 @@ def ratios(cells: list[Cell], concurrency: int) -> list[Ratio]:
 
 
 def inprocess_ratios(cells: list[Cell]) -> list[dict]:
-    """Each Triton cell against in-process ONNX Runtime for the same model and concurrency."""
+    """Each Triton cell against in-process ONNX Runtime on the same graph and concurrency.
+
+    An OpenVINO entry's graph is its ONNX Runtime twin's (``ModelSpec.graph_name``).
+    """
     ort = {(c.model, c.concurrency): c for c in cells if c.backend == "onnxruntime"}
     found = []
     for cell in (c for c in cells if c.backend in SERVED):
-        base = ort.get((cell.model, cell.concurrency))
+        base = ort.get((get_model(cell.model).graph_name, cell.concurrency))
         if base is not None:
             found.append(
                 {
@@ -455,10 +472,11 @@ def write_results(report: dict, out_dir: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bases = [s.name for s in list_models(precision="fp32")]
+    bases = [s.name for s in list_models(precision="fp32", runtime="onnxruntime")]
     parser.add_argument("--model", nargs="+", choices=bases, default=bases)
     parser.add_argument("--path", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per cell")
     parser.add_argument("--stage-s", type=float, default=3.0, help="seconds per stage timing")
@@ -480,7 +498,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def start_triton(stack: contextlib.ExitStack, args: argparse.Namespace) -> dict[str, str]:
     """The embedded CPU Triton with every measured build, on ``--triton-ports`` or free ports."""
-    models = tuple(s.name for base in args.model for s in variants(base, args.precision))
+    models = tuple(s.name for base in args.model for s in variants(base, args))
     if args.triton_ports:
         http_port, grpc_port, metrics_port = args.triton_ports
         triton = EmbeddedTriton(
@@ -500,14 +518,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, start = machine(), _clocks()
     pngs = png_payloads(args.data_dir, args.images)
-    per_model = len(args.concurrency) * (
-        (NAIVE in args.path) + len(args.precision) * sum(p != NAIVE for p in args.path)
-    )
+    per_model = {
+        base: len(args.concurrency)
+        * ((NAIVE in args.path) + sum(len(paths_of(s, args)) for s in variants(base, args)))
+        for base in args.model
+    }
     cells, stages = [], {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(logging_redirect_tqdm())
         urls = start_triton(stack, args) if set(args.path) & set(SERVED) else {}
-        bar = stack.enter_context(tqdm(total=per_model * len(args.model), unit="cell"))
+        bar = stack.enter_context(tqdm(total=sum(per_model.values()), unit="cell"))
         for base in args.model:
             cells += measure_model(base, pngs, args, urls, bar)
             bar.set_postfix_str(f"{base} stage costs")

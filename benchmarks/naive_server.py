@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     """Serve one model with Flask's threaded development server until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", required=True, choices=[s.name for s in list_models(precision="fp32")]
+        "--model",
+        required=True,
+        choices=[s.name for s in list_models(precision="fp32", runtime="onnxruntime")],
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

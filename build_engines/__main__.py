@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m build_engines", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    base_models = [s.name for s in list_models(precision="fp32")]
+    base_models = [s.name for s in list_models(precision="fp32", runtime="onnxruntime")]
 
     train = sub.add_parser("train", help="5-fold CV, evaluation, final weights and figures")
     train.add_argument("--model", required=True, choices=base_models)

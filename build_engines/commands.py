@@ -1,4 +1,4 @@
-"""Engine subcommands of ``python -m build_engines``: export, quantize, build-trt, serve, cam-eval.
+"""Engine subcommands of ``python -m build_engines``: export, quantize, variants, serve and more.
 
 ``build_engines/__main__.py`` registers them all with one call:
 
@@ -6,6 +6,7 @@
 
     python -m build_engines export                       # fp32 ONNX + parity, every model
     python -m build_engines quantize                     # INT8 QDQ ONNX + accuracy/speed table
+    python -m build_engines variants                     # CPU variants vs fp32: accuracy, speed
     python -m build_engines build-trt --model resnet18   # TensorRT plan (GPU only)
     python -m build_engines serve --http-port 8000       # embedded CPU Triton until Ctrl-C
     python -m build_engines cam-eval --model resnet18    # Grad-CAM pointing game
@@ -28,10 +29,10 @@ from client.registry import get_model, list_models
 
 
 def add_engine_commands(sub) -> None:
-    """Register export, quantize, build-trt, serve and cam-eval on ``sub`` (add_subparsers)."""
-    fp32 = [s.name for s in list_models(precision="fp32")]
-    int8 = [s.name for s in list_models(precision="int8")]
-    every = [s.name for s in list_models()]
+    """Register export, quantize, variants, build-trt, serve and cam-eval on ``sub``."""
+    fp32 = _names(precision="fp32", runtime="onnxruntime")
+    int8 = _names(precision="int8", runtime="onnxruntime")
+    every = _names()
 
     export = sub.add_parser("export", help="ONNX export with softmax, checker and parity")
     export.add_argument("--model", action="append", choices=fp32, help="repeatable; default all")
@@ -49,8 +50,19 @@ def add_engine_commands(sub) -> None:
     quantize.add_argument("--skip-compare", action="store_true", help="no fp32-vs-int8 table")
     quantize.set_defaults(run=_quantize)
 
+    variants = sub.add_parser(
+        "variants", help="every CPU variant vs fp32 ONNX Runtime: accuracy, decisions, speed"
+    )
+    variants.add_argument("--model", action="append", choices=fp32, help="base; default all")
+    variants.add_argument("--evaluation-size", type=int, default=256, help="held-out slices")
+    variants.add_argument("--threads", type=int, default=2, help="inference threads, every row")
+    variants.add_argument("--repeats", type=int, default=20, help="timed calls per batch size")
+    variants.set_defaults(run=_variants)
+
     trt = sub.add_parser("build-trt", help="TensorRT FP16/INT8 plan for this GPU")
-    trt.add_argument("--model", action="append", choices=every, help="repeatable; default all")
+    # OpenVINO entries have no plan: the GPU image runs them in its openvino backend.
+    plans = _names(runtime="onnxruntime")
+    trt.add_argument("--model", action="append", choices=plans, help="repeatable; default all")
     trt.add_argument("--builder", choices=["tensorrt", "torch2trt"], default="tensorrt")
     trt.add_argument("--max-batch-size", type=int, help="profile max; default the registry's")
     trt.set_defaults(run=_build_trt)
@@ -72,10 +84,14 @@ def add_engine_commands(sub) -> None:
     cam.set_defaults(run=_cam_eval)
 
 
+def _names(precision: str | None = None, runtime: str | None = None) -> list[str]:
+    return [s.name for s in list_models(precision, runtime)]
+
+
 def _export(args: argparse.Namespace) -> int:
     from build_engines.export_onnx import export_and_verify
 
-    for name in args.model or [s.name for s in list_models(precision="fp32")]:
+    for name in args.model or _names(precision="fp32", runtime="onnxruntime"):
         result = export_and_verify(get_model(name), args.parity_images)
         sys.stdout.write(
             f"{result.model:<14} {result.onnx_path}  max |Δprob| vs torch on "
@@ -88,7 +104,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from build_engines.quantize import compare_int8, format_comparisons, quantize_model
 
     rows = []
-    for name in args.model or [s.name for s in list_models(precision="int8")]:
+    for name in args.model or _names(precision="int8", runtime="onnxruntime"):
         spec = get_model(name)
         quantize_model(spec, args.calibration_size, target=args.target)
         if not args.skip_compare:
@@ -104,10 +120,25 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variants(args: argparse.Namespace) -> int:
+    from build_engines.variants import compare_variants, fastest_within, format_variants
+
+    for name in args.model or _names(precision="fp32", runtime="onnxruntime"):
+        report = compare_variants(get_model(name), args.evaluation_size, args.threads, args.repeats)
+        _write_report(name, "variants.json", report)
+        sys.stdout.write(
+            f"{name}: {report['n_slices']} held-out slices, {report['n_series']} ct_ich_dev"
+            f" series, {report['threads']} threads, load {report['load_average']}\n"
+            f"{format_variants(report)}\n"
+            f"fastest within 0.01 ROC-AUC, series no worse: {fastest_within(report)}\n"
+        )
+    return 0
+
+
 def _build_trt(args: argparse.Namespace) -> int:
     from build_engines.tensorrt import build
 
-    for name in args.model or [s.name for s in list_models()]:
+    for name in args.model or _names(runtime="onnxruntime"):
         sys.stdout.write(f"{build(name, args.builder, args.max_batch_size)}\n")
     return 0
 
@@ -130,7 +161,7 @@ def _cam_eval(args: argparse.Namespace) -> int:
     from build_engines.cam_eval import localization_score
 
     explainer = METHODS[args.method]
-    for name in args.model or [s.name for s in list_models(precision="fp32")]:
+    for name in args.model or _names(precision="fp32", runtime="onnxruntime"):
         spec = get_model(name)
         r = localization_score(spec, explainer, args.limit, device=args.device)
         facts = {"method": args.method, "target_layer": spec.cam_target_layer}

@@ -1,7 +1,8 @@
 """Render MODEL_CARD.md from the measured reports, so no number in it is typed by hand.
 
 Reads ``build_engines/reports/<model>/metrics.json`` (and, where present,
-``int8.json``, ``gradcam.json`` and ``cq500.json`` beside it) and writes the card.
+``int8.json``, ``variants.json``, ``gradcam.json`` and ``cq500.json`` beside it)
+and writes the card.
 
     python -m build_engines model-card
 """
@@ -89,7 +90,7 @@ def _metrics_row(label: str, block: dict) -> str:
 def render() -> str:
     """The card's Markdown text."""
     reports = {}
-    for spec in list_models(precision="fp32"):
+    for spec in list_models(precision="fp32", runtime="onnxruntime"):
         path = REPORTS_DIR / spec.name / "metrics.json"
         if path.exists():
             reports[spec.name] = json.loads(path.read_text())
@@ -271,6 +272,7 @@ def _measured_extras(name: str) -> list[str]:
             f" batch-{int8['batch_size']} latency {int8['latency_ms_fp32']:.1f} →"
             f" {int8['latency_ms_int8']:.1f} ms ({int8['speedup']:.2f}× faster, 1 thread)."
         )
+    lines.extend(_cpu_variants(name))
     init = _read_json(REPORTS_DIR / name / "init_comparison.json")
     if init:
         runs = "; ".join(
@@ -303,6 +305,26 @@ def _measured_extras(name: str) -> list[str]:
             f" {', '.join(f'{p:.2f}' for p in cq500['slice_probabilities_base_to_vertex'])}."
         )
     return lines
+
+
+def _cpu_variants(name: str) -> list[str]:
+    """Every CPU variant against fp32 ONNX Runtime, one run (``variants.json``)."""
+    from build_engines.variants import MAX_AUC_DROP, fastest_within, format_variants
+
+    report = _read_json(REPORTS_DIR / name / "variants.json")
+    if not report:
+        return []
+    load = report["load_average"]
+    return [
+        f"\nCPU variants (`python -m build_engines variants`; {report['n_slices']} held-out"
+        f" slices, the INT8 sample; {report['n_series']} `ct_ich_dev` series at the served"
+        f" series rule and threshold; {report['threads']} threads on {report['cpu']['name']},"
+        f" load average {load['before'][0]:.1f} → {load['after'][0]:.1f}; speeds from one run,"
+        " the runners taking turns call by call, so read the ratios). Fastest within"
+        f" {MAX_AUC_DROP} ROC-AUC of fp32 with series decisions no worse:"
+        f" **{fastest_within(report)}**.\n",
+        format_variants(report),
+    ]
 
 
 def _error_analysis(name: str) -> list[str]:

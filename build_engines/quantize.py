@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -43,8 +41,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from build_engines.runners import median_latency_ms, predict, runner_for
 from build_engines.samples import labelled_sample, load_batch, sample_records
-from client.constants import INPUT_NAME, OUTPUT_NAME
+from client.constants import INPUT_NAME
 from client.errors import ModelNotReadyError
 from client.registry import ModelSpec, get_model
 
@@ -213,19 +212,11 @@ def compare_int8(
     from sklearn.metrics import roc_auc_score
 
     base = get_model(spec.weights_name)
-    for path in (base.onnx_path, spec.onnx_path):
-        if not path.exists():
-            raise ModelNotReadyError(
-                f"{path} missing; run 'python -m build_engines export' and 'quantize'"
-            )
+    runners = {"fp32": runner_for(base, threads), "int8": runner_for(spec, threads)}
     batch, labels = labelled_sample(base, n_slices, part="evaluation")
     threshold = base.threshold
-    sessions = {
-        p: _session(path, threads)
-        for p, path in (("fp32", base.onnx_path), ("int8", spec.onnx_path))
-    }
-    scores = {p: _predict(s, batch) for p, s in sessions.items()}
-    latency = {p: _median_latency_ms(s, batch[:batch_size], repeats) for p, s in sessions.items()}
+    scores = {p: predict(r, batch) for p, r in runners.items()}
+    latency = median_latency_ms(runners, batch[:batch_size], repeats)
     return Int8Comparison(
         model=spec.name,
         n_slices=len(labels),
@@ -256,28 +247,3 @@ def format_comparisons(rows: list[Int8Comparison]) -> str:
             f"{r.latency_ms_int8:>8.2f} {r.speedup:>7.2f}x"
         )
     return "\n".join(lines)
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _predict(session: ort.InferenceSession, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
-    parts = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + chunk]})[0][:, 1]
-        for i in range(0, len(batch), chunk)
-    ]
-    return np.concatenate(parts)
-
-
-def _median_latency_ms(session: ort.InferenceSession, batch: np.ndarray, repeats: int) -> float:
-    session.run([OUTPUT_NAME], {INPUT_NAME: batch})  # warm-up: allocations, kernel choice
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))

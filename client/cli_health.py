@@ -2,8 +2,10 @@
 
     python -m client health --url localhost:8000
     python -m client health --url localhost:8001 --protocol grpc
+    python -m client health --model mobilenet_v2_openvino_bf16   # a server of one model
 
-Exits 0 when the server is ready and serves every model of the registry, 1 when
+Exits 0 when the server is ready and serves every model of the registry (or
+each ``--model``), 1 when
 it answers but something is not ready, 2 (via the caller) when nothing answers.
 Registered by ``client/__main__.py`` through :func:`add_health_command`.
 """
@@ -26,11 +28,17 @@ def add_health_command(subparsers) -> None:
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="connection timeout")
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=[s.name for s in list_models()],
+        help="repeatable; default every registered model",
+    )
     parser.set_defaults(run=run_health)
 
 
 def run_health(args: argparse.Namespace) -> int:
-    """Print the server's and each registered model's state; return the exit status.
+    """Print the server's and each asked-for model's state; return the exit status.
 
     Raises:
         ServerUnavailableError: nothing answers at ``args.url``.
@@ -43,10 +51,10 @@ def run_health(args: argparse.Namespace) -> int:
         f"live={health.live} ready={health.ready}\n"
     )
     all_ready = health.ready
-    for spec in list_models():
-        model = served.get(spec.name)
+    for name in args.model or [s.name for s in list_models()]:
+        model = served.get(name)
         state = "MISSING" if model is None else model.state
         reason = f"  {model.reason}" if model is not None and model.reason else ""
-        out.write(f"  {spec.name:<20} {state}{reason}\n")
+        out.write(f"  {name:<28} {state}{reason}\n")
         all_ready = all_ready and model is not None and model.ready
     return 0 if all_ready else 1

@@ -13,7 +13,7 @@ writes. Client, build_engines, console, benchmarks and tests all read this.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -75,9 +75,13 @@ class ModelSpec:
         std: Per-channel normalization standard deviation.
         labels_file: Class names, one a line, index order of the output.
         max_batch_size: Largest batch Triton accepts for this model.
-        precision: ``fp32`` or ``int8`` (ONNX Runtime static quantization).
+        precision: ``fp32``, ``int8`` (ONNX Runtime static quantization, QDQ) or
+            ``bf16`` (OpenVINO's bf16 inference precision on the fp32 graph).
         cam_target_layer: Dotted path of the Grad-CAM target layer in the torch model.
         weights_name: Base model whose trained weights this entry serves.
+        runtime: What runs the graph on the CPU server: ``onnxruntime`` or ``openvino``
+            (the Python backend's ``runtime`` parameter). OpenVINO entries serve the
+            same ``model.onnx`` as their ONNX Runtime twin, through a symlink.
     """
 
     name: str
@@ -91,6 +95,7 @@ class ModelSpec:
     precision: str = "fp32"
     cam_target_layer: str = ""
     weights_name: str = ""
+    runtime: str = "onnxruntime"
 
     @property
     def weights_path(self) -> Path:
@@ -109,8 +114,18 @@ class ModelSpec:
 
     @property
     def onnx_path(self) -> Path:
-        """ONNX file that Triton's CPU config serves (built, never committed)."""
+        """ONNX file that Triton's CPU config serves (built, never committed).
+
+        An OpenVINO entry's is a committed relative symlink to :attr:`graph_name`'s file.
+        """
         return self.repository_dir / "1" / "model.onnx"
+
+    @property
+    def graph_name(self) -> str:
+        """The ONNX Runtime entry whose built ``model.onnx`` this entry serves (itself there)."""
+        if self.runtime == "onnxruntime":
+            return self.name
+        return f"{self.weights_name}_int8" if self.precision == "int8" else self.weights_name
 
     @property
     def labels(self) -> list[str]:
@@ -174,24 +189,33 @@ MOBILENET_CAM_LAYER = "features.13"
 #: (0.24) with the distilled weights of 2026-11-30.
 RESNET_CAM_LAYER = "layer3"
 
+_BASES = (
+    ModelSpec(name="mobilenet_v2", arch="mobilenet_v2", cam_target_layer=MOBILENET_CAM_LAYER),
+    ModelSpec(name="resnet18", arch="resnet18", cam_target_layer=RESNET_CAM_LAYER),
+)
+_VARIANTS = (
+    # (name suffix, precision, runtime): ONNX Runtime INT8, then OpenVINO on the same
+    # fp32 graph (f32 and bf16 inference precision) and on the INT8 QDQ graph.
+    ("_int8", "int8", "onnxruntime"),
+    ("_openvino", "fp32", "openvino"),
+    ("_openvino_bf16", "bf16", "openvino"),
+    ("_openvino_int8", "int8", "openvino"),
+)
+
 _MODELS: dict[str, ModelSpec] = {
     spec.name: spec
+    for base in _BASES
     for spec in (
-        ModelSpec(name="mobilenet_v2", arch="mobilenet_v2", cam_target_layer=MOBILENET_CAM_LAYER),
-        ModelSpec(name="resnet18", arch="resnet18", cam_target_layer=RESNET_CAM_LAYER),
-        ModelSpec(
-            name="mobilenet_v2_int8",
-            arch="mobilenet_v2",
-            precision="int8",
-            cam_target_layer=MOBILENET_CAM_LAYER,
-            weights_name="mobilenet_v2",
-        ),
-        ModelSpec(
-            name="resnet18_int8",
-            arch="resnet18",
-            precision="int8",
-            cam_target_layer=RESNET_CAM_LAYER,
-            weights_name="resnet18",
+        base,
+        *(
+            replace(
+                base,
+                name=base.name + suffix,
+                precision=precision,
+                runtime=runtime,
+                weights_name=base.name,
+            )
+            for suffix, precision, runtime in _VARIANTS
         ),
     )
 }
@@ -211,6 +235,11 @@ def get_model(name: str) -> ModelSpec:
         ) from None
 
 
-def list_models(precision: str | None = None) -> list[ModelSpec]:
-    """All registered specs, optionally only those of one precision."""
-    return [s for s in _MODELS.values() if precision is None or s.precision == precision]
+def list_models(precision: str | None = None, runtime: str | None = None) -> list[ModelSpec]:
+    """All registered specs, optionally only those of one precision and/or runtime."""
+    return [
+        s
+        for s in _MODELS.values()
+        if (precision is None or s.precision == precision)
+        and (runtime is None or s.runtime == runtime)
+    ]

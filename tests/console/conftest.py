@@ -99,6 +99,9 @@ def make_app(storage: Path, **overrides):
         "TESTING": True,
         "STORAGE_DIR": str(storage),
         "CLASSIFIER": "local",
+        # The fp32 ONNX Runtime model these tests were written against (the Triton fixture
+        # serves it); the default is the measured fastest variant (console/__init__.py).
+        "MODEL_NAME": "mobilenet_v2",
         "WORKER_POLL_S": 0.05,
         "BACKOFF_INITIAL_S": 0.05,
         "BACKOFF_MAX_S": 0.4,
@@ -298,7 +301,12 @@ class ConsoleServer(stack.ConsoleServer):
     """The shared launcher's console with the in-process classifier (no Triton) and ADMIN."""
 
     def __init__(self, storage: Path) -> None:
-        settings = {"CLASSIFIER": "local", "CONSOLE_THREADS": "8", **database_settings(storage)}
+        settings = {
+            "CLASSIFIER": "local",
+            "MODEL_NAME": "mobilenet_v2",  # as make_app
+            "CONSOLE_THREADS": "8",
+            **database_settings(storage),
+        }
         super().__init__(storage, settings, admin=ADMIN)
 
 

@@ -95,8 +95,17 @@ def test_health_reports_every_model_ready(triton_server, protocol, capsys):
 
     parser = argparse.ArgumentParser()
     add_health_command(parser.add_subparsers())
+    served = [f"--model={name}" for name in triton_server.settings.models]
     args = parser.parse_args(
-        ["health", "--url", _url(triton_server, protocol), "--protocol", protocol]
+        ["health", "--url", _url(triton_server, protocol), "--protocol", protocol, *served]
     )
     assert args.run(args) == 0
-    assert "resnet18_int8        READY" in capsys.readouterr().out
+    assert "resnet18_int8                READY" in capsys.readouterr().out
+    url = _url(triton_server, protocol)
+    args = parser.parse_args(
+        ["health", "--url", url, "--protocol", protocol, "--model", "resnet18_openvino"]
+    )
+    assert args.run(args) == 1  # registered, not loaded by this server
+    out = capsys.readouterr().out
+    assert "  resnet18_openvino " in out
+    assert "READY" not in out

@@ -10,6 +10,7 @@ from benchmarks.bench_serving import (
     from_png,
     inprocess_ratios,
     parse_args,
+    paths_of,
     ratios,
     render_markdown,
     variants,
@@ -57,12 +58,22 @@ def test_from_png_preprocesses_on_the_client_before_the_model(slice_png):
     np.testing.assert_allclose(seen[0][0], preprocess_file(slice_png, spec))
 
 
-def test_variants_pair_each_base_model_with_its_int8_build():
-    assert [s.name for s in variants("resnet18", ["fp32", "int8"])] == [
+def test_variants_pair_each_base_model_with_its_builds_in_runtime_and_precision_order():
+    args = parse_args(["--precision", "fp32", "int8"])
+    assert [s.name for s in variants("resnet18", args)] == [
         "resnet18",
         "resnet18_int8",
+        "resnet18_openvino",
+        "resnet18_openvino_int8",
     ]
-    assert [s.name for s in variants("mobilenet_v2", ["int8"])] == ["mobilenet_v2_int8"]
+    args = parse_args(["--precision", "int8", "--runtime", "onnxruntime"])
+    assert [s.name for s in variants("mobilenet_v2", args)] == ["mobilenet_v2_int8"]
+
+
+def test_openvino_entries_are_measured_served_only():
+    args = parse_args(["--path", "onnxruntime", "grpc", "--concurrency", "8"])
+    assert paths_of(get_model("mobilenet_v2_openvino_bf16"), args) == ["grpc"]
+    assert paths_of(get_model("mobilenet_v2"), args) == ["onnxruntime", "grpc"]
 
 
 def test_ratios_compare_triton_paths_with_naive_of_the_same_base_model():
@@ -135,9 +146,11 @@ def test_triton_paths_are_compared_with_in_process_onnx_runtime_of_the_same_mode
         _cell("resnet18", "grpc", 8, 18.0, 500.0),
         _cell("resnet18", "grpc-shm", 8, 19.0, 420.0),
         _cell("resnet18_int8", "grpc", 8, 30.0, 300.0),  # no in-process row: left out
+        _cell("resnet18_openvino_bf16", "http", 8, 40.0, 250.0),  # against resnet18's
     ]
     found = {r["path"]: r for r in inprocess_ratios(cells)}
-    assert set(found) == {"grpc", "grpc-shm"}
+    assert set(found) == {"grpc", "grpc-shm", "http"}
+    assert found["http"]["throughput_ratio"] == pytest.approx(2.0)
     assert found["grpc"]["throughput_ratio"] == pytest.approx(0.9)
     assert found["grpc-shm"]["p95_ratio"] == pytest.approx(1.05)
 

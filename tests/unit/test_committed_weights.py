@@ -13,7 +13,9 @@ from client.registry import ModelSpec, get_model, list_models
 from client.torch_models import load_model
 
 
-@pytest.mark.parametrize("spec", list_models(precision="fp32"), ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec", list_models(precision="fp32", runtime="onnxruntime"), ids=lambda s: s.name
+)
 def test_committed_weights_reproduce_recorded_predictions(spec, data_dir: Path):
     facts = json.loads(spec.facts_path.read_text())
     model = load_model(spec)
@@ -33,7 +35,8 @@ def test_every_registered_model_has_a_threshold_in_unit_range(spec):
 
 def test_weights_are_small_fp16_files():
     total = sum(
-        get_model(s.name).weights_path.stat().st_size for s in list_models(precision="fp32")
+        get_model(s.name).weights_path.stat().st_size
+        for s in list_models(precision="fp32", runtime="onnxruntime")
     )
     assert total < 40 * 1024 * 1024
 

@@ -24,6 +24,7 @@ from client.constants import (
     ENV_PREFIX,
     REPO_ROOT,
 )
+from client.registry import get_model, list_models
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -31,8 +32,11 @@ NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 PROFILES = {
     "gpu": {"engines", "triton", "console", "proxy"},
     "cpu": {"engines-cpu", "triton-cpu", "console-cpu"},
+    "openvino": {"engines-cpu", "triton-openvino", "console-openvino"},
     "loadtest": {"locust"},
 }
+TRITONS = ("triton", "triton-cpu", "triton-openvino")
+CONSOLES = {"gpu": "console", "cpu": "console-cpu", "openvino": "console-openvino"}
 TRITON_PORTS = {DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT}
 #: TensorRT inside each NGC release's Triton container (NVIDIA Frameworks Support Matrix):
 #: a plan loads only in the TensorRT version that built it.
@@ -133,8 +137,8 @@ def test_compose_dependencies_stay_inside_their_profile(services):
             )
 
 
-def test_compose_publishes_triton_ports_on_both_tritons_to_this_host_only(services):
-    for name in ("triton", "triton-cpu"):
+def test_compose_publishes_triton_ports_on_every_triton_to_this_host_only(services):
+    for name in TRITONS:
         published = [_published(p) for p in services[name]["ports"]]
         assert {host_port for _, host_port, _ in published} == TRITON_PORTS, name
         assert {address for address, _, _ in published} == {"127.0.0.1"}, name
@@ -196,11 +200,11 @@ def test_compose_bind_mount_sources_exist(compose, services):
 
 
 def test_compose_health_checks_probe_triton_ready_and_console_health(services):
-    for name in ("triton", "triton-cpu"):
+    for name in TRITONS:
         assert f"localhost:{DEFAULT_HTTP_PORT}/v2/health/ready" in _health_command(
             services[name]
         ).replace("127.0.0.1", "localhost")
-    for name in ("console", "console-cpu"):
+    for name in CONSOLES.values():
         assert f"127.0.0.1:{DEFAULT_CONSOLE_PORT}/healthz" in _health_command(services[name])
     for name, service in services.items():
         for dependency, how in service.get("depends_on", {}).items():
@@ -212,7 +216,7 @@ def test_compose_hostnames_resolve_within_each_profile(services):
     url_host = re.compile(r"^(?:https?://)?([^:/]+)")
     [locust] = _invocations(services["locust"], ["locust"])
     console_url = next(a.split("=", 1)[1] for a in locust if a.startswith("--host="))
-    for profile, console in (("gpu", "console"), ("cpu", "console-cpu")):
+    for profile, console in CONSOLES.items():
         names = _names_in_profile(services, profile)
         triton_url = services[console]["environment"][f"{ENV_PREFIX}TRITON_URL"]
         assert url_host.match(triton_url).group(1) in names, profile
@@ -222,7 +226,7 @@ def test_compose_hostnames_resolve_within_each_profile(services):
 def test_compose_console_settings_are_console_config_keys(services):
     from console import DEFAULTS
 
-    for name in ("console", "console-cpu"):
+    for name in CONSOLES.values():
         for key in services[name]["environment"]:
             assert key.removeprefix(ENV_PREFIX) in DEFAULTS, f"{name}: {key}"
 
@@ -256,7 +260,7 @@ def test_compose_build_engines_commands_are_registered_with_valid_flags(services
 
 
 def test_compose_console_runs_gunicorn_with_the_repository_config(services):
-    for name in ("console", "console-cpu"):
+    for name in CONSOLES.values():
         [args] = _invocations(services[name], ["gunicorn"])
         assert args[0] == "-c" and (REPO_ROOT / args[1]).exists(), name
 
@@ -294,9 +298,10 @@ def test_compose_triton_flags_exist_in_triton_of_that_release(services):
         env=server_environment(),
         timeout=30,
     ).stderr
-    [args] = _invocations(services["triton"], ["tritonserver"])
-    for flag in (a.split("=")[0] for a in args):
-        assert re.search(rf"^  {re.escape(flag)}(\s|$)", usage, re.M), flag
+    for name in ("triton", "triton-openvino"):
+        [args] = _invocations(services[name], ["tritonserver"])
+        for flag in (a.split("=")[0] for a in args):
+            assert re.search(rf"^  {re.escape(flag)}(\s|$)", usage, re.M), flag
 
 
 def test_compose_tensorrt_is_the_tensorrt_of_the_triton_release(services):
@@ -306,6 +311,15 @@ def test_compose_tensorrt_is_the_tensorrt_of_the_triton_release(services):
     assert NGC_TENSORRT[release] == version
     default = re.search(r"^ARG TENSORRT_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M).group(1)
     assert default == version
+
+
+def test_compose_tritons_load_registered_models_of_their_runtime(services):
+    for name, runtime in (("triton", "onnxruntime"), ("triton-openvino", "openvino")):
+        [args] = _invocations(services[name], ["tritonserver"])
+        loaded = {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")}
+        assert loaded == {s.name for s in list_models(runtime=runtime)}, name
+    gpu_console = services["console"]["environment"][f"{ENV_PREFIX}MODEL_NAME"]
+    assert get_model(gpu_console).runtime == "onnxruntime"  # the TensorRT plan, not the CPU default
 
 
 def test_dockerfile_installs_like_the_makefile():

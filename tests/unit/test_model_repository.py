@@ -1,7 +1,9 @@
 """Every Triton config agrees with the registry: folder name, dims, labels, batching."""
 
 import ast
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from tritonclient.grpc import model_config_pb2
 
 from build_engines.tensorrt import plan_filename
 from client.constants import INPUT_NAME, MODEL_REPOSITORY, OUTPUT_NAME
-from client.registry import list_models
+from client.registry import get_model, list_models
 
 SPECS = list_models()
 SHARED_MODEL = MODEL_REPOSITORY / "onnx_runtime_model.py"
@@ -46,7 +48,7 @@ def test_config_matches_registry(spec, config_name):
     assert config.model_warmup
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", list_models(runtime="onnxruntime"), ids=lambda s: s.name)
 def test_gpu_config_names_a_plan_per_compute_capability(spec):
     config = _parse(spec.repository_dir / "config.pbtxt")
     assert config.platform == "tensorrt_plan"
@@ -67,6 +69,57 @@ def test_cpu_config_runs_the_one_shared_python_model(spec):
     assert (spec.repository_dir / "1" / ".gitkeep").exists()
 
 
+@pytest.mark.parametrize("spec", list_models(runtime="openvino"), ids=lambda s: s.name)
+def test_openvino_entries_serve_their_twin_graph_in_both_servers(spec):
+    gpu = _parse(spec.repository_dir / "config.pbtxt")
+    assert (gpu.backend, gpu.default_model_filename) == ("openvino", "model.onnx")
+    assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    assert ("HINT_BF16" in gpu.parameters) is (spec.precision == "bf16")
+    cpu = _parse(spec.repository_dir / "configs" / "cpu.pbtxt")
+    parameters = {k: v.string_value for k, v in cpu.parameters.items()}
+    hint = "bf16" if spec.precision == "bf16" else "f32"
+    assert parameters == {
+        "runtime": "openvino",
+        "intra_op_thread_count": "2",
+        "inference_precision_hint": hint,
+    }
+    graph = spec.repository_dir / "1" / "model.onnx"
+    assert graph.is_symlink()
+    assert os.readlink(graph) == f"../../{spec.graph_name}/1/model.onnx"
+    assert get_model(spec.graph_name).runtime == "onnxruntime"
+
+
+def test_onnx_runtime_entries_run_onnx_runtime():
+    for spec in list_models(runtime="onnxruntime"):
+        cpu = _parse(spec.repository_dir / "configs" / "cpu.pbtxt")
+        assert cpu.parameters.get("runtime") is None  # the shared model's default
+        assert not (spec.repository_dir / "1" / "model.onnx").is_symlink()
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """The shared python model, imported with the real triton_python_backend_utils."""
+    pytriton = pytest.importorskip("pytriton")
+    backend = Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python"
+    sys.path.insert(0, str(backend))
+    try:
+        loaded = importlib.util.spec_from_file_location("shared_model", SHARED_MODEL)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(backend))
+    return module
+
+
+def test_bf16_is_asked_for_only_where_the_cpu_lists_it(shared_model):
+    choose = shared_model._inference_precision
+    assert choose("bf16", ["BF16", "FP32", "INT8"]) == "bf16"
+    assert choose("bf16", ["FP32", "INT8", "BIN"]) == "f32"  # AVX2 or AVX-512 without BF16
+    assert choose("f32", ["BF16", "FP32"]) == "f32"
+    with pytest.raises(ValueError, match="f32 or bf16"):
+        choose("fp16", ["FP16"])
+
+
 def test_shared_python_model_holds_no_preprocessing():
     tree = ast.parse(SHARED_MODEL.read_text())
     imported = {
@@ -75,7 +128,14 @@ def test_shared_python_model_holds_no_preprocessing():
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])
     }
-    assert imported == {"json", "pathlib", "numpy", "onnxruntime", "triton_python_backend_utils"}
+    assert imported == {
+        "json",
+        "pathlib",
+        "numpy",
+        "onnxruntime",
+        "openvino",
+        "triton_python_backend_utils",
+    }
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     for forbidden in ("mean", "std", "resize", "window", "normalize", "clip"):
