@@ -24,7 +24,8 @@ the breakdown of what the time was spent on, and the stage timeline of the
 median run (``<--report-name>_timeline.png``).
 
 The bare work is measured in the same run, on one series: decoding,
-preprocessing and ONNX Runtime inference (in the console's batches) of every
+preprocessing and in-process inference in the model's own runtime (ONNX Runtime,
+or OpenVINO at the entry's precision; in the console's batches) of every
 slice, each stage timed alone on one thread, summed and divided by the cores.
 It is what the slices cost with no queue, database, HTTP or Triton in the way;
 the target is a time to alert within ``--target-ratio`` of it.
@@ -61,12 +62,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_triton import onnxruntime_predict
 from benchmarks.console_api import ConsoleApi, EventStream, completes
 from benchmarks.phantoms import phantom_series
 from benchmarks.report import RESULTS_DIR, figure, markdown_table, percentiles, write_report
 from benchmarks.stack import ConsoleStack, StackSettings
 from build_engines.data import data_dir_from_env
+from build_engines.runners import runner_for
 from client.constants import ENV_PREFIX
 from client.decode import decode_bytes
 from client.preprocess import model_input, model_view
@@ -248,12 +249,12 @@ def measure(
 def bare_work(series: Series, spec: ModelSpec, batch_size: int, repeats: int = 3) -> dict:
     """Seconds the slices of ``series`` cost with nothing in the way, each stage alone.
 
-    Decoding and preprocessing every slice, then ONNX Runtime inference on
+    Decoding and preprocessing every slice, then inference in the entry's runtime on
     ``spec.onnx_path`` in batches of ``batch_size`` (the console's), all on one
     thread; the best of ``repeats`` for each stage. ``bare_s`` divides the sum by
     the cores, the most a perfect pipeline could overlap.
     """
-    predict = onnxruntime_predict(spec, threads=1)
+    predict = runner_for(spec, threads=1).run
     decode_s, preprocess_s, inference_s = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -423,7 +424,7 @@ def report(result: dict) -> str:
         f"(p95 {tta['p95']:.3f} s).",
         "",
         f"Bare work for the {bare['slices']} slices, each stage alone on one thread: decode "
-        f"{bare['decode_s']:.3f} s + preprocess {bare['preprocess_s']:.3f} s + ONNX Runtime "
+        f"{bare['decode_s']:.3f} s + preprocess {bare['preprocess_s']:.3f} s + in-process "
         f"inference {bare['inference_s']:.3f} s, over {bare['cores']} cores = "
         f"**{bare['bare_s']:.3f} s**. p95 time to alert / bare work = **{bare_ratio(result):.2f}**"
         f" (target <= {result['target_ratio']:g}: "
@@ -613,7 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         "--slices-per-upload", type=int, default=0, help="0: the whole series in one POST"
     )
     parser.add_argument("--source", choices=SOURCES, default="auto")
-    parser.add_argument("--model", default="mobilenet_v2", choices=[s.name for s in list_models()])
+    parser.add_argument(
+        "--model",
+        default=CONSOLE_DEFAULTS["MODEL_NAME"],
+        choices=[s.name for s in list_models()],
+        help="the console's model (default: the console's default)",
+    )
     parser.add_argument("--console-url", help="a running console; else start one")
     parser.add_argument(
         "--token",

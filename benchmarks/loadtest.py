@@ -37,6 +37,7 @@ from benchmarks.report import RESULTS_DIR, markdown_table, write_report
 from benchmarks.stack import ConsoleStack, StackSettings
 from client.constants import ENV_PREFIX, REPO_ROOT
 from client.registry import list_models
+from console import DEFAULTS as CONSOLE_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scanner-pace-s", type=float, default=10.0, help="seconds between a scanner's series"
     )
-    parser.add_argument("--model", default="mobilenet_v2", choices=[s.name for s in list_models()])
+    parser.add_argument(
+        "--model",
+        default=CONSOLE_DEFAULTS["MODEL_NAME"],
+        choices=[s.name for s in list_models()],
+        help="the console's model (default: the console's default)",
+    )
     parser.add_argument("--drain-timeout-s", type=float, default=300.0)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
