@@ -571,8 +571,9 @@ def plot_timeline(result: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("ms after the study was received")
         ax.set_title(
-            f"{result['model']}: {sum(b['slices'] for b in run['batches'])} slices in "
-            f"{len(run['batches'])} batches (median run, study {run['study_id']})"
+            f"{result['model']}: {sum(b['slices'] for b in run['batches'])} slices, "
+            f"{len(run['batches'])} batches (median run)",
+            fontsize="medium",
         )
 
 

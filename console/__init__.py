@@ -94,6 +94,8 @@ DEFAULTS = {
     "MODEL_NAME": "mobilenet_v2_openvino_bf16",
     # Queue worker: slices per predict call, idle poll, backoff while Triton is down.
     "BATCH_SIZE": 16,
+    # Threads that decode and preprocess a batch (while Triton computes the one before).
+    "PREPARE_THREADS": 2,
     "WORKER_POLL_S": 1.0,
     "BACKOFF_INITIAL_S": 0.5,
     "BACKOFF_MAX_S": 30.0,

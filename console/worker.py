@@ -38,6 +38,7 @@ import queue as handoff_queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class WorkerSettings:
     poll_s: float
     backoff_initial_s: float
     backoff_max_s: float
+    prepare_threads: int
     max_attempts: int
     lease_s: float
     lease_check_s: float
@@ -104,6 +106,7 @@ class WorkerSettings:
             poll_s=float(config["WORKER_POLL_S"]),
             backoff_initial_s=float(config["BACKOFF_INITIAL_S"]),
             backoff_max_s=float(config["BACKOFF_MAX_S"]),
+            prepare_threads=int(config["PREPARE_THREADS"]),
             max_attempts=int(config["MAX_INFERENCE_ATTEMPTS"]),
             lease_s=float(config["CLAIM_LEASE_S"]),
             lease_check_s=float(config["LEASE_CHECK_S"]),
@@ -204,6 +207,7 @@ class QueueWorker:
         #: The preparer claims only while the hand-off is free: it never holds a
         #: second prepared batch that an urgent study would have to wait behind.
         self._slot = threading.Semaphore(1)
+        self._decode_pool: ThreadPoolExecutor | None = None  # made on first use, shut on stop
         #: Each thread's own connection: "classify" (commits) and "prepare" (claims).
         self._dbs: dict[str, object] = {}
         self._next_lease_check = 0.0
@@ -279,6 +283,9 @@ class QueueWorker:
             if thread is not None:
                 thread.join(timeout_s)
         self._thread = self._preparer = None
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown()
+            self._decode_pool = None
         self._give_back_prepared()
         with self._classifier_lock:
             classifier, self._classifier = self._classifier, None
@@ -419,28 +426,43 @@ class QueueWorker:
             publish_study(self._broker, change)
 
     def _prepare(self, rows):
-        """Decode and preprocess claimed slices; a file that no longer decodes fails alone."""
+        """Decode and preprocess claimed slices, ``prepare_threads`` at a time.
+
+        OpenCV and NumPy release the GIL for most of a slice's work, so on a
+        second core the threads shorten the batch. A file that no longer
+        decodes fails alone.
+        """
         prepared, failed = [], []
-        for row in rows:
-            try:
-                start = time.perf_counter()
-                image = decode_file(stored_path(self.settings.storage_dir, row["stored_path"]))
-                decoded = time.perf_counter()
-                view = model_view(image, self.spec)
-                tensor = model_input(view)
-                done = time.perf_counter()
-            except (HemoTriageError, OSError) as e:
-                logger.warning(
-                    "slice %d of study %d failed to preprocess: %s",
-                    row["id"],
-                    row["study_id"],
-                    type(e).__name__,
-                )
-                failed.append((row, f"could not read the stored file: {e}"))
-                continue
-            timings = ((decoded - start) * 1000, (done - decoded) * 1000)
-            prepared.append((row, tensor, head_fraction(view), timings))
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(
+                max(1, self.settings.prepare_threads), thread_name_prefix="hemotriage-prepare"
+            )
+        outcomes = self._decode_pool.map(self._prepare_slice, rows)
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if isinstance(outcome, str):
+                failed.append((row, outcome))
+            else:
+                prepared.append((row, *outcome))
         return prepared, failed
+
+    def _prepare_slice(self, row):
+        """``(model input, head fraction, (decode ms, preprocess ms))``, or why it failed."""
+        try:
+            start = time.perf_counter()
+            image = decode_file(stored_path(self.settings.storage_dir, row["stored_path"]))
+            decoded = time.perf_counter()
+            view = model_view(image, self.spec)
+            tensor = model_input(view)
+            done = time.perf_counter()
+        except (HemoTriageError, OSError) as e:
+            logger.warning(
+                "slice %d of study %d failed to preprocess: %s",
+                row["id"],
+                row["study_id"],
+                type(e).__name__,
+            )
+            return f"could not read the stored file: {e}"
+        return tensor, head_fraction(view), ((decoded - start) * 1000, (done - decoded) * 1000)
 
     def _commit(self, batch: PreparedBatch, probabilities, inference_ms: float, times: dict):
         """Record the batch's results in one transaction, then tell the screens.
