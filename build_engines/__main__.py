@@ -3,19 +3,22 @@
 python -m build_engines train --model resnet18          # CV + final weights + figures
 python -m build_engines evaluate --model resnet18       # figures again, no training
 python -m build_engines series --model mobilenet_v2     # series model from the folds' outputs
+python -m build_engines ablation --model mobilenet_v2 --name "2.5D input" --candidate-run RUN
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from build_engines.commands import add_engine_commands
+from build_engines.data import CONTEXTS
 from build_engines.model_card import REPORTS_DIR
 from build_engines.train import TrainConfig
-from client.constants import WEIGHTS_DIR
+from client.constants import REPO_ROOT, WEIGHTS_DIR
 from client.errors import HemoTriageError
 from client.registry import get_model, list_models
 
@@ -33,6 +36,7 @@ def _train(args: argparse.Namespace) -> int:
         samples_per_epoch=args.samples_per_epoch,
         distill_weight=args.distill_weight if args.teacher else 0.0,
         hard_negative_boost=args.hard_negative_boost if args.hard_negatives_from else 0.0,
+        context=args.context,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
@@ -83,6 +87,24 @@ def _series(args: argparse.Namespace) -> int:
         spec, data_dir_from_env(), report_dir, args.weights_dir or WEIGHTS_DIR
     )
     logging.getLogger(__name__).info("best series score: %s", report["best"])
+    return 0
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    from build_engines.ablation import compare_runs, record_ablation
+    from build_engines.data import data_dir_from_env
+
+    spec = get_model(args.model)
+    report_dir = args.report_dir or REPORTS_DIR / spec.name
+    baseline = args.baseline_run
+    if baseline is None:
+        training = json.loads((report_dir / "training.json").read_text())
+        baseline = REPO_ROOT / training["fold_results"]
+    comparison = compare_runs(spec, data_dir_from_env(), baseline, args.candidate_run)
+    path = record_ablation(report_dir, args.name, comparison)
+    logging.getLogger(__name__).info(
+        "%s on folds %s: written to %s", args.name, comparison["folds"], path
+    )
     return 0
 
 
@@ -151,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         default=3.0,
         help="a normal slice with out-of-fold probability p is drawn 1 + boost x p as often",
     )
+    train.add_argument(
+        "--context",
+        choices=CONTEXTS,
+        default=TrainConfig.context,
+        help="2d: each slice alone; 2.5d: previous, current and next slice as the three channels",
+    )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)
     train.set_defaults(run=_train)
@@ -176,6 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--epochs", type=int, default=4)
     compare.add_argument("--samples-per-epoch", type=int, default=TrainConfig.samples_per_epoch)
     compare.set_defaults(run=_compare_init)
+
+    ablation = sub.add_parser(
+        "ablation", help="a training change against the served run, on the same folds"
+    )
+    ablation.add_argument("--model", required=True, choices=base_models)
+    ablation.add_argument("--name", required=True, help="the change, as the model card names it")
+    ablation.add_argument(
+        "--candidate-run", type=Path, required=True, help="the changed run's .cache/runs folder"
+    )
+    ablation.add_argument(
+        "--baseline-run", type=Path, help="default: the run of the report's training.json"
+    )
+    ablation.add_argument(
+        "--report-dir", type=Path, help="whose training.json and ablations.json; default served"
+    )
+    ablation.set_defaults(run=_ablation)
 
     card = sub.add_parser("model-card", help="render MODEL_CARD.md from the reports")
     card.set_defaults(run=_model_card)

@@ -9,8 +9,15 @@ reconstruction kernels and exports (gamma, contrast, noise, resolution loss,
 JPEG compression as in video-frame and web exports). The output goes through
 the client's ``normalize``, the same call serving uses.
 
+A 2.5D input (a slice with its series neighbours as channels, (3, S, S)) gets
+one geometry and one set of jitter parameters for all three channels, since
+they are parts of one scan; only the added noise is drawn per channel, as each
+slice has its own. Its previous and next slices swap places half the time:
+series run skull base to vertex in one source and may run the other way at
+another site.
+
     rng = np.random.default_rng(0)
-    batch = augment_batch(views[idx], rng, out_size=160)   # float32 (N, S', S') in [0, 1]
+    batch = augment_batch(views[idx], rng, out_size=160)   # float32 (N, C, S', S') in [0, 1]
 """
 
 from __future__ import annotations
@@ -20,9 +27,19 @@ import numpy as np
 
 
 def augment_view(view: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
-    """One random, plausible variant of a view, resized to ``out_size``, float32 in [0, 1]."""
-    size = view.shape[0]
-    image = view.astype(np.float32) / 255.0
+    """One random, plausible variant of a view, resized to ``out_size``, float32 in [0, 1].
+
+    Args:
+        view: uint8 (S, S), or (C, S, S) for a slice with its neighbours.
+        rng: Source of every random choice.
+        out_size: Side of the output.
+
+    Returns:
+        float32 (out, out), or (C, out, out).
+    """
+    size = view.shape[-1]
+    # OpenCV transforms (S, S, C) images channel by channel with one matrix.
+    image = (view if view.ndim == 2 else view.transpose(1, 2, 0)).astype(np.float32) / 255.0
     angle = rng.uniform(-15, 15)
     scale = rng.uniform(0.75, 1.12)
     aspect = np.exp(rng.uniform(-0.12, 0.12))  # round or long head: stretch one axis
@@ -40,6 +57,8 @@ def augment_view(view: np.ndarray, rng: np.random.Generator, out_size: int) -> n
     image = cv2.warpAffine(
         image, matrix, (out_size, out_size), flags=cv2.INTER_LINEAR, borderValue=0.0
     )
+    if view.ndim == 3 and rng.random() < 0.5:  # the series read the other way
+        image = np.ascontiguousarray(image[..., ::-1])
     if rng.random() < 0.3:  # resolution loss: thicker slices, smoother kernels, video exports
         low = int(out_size * rng.uniform(0.5, 0.85))
         image = cv2.resize(
@@ -48,31 +67,53 @@ def augment_view(view: np.ndarray, rng: np.random.Generator, out_size: int) -> n
             interpolation=cv2.INTER_LINEAR,
         )
     if rng.random() < 0.3:  # lossy export (ct_ich_dev frames are JPEG from scanner video)
-        quality = int(rng.integers(30, 90))
-        encoded = cv2.imencode(
-            ".jpg",
-            np.round(np.clip(image, 0, 1) * 255).astype(np.uint8),
-            [cv2.IMWRITE_JPEG_QUALITY, quality],
-        )[1]
-        image = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+        image = _jpeg_round_trip(image, int(rng.integers(30, 90)))
     gamma = np.exp(rng.uniform(-0.35, 0.35))
     image = np.clip(image, 0.0, 1.0) ** gamma
     image = image * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06)
     if rng.random() < 0.5:
         image = image + rng.normal(0.0, rng.uniform(0.005, 0.03), image.shape).astype(np.float32)
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    return image if view.ndim == 2 else image.reshape(out_size, out_size, -1).transpose(2, 0, 1)
+
+
+def _jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """Encode and decode each channel as a grey JPEG.
+
+    A 3-channel image would be encoded as colour, and the chroma planes
+    (subsampled YCbCr) would blur one neighbour slice into another.
+    """
+    if image.ndim == 3:
+        return np.stack(
+            [_jpeg_round_trip(image[..., c], quality) for c in range(image.shape[2])], -1
+        )
+    encoded = cv2.imencode(
+        ".jpg",
+        np.round(np.clip(image, 0, 1) * 255).astype(np.uint8),
+        [cv2.IMWRITE_JPEG_QUALITY, quality],
+    )[1]
+    return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
 
 
 def augment_batch(views: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
-    """Augment each view of a (N, S, S) uint8 batch; returns (N, 1, out, out) float32."""
-    return np.stack([augment_view(v, rng, out_size) for v in views])[:, None]
+    """Augment each item of a uint8 batch, (N, S, S) or (N, C, S, S); returns (N, C, out, out).
+
+    C is 1 for a batch of single views.
+    """
+    images = np.stack([augment_view(v, rng, out_size) for v in views])
+    return images[:, None] if views.ndim == 3 else images
 
 
 def resize_batch(views: np.ndarray, out_size: int) -> np.ndarray:
-    """Plain (evaluation) views as (N, 1, out, out) float32 in [0, 1]."""
+    """Plain (evaluation) views, uint8 (N, S, S) or (N, C, S, S), as (N, C, out, out) in [0, 1]."""
     images = views.astype(np.float32) / 255.0
-    if views.shape[1] != out_size:
+    if images.ndim == 3:
+        images = images[:, None]
+    if views.shape[-1] != out_size:
         images = np.stack(
-            [cv2.resize(v, (out_size, out_size), interpolation=cv2.INTER_AREA) for v in images]
+            [
+                [cv2.resize(c, (out_size, out_size), interpolation=cv2.INTER_AREA) for c in v]
+                for v in images
+            ]
         )
-    return images[:, None]
+    return images

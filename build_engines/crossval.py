@@ -199,7 +199,12 @@ def run_training(
         "trained_at": training["trained_at"],
         "pretrained": config.pretrained,
         "teacher": None if teacher is None else teacher.spec.name,
-        "reference_predictions": reference_predictions(spec, weights_path, data_dir),
+        "context": config.context,
+        # The reference files go through the client's single-file path, which
+        # has no neighbours to give a 2.5D model.
+        "reference_predictions": reference_predictions(spec, weights_path, data_dir)
+        if config.context == "2d"
+        else {},
     }
     (weights_dir / f"{spec.name}.json").write_text(json.dumps(facts, indent=1) + "\n")
     return report
@@ -268,7 +273,11 @@ def _run_fold(
     )
     save_weights(result.model, saved.with_suffix(".safetensors"))
     probabilities, embeddings = embed_views(
-        result.model, dataset.views[test_idx], spec, EMBEDDING_AUGMENTED_VIEWS, config.seed + fold
+        result.model,
+        dataset.inputs(test_idx, config.context),
+        spec,
+        EMBEDDING_AUGMENTED_VIEWS,
+        config.seed + fold,
     )
     partial = saved.with_suffix(".partial.npz")
     np.savez(

@@ -8,6 +8,7 @@ preprocessing path and is cached as uint8, so training never re-decodes.
 
     dataset = load_dataset(data_dir)             # preprocessed, cached
     dataset.views.shape                          # (n, 224, 224) uint8
+    dataset.inputs(idx, "2.5d").shape            # (len(idx), 3, 224, 224): previous, slice, next
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import csv
 import hashlib
 import logging
 import os
+from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 SOURCES = ("kaggle_head_ct", "phe_sich", "ct_ich_dev")
 #: phe_sich slices with less content than this are blank frames (README: drop them).
 _MIN_CONTENT_FRAC = 0.05
+#: What a slice model sees: the slice alone (repeated to three channels), or the
+#: slice between its series neighbours, one per channel (2.5D).
+CONTEXTS = ("2d", "2.5d")
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,45 @@ class Dataset:
     def sources(self) -> np.ndarray:
         """Source name per slice."""
         return np.array([r.source for r in self.records])
+
+    @cached_property
+    def neighbours(self) -> np.ndarray:
+        """(previous, slice, next) index of every slice; see :func:`neighbour_index`."""
+        return neighbour_index(self.records)
+
+    def inputs(self, indices: np.ndarray, context: str) -> np.ndarray:
+        """The uint8 views a model with ``context`` takes for these slices.
+
+        Returns:
+            (N, S, S) for ``2d``; (N, 3, S, S) previous, slice and next for ``2.5d``.
+        """
+        if context == "2d":
+            return self.views[indices]
+        if context == "2.5d":
+            return self.views[self.neighbours[indices]]
+        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+
+
+def neighbour_index(records: list[SliceRecord]) -> np.ndarray:
+    """Index of each slice's previous slice, itself and next slice in its patient's series.
+
+    Neighbours follow ``order``. Where the series skips an ``order`` the nearest
+    existing slice on that side stands in, however far; at a series edge, and for
+    a source of single images, the slice stands in for its missing neighbour.
+
+    Returns:
+        int64 (len(records), 3).
+    """
+    index = np.repeat(np.arange(len(records))[:, None], 3, axis=1)
+    series: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        series[record.patient].append(i)
+    for members in series.values():
+        members.sort(key=lambda i: records[i].order)
+        for previous, following in pairwise(members):
+            index[following, 0] = previous
+            index[previous, 2] = following
+    return index
 
 
 def data_dir_from_env() -> Path:

@@ -41,15 +41,9 @@ def analyse_errors(report_dir: Path, data_dir: Path) -> dict:
     head = np.array([float(r["head_fraction"]) for r in rows])
     fracture = np.array([r["fracture"] == "1" for r in rows])
     normal = ~bleeding
-
-    edges = np.quantile(head[normal], np.linspace(0, 1, _BINS + 1))
-    by_head = []
-    for low, high in itertools.pairwise(edges):
-        members = normal & (head >= low) & (head <= high)
-        by_head.append(_rate(f"{low:.2f}-{high:.2f}", flagged[members]))
     analysis = {
         "threshold": threshold,
-        "normal_false_alarm_by_head_fraction": by_head,
+        "normal_false_alarm_by_head_fraction": false_alarms_by_head_fill(head, flagged, normal),
         "normal_false_alarm_by_fracture": [
             _rate("fracture", flagged[normal & fracture]),
             _rate("no fracture", flagged[normal & ~fracture]),
@@ -62,6 +56,17 @@ def analyse_errors(report_dir: Path, data_dir: Path) -> dict:
     }
     (report_dir / "errors.json").write_text(json.dumps(analysis, indent=1))
     return analysis
+
+
+def false_alarms_by_head_fill(
+    head: np.ndarray, flagged: np.ndarray, normal: np.ndarray
+) -> list[dict]:
+    """False-alarm rate of the normal slices in each quintile of their head fraction."""
+    edges = np.quantile(head[normal], np.linspace(0, 1, _BINS + 1))
+    return [
+        _rate(f"{low:.2f}-{high:.2f}", flagged[normal & (head >= low) & (head <= high)])
+        for low, high in itertools.pairwise(edges)
+    ]
 
 
 def _rate(name: str, hits: np.ndarray) -> dict:

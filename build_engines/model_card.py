@@ -296,6 +296,7 @@ def _measured_extras(name: str) -> list[str]:
         )
     lines.extend(_error_analysis(name))
     lines.extend(_series_comparison(name))
+    lines.extend(_ablations(name))
     cq500 = _read_json(REPORTS_DIR / name / "cq500.json")
     if cq500:
         lines.append(
@@ -380,6 +381,52 @@ def _series_comparison(name: str) -> list[str]:
         )
     lines.append(f"\n![series ROC](build_engines/reports/{name}/series_roc.png)")
     return lines
+
+
+def _ablations(name: str) -> list[str]:
+    """Each training change against the served run on the same folds (``ablations.json``)."""
+    ablations = _read_json(REPORTS_DIR / name / "ablations.json")
+    if not ablations:
+        return []
+    lines = [
+        "\nAblations (issue 9: a change is kept only if it wins on the same folds;"
+        " `python -m build_engines ablation`). Out of fold, on the patients of the folds both"
+        " runs finished; series scores nested as above; 95% patient-bootstrap CIs; specificity"
+        " by head fill is of ct_ich_dev normal slices at each run's own operating threshold"
+        " (head-fill quintiles, smallest first).\n",
+        "| change | run | folds (patients) | pooled slice ROC-AUC | ct_ich_dev slice ROC-AUC"
+        " | kaggle accuracy at 0.5 | series ROC-AUC: max slice | neighbour pair"
+        " | nested sensitivity / specificity: max slice | neighbour pair"
+        " | specificity at 15/16: max slice | neighbour pair | specificity by head fill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for change, result in ablations.items():
+        folds = f"{', '.join(str(k + 1) for k in result['folds'])} ({result['patients']})"
+        for role in ("baseline", "candidate"):
+            m = result[role]
+            series = [m["series"][rule] for rule in ("max_slice", "neighbour_pair")]
+            cells = [
+                _fmt(m["pooled_roc_auc"]),
+                _fmt(m["ct_ich_dev_roc_auc"]),
+                f"{m['kaggle_accuracy_at_0.5']:.3f}",
+                *(_fmt(s["roc_auc"]) for s in series),
+                *(_nested_pair(s) for s in series),
+                *(_fmt(s["specificity_at_sensitivity_0.9375"]) for s in series),
+                ", ".join(f"{g['specificity']:.2f}" for g in m["specificity_by_head_fill"]),
+            ]
+            run = "served" if role == "baseline" else change
+            lines.append(
+                f"| {change} | {run} (`{result[role + '_run']}`) | {folds} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
+
+
+def _nested_pair(block: dict) -> str:
+    """Sensitivity / specificity at the nested threshold."""
+    nested = block["nested"]
+    return f"{nested['recall']['value']:.3f} / {nested['specificity']['value']:.3f}"
 
 
 def _read_json(path: Path) -> dict | None:

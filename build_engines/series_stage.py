@@ -88,7 +88,7 @@ def run_series_stage(
         )
     progress.close()
 
-    summary = {r.name: _summarize(r) for r in results}
+    summary = {r.name: summarize_nested(r) for r in results}
 
     def rank(name: str) -> tuple[float, float]:
         return (
@@ -137,7 +137,7 @@ def _out_of_fold_series(spec: ModelSpec, data_dir: Path, report_dir: Path) -> li
     return load_series_table(folds, dataset)
 
 
-def _summarize(result: NestedResult) -> dict:
+def summarize_nested(result: NestedResult) -> dict:
     """ROC-AUC, nested-threshold metrics and specificity at fixed sensitivities, with CIs."""
     y, s, patients = result.labels, result.scores, np.array(result.patients)
     nested = binary_metrics(y, result.flagged.astype(float), 0.5)

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from build_engines.augment import augment_batch, resize_batch
-from build_engines.data import Dataset
+from build_engines.data import CONTEXTS, Dataset
 from client.preprocess import normalize
 from client.registry import ModelSpec
 from client.torch_models import SliceNet, build_model
@@ -55,6 +55,11 @@ class TrainConfig:
     prediction on the same augmented view (Hinton et al. 2015, temperature
     ``distill_temperature``), the rest the labels: no ImageNet ResNet weights
     exist offline, and our MobileNetV2 teacher carries ImageNet features.
+
+    ``context`` is what the model sees of a slice (:data:`build_engines.data.CONTEXTS`):
+    ``2d`` the slice alone, ``2.5d`` the slice between its series neighbours.
+    It is part of the run's key and of the weights sidecar, because a model
+    trained on one cannot be fed the other.
     """
 
     epochs: int = 12
@@ -72,6 +77,11 @@ class TrainConfig:
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
     hard_negative_boost: float = 0.0
+    context: str = "2d"
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
 
 
 @dataclass
@@ -110,7 +120,7 @@ def sample_weights(
 def new_model(spec: ModelSpec, config: TrainConfig, calibration: np.ndarray) -> torch.nn.Module:
     """A fresh model, from the dequantized ImageNet MobileNetV2 when asked.
 
-    ``calibration`` (uint8 views of training slices) sets the pretrained
+    ``calibration`` (uint8 inputs of training slices) sets the pretrained
     model's batch-norm statistics, so training starts from the ImageNet function.
     """
     model = build_model(spec)
@@ -149,7 +159,7 @@ class _EpochRunner:
         )
         losses, correct = [], 0
         for batch in tqdm(chosen.reshape(self.steps, -1), desc=desc, leave=False):
-            views = augment_batch(self.dataset.views[batch], self.rng, size)
+            views = augment_batch(self.dataset.inputs(batch, self.config.context), self.rng, size)
             x = torch.from_numpy(normalize(views, self.spec)).to(
                 _device(), memory_format=torch.channels_last
             )
@@ -182,7 +192,9 @@ class _EpochRunner:
         return (1 - weight) * label_loss + weight * t * t * soft
 
     def validate(self, model, stop_idx: np.ndarray, size: int) -> dict:
-        p = predict_views(model, self.dataset.views[stop_idx], self.spec, size=size)
+        p = predict_views(
+            model, self.dataset.inputs(stop_idx, self.config.context), self.spec, size=size
+        )
         y = self.dataset.labels[stop_idx]
         eps = 1e-6
         return {
@@ -208,7 +220,9 @@ def train_model(
     """
     torch.manual_seed(config.seed)
     runner = _EpochRunner(spec, dataset, train_idx, config, teacher)
-    calibration = dataset.views[runner.rng.choice(train_idx, size=64, p=runner.probabilities)]
+    calibration = dataset.inputs(
+        runner.rng.choice(train_idx, size=64, p=runner.probabilities), config.context
+    )
     model = new_model(spec, config, calibration).to(_device(), memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -270,7 +284,11 @@ def predict_views(
     size: int | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """P(hemorrhage) for cached uint8 views, at the serving size unless ``size`` is given."""
+    """P(hemorrhage) for cached uint8 views, at the serving size unless ``size`` is given.
+
+    ``views`` are (N, S, S) single views or (N, 3, S, S) 2.5D inputs
+    (:meth:`build_engines.data.Dataset.inputs`).
+    """
     model.eval()
     out = []
     with torch.inference_mode():

@@ -1,5 +1,7 @@
 """ONNX export: checker-clean, dynamic batch, softmax inside, same answers as PyTorch."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -79,3 +81,15 @@ def test_parity_failure_is_a_typed_error(exported, real_batch, tmp_path):
 def test_int8_entries_are_not_exported_directly():
     with pytest.raises(ValueError, match="export its fp32 base"):
         export_onnx(get_model("resnet18_int8"))
+
+
+def test_weights_trained_on_2_5d_input_are_never_exported_for_single_slice_serving(
+    monkeypatch, tmp_path
+):
+    """The sidecar's context stops a 2.5D model before it reaches Triton."""
+    facts = json.loads(get_model("mobilenet_v2").facts_path.read_text())
+    (tmp_path / "mobilenet_v2.json").write_text(json.dumps(facts | {"context": "2.5d"}))
+    monkeypatch.setattr("client.registry.WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"2\.5d input"):
+        export_onnx(get_model("mobilenet_v2"), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

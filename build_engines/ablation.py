@@ -1,0 +1,137 @@
+"""One training change against the served run, on the same folds: a row of the ablation table.
+
+Issue 9 keeps a change to the slice model only if it wins on the same folds.
+This reads two runs' saved fold results (``.cache/runs/<run>/fold{k}.npz``:
+held-out slices and their out-of-fold probabilities), checks that each fold
+held out the same slices in both, and compares them on the folds both have
+finished (a run still training is compared on its finished folds' patients):
+
+- pooled slice ROC-AUC and ``ct_ich_dev`` slice ROC-AUC, 95% patient-bootstrap CIs;
+- ``kaggle_head_ct`` accuracy at 0.5;
+- ``ct_ich_dev`` series ROC-AUC, nested sensitivity and specificity and specificity
+  at sensitivity 15/16, for the maximum slice and the neighbour pair, by the
+  nested cross-validation of ``python -m build_engines series``;
+- ``ct_ich_dev`` normal-slice specificity by head fill (quintiles), each run at its
+  own operating threshold (pooled slice sensitivity 0.95).
+
+The result is kept in ``build_engines/reports/<model>/ablations.json`` under the
+change's name, and the model card shows it.
+
+    python -m build_engines ablation --model mobilenet_v2 --name "2.5D input" --candidate-run RUN
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from build_engines.data import Dataset, SliceRecord, load_dataset
+from build_engines.error_analysis import false_alarms_by_head_fill
+from build_engines.evaluate import binary_metrics, threshold_for_sensitivity, with_ci
+from build_engines.report import TARGET_SENSITIVITY
+from build_engines.series_model import (
+    FIXED_RULES,
+    fixed_rule_scorer,
+    load_series_table,
+    nested_evaluation,
+)
+from build_engines.series_stage import summarize_nested
+from client.constants import REPO_ROOT
+from client.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+def finished_folds(run_dir: Path) -> list[int]:
+    """Folds 0, 1, ... whose results are saved, up to the first missing one."""
+    folds = []
+    while (run_dir / f"fold{len(folds)}.npz").exists():
+        folds.append(len(folds))
+    return folds
+
+
+def compare_runs(
+    spec: ModelSpec,
+    data_dir: Path,
+    baseline_run: Path,
+    candidate_run: Path,
+    records: list[SliceRecord] | None = None,
+) -> dict:
+    """Both runs' measures on the patients of the folds both have finished.
+
+    ``records`` are the slices both runs trained on (default: every labelled slice).
+
+    Raises:
+        ValueError: fewer than two common folds (the nested series evaluation
+            needs an inner fold), or a fold that held out other slices.
+    """
+    folds = sorted(set(finished_folds(baseline_run)) & set(finished_folds(candidate_run)))
+    if len(folds) < 2:
+        raise ValueError(f"{len(folds)} fold(s) finished in both runs; the comparison needs 2")
+    dataset = load_dataset(data_dir, spec, records)
+    stored = {
+        run: [np.load(run / f"fold{k}.npz") for k in folds] for run in (baseline_run, candidate_run)
+    }
+    for k, base, candidate in zip(folds, *stored.values(), strict=True):
+        if not np.array_equal(base["test_idx"], candidate["test_idx"]):
+            raise ValueError(f"fold {k} held out other slices in the two runs")
+    held_out = np.concatenate([f["test_idx"] for f in stored[baseline_run]])
+    return {
+        "folds": folds,
+        "slices": len(held_out),
+        "patients": len(np.unique(dataset.patients[held_out])),
+        "baseline_run": _display(baseline_run),
+        "candidate_run": _display(candidate_run),
+        "baseline": _measures(dataset, stored[baseline_run]),
+        "candidate": _measures(dataset, stored[candidate_run]),
+    }
+
+
+def record_ablation(report_dir: Path, name: str, comparison: dict) -> Path:
+    """Keep ``comparison`` under ``name`` in ``report_dir/ablations.json``; returns its path."""
+    path = report_dir / "ablations.json"
+    ablations = json.loads(path.read_text()) if path.exists() else {}
+    ablations[name] = comparison
+    path.write_text(json.dumps(ablations, indent=1) + "\n")
+    return path
+
+
+def _measures(dataset: Dataset, folds: list) -> dict:
+    """Slice, series and head-fill measures of one run's out-of-fold probabilities."""
+    idx = np.concatenate([f["test_idx"] for f in folds])
+    p = np.concatenate([f["probabilities"][0] for f in folds])
+    y, patients, sources = dataset.labels[idx], dataset.patients[idx], dataset.sources[idx]
+    threshold = threshold_for_sensitivity(y, p, TARGET_SENSITIVITY)
+    trauma, kaggle = sources == "ct_ich_dev", sources == "kaggle_head_ct"
+
+    table = load_series_table(folds, dataset)
+    series = [s for s in table if s.fold >= 0]  # patients of unfinished folds have no fold
+    nested = {
+        name: summarize_nested(
+            nested_evaluation(series, fixed_rule_scorer(rule), name, TARGET_SENSITIVITY)
+        )
+        for name, rule in FIXED_RULES.items()
+    }
+    by_head = false_alarms_by_head_fill(
+        dataset.head_fractions[idx][trauma], p[trauma] >= threshold, y[trauma] == 0
+    )
+    return {
+        "threshold": threshold,
+        "pooled_roc_auc": with_ci(y, p, patients, threshold)["roc_auc"],
+        "ct_ich_dev_roc_auc": with_ci(y[trauma], p[trauma], patients[trauma], threshold)["roc_auc"],
+        "kaggle_accuracy_at_0.5": binary_metrics(y[kaggle], p[kaggle], 0.5)["accuracy"],
+        "series": nested,
+        "specificity_by_head_fill": [
+            {"group": g["group"], "slices": g["slices"], "specificity": 1 - g["rate"]}
+            for g in by_head
+        ],
+    }
+
+
+def _display(run_dir: Path) -> str:
+    """The run folder relative to the repository when inside it."""
+    run_dir = run_dir.absolute()  # not resolved: .cache may be a link out of the checkout
+    return str(run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir)

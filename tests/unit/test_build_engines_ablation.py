@@ -1,0 +1,82 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines.ablation import compare_runs, finished_folds
+from build_engines.crossval import run_training
+from build_engines.data import index_records
+from build_engines.train import TrainConfig
+from client.registry import get_model
+
+#: Two bleeding and two normal trauma series, so every fold can set a series threshold.
+_TRAUMA = {"ct_ich_dev/085", "ct_ich_dev/050", "ct_ich_dev/122", "ct_ich_dev/128"}
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir: Path, tmp_path_factory):
+    """The same tiny 2-fold run with 2D and with 2.5D input."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    records = index_records(data_dir)
+    kaggle = [r for r in records if r.source == "kaggle_head_ct"]
+    subset = kaggle[:6] + kaggle[-6:] + [r for r in records if r.patient in _TRAUMA]
+    config = TrainConfig(epochs=1, low_res=64, samples_per_epoch=16, batch_size=8)
+    for context in ("2d", "2.5d"):
+        run_training(
+            get_model("mobilenet_v2"),
+            TrainConfig(**(vars(config) | {"context": context})),
+            data_dir,
+            tmp / context / "report",
+            tmp / context / "weights",
+            n_folds=2,
+            records=subset,
+            runs_dir=tmp / context / "runs",
+        )
+    return tmp, subset
+
+
+def _run_dir(tmp: Path, context: str) -> Path:
+    (run_dir,) = (tmp / context / "runs").iterdir()
+    return run_dir
+
+
+def test_a_2_5d_run_records_its_context_where_serving_would_read_it(runs):
+    tmp, _ = runs
+    assert _run_dir(tmp, "2d").name != _run_dir(tmp, "2.5d").name
+    for context in ("2d", "2.5d"):
+        training = json.loads((tmp / context / "report" / "training.json").read_text())
+        facts = json.loads((tmp / context / "weights" / "mobilenet_v2.json").read_text())
+        assert training["config"]["context"] == facts["context"] == context
+    facts = json.loads((tmp / "2.5d" / "weights" / "mobilenet_v2.json").read_text())
+    assert facts["reference_predictions"] == {}  # the single-file path has no neighbours
+
+
+def test_the_ablation_compares_both_runs_on_the_same_held_out_patients(runs, data_dir: Path):
+    tmp, subset = runs
+    spec = get_model("mobilenet_v2")
+    result = compare_runs(spec, data_dir, _run_dir(tmp, "2d"), _run_dir(tmp, "2.5d"), subset)
+    assert result["folds"] == [0, 1]
+    assert result["slices"] == len(subset)
+    assert result["patients"] == 12 + len(_TRAUMA)
+    for role in ("baseline", "candidate"):
+        measures = result[role]
+        assert 0.0 <= measures["pooled_roc_auc"]["value"] <= 1.0
+        assert set(measures["series"]) == {"max_slice", "neighbour_pair"}
+        head_fill = measures["specificity_by_head_fill"]
+        assert len(head_fill) == 5 and all(0 <= g["specificity"] <= 1 for g in head_fill)
+
+
+def test_the_ablation_refuses_runs_whose_folds_held_out_other_slices(runs, data_dir, tmp_path):
+    tmp, subset = runs
+    other = shutil.copytree(_run_dir(tmp, "2.5d"), tmp_path / "other")
+    fold = dict(np.load(other / "fold1.npz"))
+    fold["test_idx"] = fold["test_idx"][::-1]
+    np.savez(other / "fold1.npz", **fold)
+    with pytest.raises(ValueError, match="fold 1 held out other slices"):
+        compare_runs(get_model("mobilenet_v2"), data_dir, _run_dir(tmp, "2d"), other, subset)
+    (other / "fold1.npz").unlink()
+    assert finished_folds(other) == [0]
+    with pytest.raises(ValueError, match="needs 2"):
+        compare_runs(get_model("mobilenet_v2"), data_dir, _run_dir(tmp, "2d"), other, subset)
