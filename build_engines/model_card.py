@@ -414,7 +414,7 @@ def _ablations(name: str) -> list[str]:
                 *(_fmt(s["specificity_at_sensitivity_0.9375"]) for s in series),
                 ", ".join(f"{g['specificity']:.2f}" for g in m["specificity_by_head_fill"]),
             ]
-            run = "served" if role == "baseline" else change
+            run = "served" if role == "baseline" else "changed"
             lines.append(
                 f"| {change} | {run} (`{result[role + '_run']}`) | {folds} | "
                 + " | ".join(cells)
