@@ -89,21 +89,14 @@ def export_onnx(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSE
         The path written, after ``onnx.checker`` accepted it.
 
     Raises:
-        MissingWeightsError: the torch weights are absent or fail their checksum.
-        ValueError: ``spec`` is not an fp32 model, ``opset`` is too old, or the
-            weights take a slice with its neighbours (``context`` 2.5d in the
-            sidecar), which the served single-slice input cannot give them.
+        MissingWeightsError: the torch weights are absent, fail their checksum, or
+            take a slice with its neighbours (see :func:`client.torch_models.load_model`).
+        ValueError: ``spec`` is not an fp32 model, or ``opset`` is too old.
     """
     if spec.precision != "fp32":
         raise ValueError(f"{spec.name} is {spec.precision}; export its fp32 base model instead")
     if opset < OPSET:
         raise ValueError(f"opset {opset} < {OPSET}")
-    context = spec.trained.extra.get("context", "2d")
-    if context != "2d":
-        raise ValueError(
-            f"{spec.name}'s weights were trained on {context} input (a slice with its"
-            " neighbours); serving sends one slice at a time, so they cannot be served"
-        )
     out_path = Path(out_path or spec.onnx_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = ServedModel(spec, load_model(spec)).eval()

@@ -164,9 +164,17 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
     """Build ``spec.arch`` and load its committed fp16 weights as float32.
 
     Raises:
-        MissingWeightsError: the weight file is absent or fails its checksum.
+        MissingWeightsError: the weight file is absent, fails its checksum, or was
+            trained on a slice with its neighbours (``context`` 2.5d in the sidecar),
+            which the one-slice input of every serving path cannot give it.
     """
     path = spec.weights_path
+    context = spec.trained.extra.get("context", "2d")
+    if context != "2d":
+        raise MissingWeightsError(
+            f"{path.name} was trained on {context} input (a slice with its neighbours); "
+            "serving sends one slice at a time, so these weights cannot be served"
+        )
     if not path.exists():
         raise MissingWeightsError(f"{path} is missing; run 'make train'")
     expected = spec.trained.weights_sha256

@@ -15,7 +15,9 @@ from build_engines.export_onnx import (
     check_parity,
     export_onnx,
 )
+from client.classify import LocalClassifier
 from client.constants import INPUT_NAME, OUTPUT_NAME
+from client.errors import MissingWeightsError
 from client.registry import get_model
 
 
@@ -86,10 +88,12 @@ def test_int8_entries_are_not_exported_directly():
 def test_weights_trained_on_2_5d_input_are_never_exported_for_single_slice_serving(
     monkeypatch, tmp_path
 ):
-    """The sidecar's context stops a 2.5D model before it reaches Triton."""
+    """The sidecar's context stops a 2.5D model before Triton, Grad-CAM or --local load it."""
     facts = json.loads(get_model("mobilenet_v2").facts_path.read_text())
     (tmp_path / "mobilenet_v2.json").write_text(json.dumps(facts | {"context": "2.5d"}))
     monkeypatch.setattr("client.registry.WEIGHTS_DIR", tmp_path)
-    with pytest.raises(ValueError, match=r"2\.5d input"):
+    with pytest.raises(MissingWeightsError, match=r"2\.5d input"):
         export_onnx(get_model("mobilenet_v2"), tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+    with pytest.raises(MissingWeightsError, match=r"2\.5d input"):
+        LocalClassifier(get_model("mobilenet_v2"))
