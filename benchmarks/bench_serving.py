@@ -55,7 +55,6 @@ from benchmarks.bench_triton import (
     Cell,
     format_table,
     measure_cell,
-    onnxruntime_predict,
     real_files,
     run_cell,
 )
@@ -63,6 +62,7 @@ from benchmarks.naive_server import IMAGE_FIELD, NaiveServer
 from benchmarks.report import RESULTS_DIR, figure, markdown_table, write_report
 from benchmarks.stack import triton_on_free_ports
 from build_engines.data import data_dir_from_env
+from build_engines.runners import runner_for
 from build_engines.serve import EmbeddedTriton, ServeSettings
 from client.preprocess import preprocess_bytes
 from client.registry import ModelSpec, get_model, list_models
@@ -144,7 +144,7 @@ def served_predictor(
 ) -> Iterator[Predict]:
     """In-process ONNX Runtime or a Triton client for ``spec``, end to end from the PNG."""
     if path == "onnxruntime":
-        yield from_png(spec, onnxruntime_predict(spec, ort_threads))
+        yield from_png(spec, runner_for(spec, ort_threads, spinning=True).run)
         return
     protocol, _, transport = path.partition("-")
     with TritonClassifier(
@@ -215,7 +215,7 @@ def stage_costs(base: str, pngs: np.ndarray, args: argparse.Namespace) -> dict[s
         "torch eager forward": (LocalClassifier(spec).predict, tensors),
     }
     for variant in (v for v in variants(base, args) if v.runtime == "onnxruntime"):
-        predict = onnxruntime_predict(variant, args.ort_threads)
+        predict = runner_for(variant, args.ort_threads, spinning=True).run
         stages[f"onnxruntime {variant.precision} forward"] = (predict, tensors)
     costs = {}
     for stage, (predict, items) in stages.items():

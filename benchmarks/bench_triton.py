@@ -30,7 +30,7 @@ import numpy as np
 from benchmarks.report import Column, percentiles, text_header, text_row
 from benchmarks.stack import triton_on_free_ports
 from build_engines.data import data_dir_from_env
-from client.constants import INPUT_NAME, OUTPUT_NAME
+from build_engines.runners import runner_for
 from client.preprocess import preprocess_file
 from client.registry import ModelSpec, get_model, list_models
 from client.triton_client import TritonClassifier
@@ -144,16 +144,6 @@ def measure_cell(
     )
 
 
-def onnxruntime_predict(spec: ModelSpec, threads: int) -> Callable[[np.ndarray], object]:
-    """One shared in-process ONNX Runtime session on ``spec.onnx_path`` (0 threads = all)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-
-
 def benchmark(args: argparse.Namespace, urls: dict[str, str]) -> list[Cell]:
     """Every requested cell, in table order."""
     cells = []
@@ -164,7 +154,7 @@ def benchmark(args: argparse.Namespace, urls: dict[str, str]) -> list[Cell]:
             if backend == "onnxruntime" and spec.runtime != "onnxruntime":
                 continue  # in-process is ONNX Runtime's path; OpenVINO entries are measured served
             if backend == "onnxruntime":
-                predict, closer = onnxruntime_predict(spec, args.ort_threads), None
+                predict, closer = runner_for(spec, args.ort_threads, spinning=True).run, None
             else:
                 closer = TritonClassifier(spec, urls[backend], backend, timeout_s=60.0)
                 predict = closer.predict

@@ -40,8 +40,12 @@ class Runner:
     precision: str
 
 
-def runner_for(spec: ModelSpec, threads: int) -> Runner:
-    """Open ``spec``'s built ONNX in its runtime.
+def runner_for(spec: ModelSpec, threads: int, spinning: bool = False) -> Runner:
+    """Open ``spec``'s built ONNX in its runtime (``threads`` 0: ONNX Runtime takes every core).
+
+    ``spinning`` lets ONNX Runtime's threads spin between calls, as its default
+    does: the in-process ceiling of the serving benchmarks on a quiet machine.
+    The served configs and the comparisons here turn it off.
 
     Raises:
         ModelNotReadyError: the ONNX file has not been built.
@@ -59,7 +63,7 @@ def runner_for(spec: ModelSpec, threads: int) -> Runner:
     options.inter_op_num_threads = 1
     # As the served config: threads sleep, not spin, between calls (model_repository/README.md);
     # spinning would also steal the cores of the next runner when runners take turns.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
     session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
     precision = "int8" if spec.precision == "int8" else "f32"
     return Runner(lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], precision)

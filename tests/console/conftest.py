@@ -228,8 +228,9 @@ def _drain(services) -> int:
     return done
 
 
-def _rows(app, sql: str, *params) -> list:
-    db = connect(app.config["DATABASE"])
+def rows_of(database: str, sql: str, *params) -> list:
+    """One query's rows, on a connection of its own (a SQLite file or a PostgreSQL URL)."""
+    db = connect(database)
     try:
         return db.execute(sql, params).fetchall()
     finally:
@@ -264,7 +265,7 @@ def drain():
 
 @pytest.fixture
 def db_rows(app):
-    return lambda sql, *params: _rows(app, sql, *params)
+    return lambda sql, *params: rows_of(app.config["DATABASE"], sql, *params)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from benchmarks.phantoms import phantom_series
 from benchmarks.stack import ConsoleServer, triton_on_free_ports
 from build_engines.serve import missing_model_files
 from console.db import connect
-from tests.console.conftest import ADMIN, ON_POSTGRES, wait_for
+from tests.console.conftest import ADMIN, ON_POSTGRES, rows_of, wait_for
 
 pytestmark = pytest.mark.skipif(
     not ON_POSTGRES, reason="needs PostgreSQL: run with HEMOTRIAGE_TEST_DATABASE=postgresql"
@@ -38,14 +38,6 @@ BEGIN INSERT INTO result_log VALUES (NEW.id, NEW.claimed_by); RETURN NEW; END $$
 CREATE TRIGGER slices_result AFTER UPDATE OF status ON slices
     FOR EACH ROW WHEN (NEW.status = 'classified') EXECUTE FUNCTION log_result();
 """
-
-
-def _rows(url: str, sql: str, *params) -> list:
-    db = connect(url)
-    try:
-        return db.execute(sql, params).fetchall()
-    finally:
-        db.close()
 
 
 @pytest.fixture
@@ -103,15 +95,15 @@ def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
                     ]
                     accepted += api.upload(files, None)["slice_ids"]
             claimed_by_a = "SELECT id FROM slices WHERE status = 'processing' AND claimed_by = 'a'"
-            assert wait_for(lambda: _rows(url, claimed_by_a), 60), "node a never claimed a batch"
-            held = {r["id"] for r in _rows(url, claimed_by_a)}
+            assert wait_for(lambda: rows_of(url, claimed_by_a), 60), "node a never claimed a batch"
+            held = {r["id"] for r in rows_of(url, claimed_by_a)}
             node_a.kill()
             tritons[0].kill()
             tritons[1].resume()
             unfinished = "SELECT 1 FROM slices WHERE status IN ('queued', 'processing')"
-            assert wait_for(lambda: not _rows(url, unfinished), 180), "node b left slices undone"
+            assert wait_for(lambda: not rows_of(url, unfinished), 180), "node b left slices undone"
             flagged = {
-                r["id"] for r in _rows(url, "SELECT id FROM studies WHERE flagged_at IS NOT NULL")
+                r["id"] for r in rows_of(url, "SELECT id FROM studies WHERE flagged_at IS NOT NULL")
             }
             seen = set()
             deadline = time.monotonic() + 10
@@ -120,18 +112,18 @@ def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
                 if event is not None and event.data.get("status") == "flagged":
                     seen.add(event.data["id"])
 
-    slices = _rows(url, "SELECT id, status, error FROM slices ORDER BY id")
+    slices = rows_of(url, "SELECT id, status, error FROM slices ORDER BY id")
     assert sorted(r["id"] for r in slices) == sorted(accepted)  # 0 lost
     assert {r["status"] for r in slices} == {"classified"}, [r["error"] for r in slices]
-    writes = _rows(url, "SELECT slice_id, COUNT(*) AS n FROM result_log GROUP BY slice_id")
+    writes = rows_of(url, "SELECT slice_id, COUNT(*) AS n FROM result_log GROUP BY slice_id")
     assert {r["slice_id"]: r["n"] for r in writes} == dict.fromkeys(accepted, 1)  # 0 repeated
     by_node = {
         r["node"]: r["n"]
-        for r in _rows(url, "SELECT node, COUNT(*) AS n FROM result_log GROUP BY node")
+        for r in rows_of(url, "SELECT node, COUNT(*) AS n FROM result_log GROUP BY node")
     }
     assert by_node.get("b", 0) > 0 and sum(by_node.values()) == len(accepted)
     # The batch node a died holding came back when its lease ran out, and node b did it.
-    retaken = _rows(
+    retaken = rows_of(
         url, "SELECT id, attempts, claimed_by FROM slices WHERE id = ANY(?)", list(held)
     )
     assert len(retaken) == len(held) and held
