@@ -33,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
         pretrained=args.pretrained,
         seed=args.seed,
         epochs=args.epochs,
+        low_res=args.low_res,
         samples_per_epoch=args.samples_per_epoch,
         distill_weight=args.distill_weight if args.teacher else 0.0,
         hard_negative_boost=args.hard_negative_boost if args.hard_negatives_from else 0.0,
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--epochs", type=int, default=TrainConfig.epochs, help="low-resolution epochs (max)"
+    )
+    train.add_argument(
+        "--low-res",
+        type=int,
+        default=TrainConfig.low_res,
+        help="pixel size of the low-resolution phase (224: every epoch at the serving size)",
     )
     train.add_argument(
         "--samples-per-epoch",
