@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from build_engines.commands import add_engine_commands
-from build_engines.data import CONTEXTS
+from build_engines.data import CONTEXTS, SCALPS
 from build_engines.model_card import REPORTS_DIR
 from build_engines.train import TrainConfig
 from client.constants import REPO_ROOT, WEIGHTS_DIR
@@ -38,6 +38,7 @@ def _train(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight if args.teacher else 0.0,
         hard_negative_boost=args.hard_negative_boost if args.hard_negatives_from else 0.0,
         context=args.context,
+        scalp=args.scalp,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
@@ -185,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=CONTEXTS,
         default=TrainConfig.context,
         help="2d: each slice alone; 2.5d: previous, current and next slice as the three channels",
+    )
+    train.add_argument(
+        "--scalp",
+        choices=SCALPS,
+        default=TrainConfig.scalp,
+        help="keep: the whole head; strip: black out everything outside the skull",
     )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)

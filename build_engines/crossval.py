@@ -140,7 +140,7 @@ def run_training(
         The evaluation report (also written to ``report_dir / "metrics.json"``).
     """
     report_dir.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(data_dir, spec, records)
+    dataset = load_dataset(data_dir, spec, records, config.scalp)
     if hard_negatives_from is not None:
         dataset = replace(dataset, difficulty=read_difficulty(hard_negatives_from, dataset))
     run_dir = run_directory(spec, config, dataset, n_folds, runs_dir, teacher)
@@ -200,10 +200,11 @@ def run_training(
         "pretrained": config.pretrained,
         "teacher": None if teacher is None else teacher.spec.name,
         "context": config.context,
+        "scalp": config.scalp,
         # The reference files go through the client's single-file path, which
-        # has no neighbours to give a 2.5D model.
+        # has no neighbours to give a 2.5D model and does not strip the scalp.
         "reference_predictions": reference_predictions(spec, weights_path, data_dir)
-        if config.context == "2d"
+        if (config.context, config.scalp) == ("2d", "keep")
         else {},
     }
     (weights_dir / f"{spec.name}.json").write_text(json.dumps(facts, indent=1) + "\n")

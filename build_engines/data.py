@@ -39,6 +39,9 @@ _MIN_CONTENT_FRAC = 0.05
 #: What a slice model sees: the slice alone (repeated to three channels), or the
 #: slice between its series neighbours, one per channel (2.5D).
 CONTEXTS = ("2d", "2.5d")
+#: What a model sees around the skull: ``keep`` the whole head (served models),
+#: ``strip`` only what lies inside the skull (:func:`client.preprocess.model_view`).
+SCALPS = ("keep", "strip")
 
 
 @dataclass(frozen=True)
@@ -177,22 +180,30 @@ def turn_face_up(image: DecodedImage) -> DecodedImage:
     return DecodedImage(np.rot90(image.pixels, k=-1).copy(), image.is_hu, image.name)
 
 
-def load_view(record: SliceRecord, spec: ModelSpec) -> np.ndarray:
+def load_view(record: SliceRecord, spec: ModelSpec, scalp: str = "keep") -> np.ndarray:
     """One record through the client's preprocessing, as a (S, S) float32 view."""
     image = decode_file(record.path)
     if record.rotate_clockwise:
         image = turn_face_up(image)
-    return model_view(image, spec)[0]
+    return model_view(image, spec, strip_scalp=_strips(scalp))[0]
 
 
 def load_dataset(
-    data_dir: Path, spec: ModelSpec, records: list[SliceRecord] | None = None
+    data_dir: Path,
+    spec: ModelSpec,
+    records: list[SliceRecord] | None = None,
+    scalp: str = "keep",
 ) -> Dataset:
-    """Index (or take) records and return their views, cached under .cache/."""
+    """Index (or take) records and return their views, cached under .cache/.
+
+    ``scalp`` (:data:`SCALPS`) chooses whether the views keep what lies outside the skull.
+    """
     records = index_records(data_dir) if records is None else records
+    variant = [] if not _strips(scalp) else ["scalp stripped"]
     key = hashlib.sha1(
         "|".join(
-            [PREPROCESSING_VERSION, str(spec.input_size), *(str(r.path) for r in records)]
+            [PREPROCESSING_VERSION, *variant, str(spec.input_size)]
+            + [str(r.path) for r in records]
         ).encode()
     ).hexdigest()[:16]
     cache = REPO_ROOT / ".cache" / f"views-{key}.npz"
@@ -202,9 +213,15 @@ def load_dataset(
     views = np.empty((len(records), spec.input_size, spec.input_size), dtype=np.uint8)
     head = np.empty(len(records), dtype=np.float32)
     for i, record in enumerate(tqdm(records, desc="preprocess", unit="slice")):
-        view = load_view(record, spec)
+        view = load_view(record, spec, scalp)
         views[i] = np.round(view * 255).astype(np.uint8)
         head[i] = head_fraction(view[None])
     cache.parent.mkdir(exist_ok=True)
     np.savez(cache, views=views, head=head)
     return Dataset(records, views, head)
+
+
+def _strips(scalp: str) -> bool:
+    if scalp not in SCALPS:
+        raise ValueError(f"scalp must be one of {', '.join(SCALPS)}, got {scalp!r}")
+    return scalp == "strip"

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from build_engines.augment import augment_batch, resize_batch
-from build_engines.data import CONTEXTS, Dataset
+from build_engines.data import CONTEXTS, SCALPS, Dataset
 from client.preprocess import normalize
 from client.registry import ModelSpec
 from client.torch_models import SliceNet, build_model
@@ -58,8 +58,9 @@ class TrainConfig:
 
     ``context`` is what the model sees of a slice (:data:`build_engines.data.CONTEXTS`):
     ``2d`` the slice alone, ``2.5d`` the slice between its series neighbours.
-    It is part of the run's key and of the weights sidecar, because a model
-    trained on one cannot be fed the other.
+    ``scalp`` (:data:`build_engines.data.SCALPS`) is whether the views keep
+    what lies outside the skull. Both are part of the run's key and of the
+    weights sidecar, because a model trained on one cannot be fed the other.
     """
 
     epochs: int = 12
@@ -78,10 +79,13 @@ class TrainConfig:
     distill_temperature: float = 2.0
     hard_negative_boost: float = 0.0
     context: str = "2d"
+    scalp: str = "keep"
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
+        if self.scalp not in SCALPS:
+            raise ValueError(f"scalp must be one of {', '.join(SCALPS)}, got {self.scalp!r}")
 
 
 @dataclass

@@ -45,6 +45,10 @@ _HEAD_LEVEL = 0.08
 _MIN_HEAD_AREA = 0.02
 #: Margin kept around the head's bounding box, as a share of its larger side.
 _CROP_MARGIN = 0.04
+#: Windowed intensity from which a pixel counts as bone: saturated in the brain window.
+_BONE_LEVEL = 0.95
+#: Below this share of the head's pixels, the bone is not trusted to outline the skull.
+_MIN_BONE_SHARE = 0.01
 
 
 def apply_window(hu: np.ndarray, window: Window) -> np.ndarray:
@@ -52,7 +56,9 @@ def apply_window(hu: np.ndarray, window: Window) -> np.ndarray:
     return np.clip((hu - window.low_hu) / window.width_hu, 0.0, 1.0).astype(np.float32)
 
 
-def model_view(image: DecodedImage, spec: ModelSpec, window_stack: bool = False) -> np.ndarray:
+def model_view(
+    image: DecodedImage, spec: ModelSpec, window_stack: bool = False, strip_scalp: bool = False
+) -> np.ndarray:
     """Decoded slice to what the model looks at, before normalization.
 
     Args:
@@ -61,6 +67,9 @@ def model_view(image: DecodedImage, spec: ModelSpec, window_stack: bool = False)
         window_stack: For DICOM, stack brain/subdural/soft-tissue windows as
             three channels instead of the spec's single window. 8-bit images are
             already windowed and always give one channel.
+        strip_scalp: Black out everything outside the skull (scalp swelling,
+            skin, head-rest) before cropping to what is left: the ablation of
+            issue 9 (``train --scalp strip``); served models see the whole head.
 
     Returns:
         float32 (C, S, S) in [0, 1], C = 1 or 3, S = ``spec.input_size``.
@@ -73,7 +82,12 @@ def model_view(image: DecodedImage, spec: ModelSpec, window_stack: bool = False)
     # Noise reduction (the paper's first step): a 3x3 median removes speckle and
     # JPEG ringing without blurring the edges of thin subdural collections.
     channels = [cv2.medianBlur(c, 3) for c in channels]
-    top, bottom, left, right = _head_box(channels[0])
+    head = _head_mask(channels[0])
+    skull = _skull_hull(channels[0], head) if strip_scalp and head is not None else None
+    if skull is not None:
+        channels = [c * skull for c in channels]
+        head = skull
+    top, bottom, left, right = _box_around(head, channels[0].shape)
     return np.stack(
         [_pad_square_resize(c[top:bottom, left:right], spec.input_size) for c in channels]
     )
@@ -141,22 +155,46 @@ def head_fraction(view: np.ndarray) -> float:
     return float((view[0] > _HEAD_LEVEL).mean())
 
 
-def _head_box(unit: np.ndarray) -> tuple[int, int, int, int]:
-    """Bounding box (top, bottom, left, right) of the largest bright blob, with margin.
+def _head_mask(unit: np.ndarray) -> np.ndarray | None:
+    """The largest bright blob (the head), or None where none is large enough to trust.
 
     Cropping to the head makes scale comparable across scanners and exports
     (tight publication crops, 650 px video frames, 512 px series) and drops
     figure-panel letters and head-rest arcs, which are separate blobs.
     """
-    height, width = unit.shape
-    mask = (unit > _HEAD_LEVEL).astype(np.uint8)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (unit > _HEAD_LEVEL).astype(np.uint8), connectivity=8
+    )
     if count < 2:
-        return 0, height, 0, width
+        return None
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    x, y, w, h, area = stats[largest]
-    if area < _MIN_HEAD_AREA * height * width:
+    if stats[largest, cv2.CC_STAT_AREA] < _MIN_HEAD_AREA * unit.size:
+        return None
+    return labels == largest
+
+
+def _skull_hull(unit: np.ndarray, head: np.ndarray) -> np.ndarray | None:
+    """The convex hull of the head's bone: the skull and all it holds, not the scalp.
+
+    Bone is what saturates the brain window. None where too little of it shows
+    to outline a skull (a window without saturated bone, a blank).
+    """
+    bone = (unit >= _BONE_LEVEL) & head
+    if bone.sum() < _MIN_BONE_SHARE * head.sum():
+        return None
+    hull = np.zeros(unit.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(bone.astype(np.uint8))), 1)
+    return hull.astype(bool)
+
+
+def _box_around(mask: np.ndarray | None, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Bounding box (top, bottom, left, right) of ``mask`` with margin; the frame without one."""
+    height, width = shape
+    if mask is None:
         return 0, height, 0, width
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y, x = rows[0], cols[0]
+    h, w = rows[-1] - y + 1, cols[-1] - x + 1
     margin = round(_CROP_MARGIN * max(w, h))
     return (
         max(0, y - margin),

@@ -166,7 +166,8 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
     Raises:
         MissingWeightsError: the weight file is absent, fails its checksum, or was
             trained on a slice with its neighbours (``context`` 2.5d in the sidecar),
-            which the one-slice input of every serving path cannot give it.
+            which the one-slice input of every serving path cannot give it, or on
+            views with the scalp stripped (``scalp`` strip), which serving does not make.
     """
     path = spec.weights_path
     context = spec.trained.extra.get("context", "2d")
@@ -174,6 +175,11 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
         raise MissingWeightsError(
             f"{path.name} was trained on {context} input (a slice with its neighbours); "
             "serving sends one slice at a time, so these weights cannot be served"
+        )
+    if spec.trained.extra.get("scalp", "keep") != "keep":
+        raise MissingWeightsError(
+            f"{path.name} was trained on views with the scalp stripped; "
+            "serving keeps the whole head, so these weights cannot be served"
         )
     if not path.exists():
         raise MissingWeightsError(f"{path} is missing; run 'make train'")

@@ -15,48 +15,55 @@ from client.registry import get_model
 _TRAUMA = {"ct_ich_dev/085", "ct_ich_dev/050", "ct_ich_dev/122", "ct_ich_dev/128"}
 
 
+#: The tiny run's variants: as served, with 2.5D input, with the scalp stripped.
+_VARIANTS = {"2d": {}, "2.5d": {"context": "2.5d"}, "strip": {"scalp": "strip"}}
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir: Path, tmp_path_factory):
-    """The same tiny 2-fold run with 2D and with 2.5D input."""
+    """The same tiny 2-fold run in each of :data:`_VARIANTS`."""
     tmp = tmp_path_factory.mktemp("ablation")
     records = index_records(data_dir)
     kaggle = [r for r in records if r.source == "kaggle_head_ct"]
     subset = kaggle[:6] + kaggle[-6:] + [r for r in records if r.patient in _TRAUMA]
     config = TrainConfig(epochs=1, low_res=64, samples_per_epoch=16, batch_size=8)
-    for context in ("2d", "2.5d"):
+    for variant, change in _VARIANTS.items():
         run_training(
             get_model("mobilenet_v2"),
-            TrainConfig(**(vars(config) | {"context": context})),
+            TrainConfig(**(vars(config) | change)),
             data_dir,
-            tmp / context / "report",
-            tmp / context / "weights",
+            tmp / variant / "report",
+            tmp / variant / "weights",
             n_folds=2,
             records=subset,
-            runs_dir=tmp / context / "runs",
+            runs_dir=tmp / variant / "runs",
         )
     return tmp, subset
 
 
-def _run_dir(tmp: Path, context: str) -> Path:
-    (run_dir,) = (tmp / context / "runs").iterdir()
+def _run_dir(tmp: Path, variant: str) -> Path:
+    (run_dir,) = (tmp / variant / "runs").iterdir()
     return run_dir
 
 
-def test_a_2_5d_run_records_its_context_where_serving_would_read_it(runs):
+def test_each_run_records_its_input_where_serving_would_read_it(runs):
     tmp, _ = runs
-    assert _run_dir(tmp, "2d").name != _run_dir(tmp, "2.5d").name
-    for context in ("2d", "2.5d"):
-        training = json.loads((tmp / context / "report" / "training.json").read_text())
-        facts = json.loads((tmp / context / "weights" / "mobilenet_v2.json").read_text())
-        assert training["config"]["context"] == facts["context"] == context
-    facts = json.loads((tmp / "2.5d" / "weights" / "mobilenet_v2.json").read_text())
-    assert facts["reference_predictions"] == {}  # the single-file path has no neighbours
+    assert len({_run_dir(tmp, variant).name for variant in _VARIANTS}) == len(_VARIANTS)
+    for variant, change in _VARIANTS.items():
+        training = json.loads((tmp / variant / "report" / "training.json").read_text())
+        facts = json.loads((tmp / variant / "weights" / "mobilenet_v2.json").read_text())
+        expected = {"context": "2d", "scalp": "keep"} | change
+        for key, value in expected.items():
+            assert training["config"][key] == facts[key] == value
+        # The single-file path has no neighbours and keeps the scalp: only the
+        # served input gets reference predictions.
+        assert bool(facts["reference_predictions"]) == (variant == "2d")
 
 
 def test_the_ablation_compares_both_runs_on_the_same_held_out_patients(runs, data_dir: Path):
     tmp, subset = runs
     spec = get_model("mobilenet_v2")
-    result = compare_runs(spec, data_dir, _run_dir(tmp, "2d"), _run_dir(tmp, "2.5d"), subset)
+    result = compare_runs(spec, data_dir, _run_dir(tmp, "2d"), _run_dir(tmp, "strip"), subset)
     assert result["folds"] == [0, 1]
     assert result["slices"] == len(subset)
     assert result["patients"] == 12 + len(_TRAUMA)

@@ -85,15 +85,19 @@ def test_int8_entries_are_not_exported_directly():
         export_onnx(get_model("resnet18_int8"))
 
 
-def test_weights_trained_on_2_5d_input_are_never_exported_for_single_slice_serving(
-    monkeypatch, tmp_path
+@pytest.mark.parametrize(
+    ("trained_on", "message"),
+    [({"context": "2.5d"}, r"2\.5d input"), ({"scalp": "strip"}, "scalp stripped")],
+)
+def test_weights_trained_on_other_input_than_serving_makes_are_never_served(
+    monkeypatch, tmp_path, trained_on, message
 ):
-    """The sidecar's context stops a 2.5D model before Triton, Grad-CAM or --local load it."""
+    """The sidecar stops a 2.5D or scalp-stripped model before Triton, Grad-CAM or --local."""
     facts = json.loads(get_model("mobilenet_v2").facts_path.read_text())
-    (tmp_path / "mobilenet_v2.json").write_text(json.dumps(facts | {"context": "2.5d"}))
+    (tmp_path / "mobilenet_v2.json").write_text(json.dumps(facts | trained_on))
     monkeypatch.setattr("client.registry.WEIGHTS_DIR", tmp_path)
-    with pytest.raises(MissingWeightsError, match=r"2\.5d input"):
+    with pytest.raises(MissingWeightsError, match=message):
         export_onnx(get_model("mobilenet_v2"), tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
-    with pytest.raises(MissingWeightsError, match=r"2\.5d input"):
+    with pytest.raises(MissingWeightsError, match=message):
         LocalClassifier(get_model("mobilenet_v2"))

@@ -115,3 +115,33 @@ def test_preprocess_file_reads_real_images_from_every_source(data_dir: Path):
         tensor = preprocess_file(path, SPEC)
         assert tensor.shape == (3, 224, 224) and tensor.dtype == np.uint8
         assert normalize(tensor, SPEC).std() > 0.1
+
+
+def _with_scalp_swelling(hu: np.ndarray) -> np.ndarray:
+    """The phantom with a blood-dense swelling on the scalp, outside the skull (trauma)."""
+    size = hu.shape[0]
+    yy, xx = np.mgrid[-1 : 1 : complex(size), -1 : 1 : complex(size)]
+    swelling = ((xx - 0.70) / 0.16) ** 2 + ((yy + 0.2) / 0.30) ** 2 <= 1.0
+    out = hu.copy()
+    out[swelling & (hu == hu.min())] = BLOOD_HU
+    return out
+
+
+def test_stripping_the_scalp_leaves_only_what_lies_inside_the_skull():
+    plain = DecodedImage(head_phantom(256, Lesion(0.25, -0.2, 0.1)), is_hu=True, name="plain")
+    swollen = DecodedImage(_with_scalp_swelling(plain.pixels), is_hu=True, name="swollen")
+    # As served, the swelling is part of the head: the crop widens and it shows.
+    assert np.abs(model_view(swollen, SPEC) - model_view(plain, SPEC)).mean() > 0.02
+    # Stripped, the swollen head gives the plain head's view, bleed inside the skull kept.
+    stripped = model_view(swollen, SPEC, strip_scalp=True)
+    assert np.abs(stripped - model_view(plain, SPEC, strip_scalp=True)).mean() < 0.005
+    assert np.abs(stripped - model_view(plain, SPEC)).mean() < 0.005
+
+
+def test_stripping_keeps_the_whole_head_where_no_bone_outlines_a_skull():
+    # A windowed 8-bit slice whose bone never saturates (another window, a figure).
+    unit = apply_window(_with_scalp_swelling(head_phantom(256)), BRAIN_WINDOW) * 0.8
+    image = DecodedImage(unit, is_hu=False, name="dim")
+    np.testing.assert_array_equal(
+        model_view(image, SPEC, strip_scalp=True), model_view(image, SPEC)
+    )
