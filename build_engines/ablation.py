@@ -11,8 +11,9 @@ finished (a run still training is compared on its finished folds' patients):
 - ``ct_ich_dev`` series ROC-AUC, nested sensitivity and specificity and specificity
   at sensitivity 15/16, for the maximum slice and the neighbour pair, by the
   nested cross-validation of ``python -m build_engines series``;
-- ``ct_ich_dev`` normal-slice specificity by head fill (quintiles), each run at its
-  own operating threshold (pooled slice sensitivity 0.95).
+- ``ct_ich_dev`` normal-slice specificity by head fill (quintiles) and bleeding-slice
+  sensitivity by subtype (``labels.csv``), each run at its own operating threshold
+  (pooled slice sensitivity 0.95).
 
 The result is kept in ``build_engines/reports/<model>/ablations.json`` under the
 change's name, and the model card shows it.
@@ -29,7 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from build_engines.data import Dataset, SliceRecord, load_dataset
-from build_engines.error_analysis import false_alarms_by_head_fill
+from build_engines.error_analysis import (
+    ct_ich_labels,
+    false_alarms_by_head_fill,
+    sensitivity_by_subtype,
+)
 from build_engines.evaluate import binary_metrics, threshold_for_sensitivity, with_ci
 from build_engines.report import TARGET_SENSITIVITY
 from build_engines.series_model import (
@@ -79,14 +84,16 @@ def compare_runs(
         if not np.array_equal(base["test_idx"], candidate["test_idx"]):
             raise ValueError(f"fold {k} held out other slices in the two runs")
     held_out = np.concatenate([f["test_idx"] for f in stored[baseline_run]])
+    trauma_dir = data_dir / "ct_ich_dev"
+    subtypes = {trauma_dir / file: row for file, row in ct_ich_labels(data_dir).items()}
     return {
         "folds": folds,
         "slices": len(held_out),
         "patients": len(np.unique(dataset.patients[held_out])),
         "baseline_run": _display(baseline_run),
         "candidate_run": _display(candidate_run),
-        "baseline": _measures(dataset, stored[baseline_run]),
-        "candidate": _measures(dataset, stored[candidate_run]),
+        "baseline": _measures(dataset, stored[baseline_run], subtypes),
+        "candidate": _measures(dataset, stored[candidate_run], subtypes),
     }
 
 
@@ -99,8 +106,11 @@ def record_ablation(report_dir: Path, name: str, comparison: dict) -> Path:
     return path
 
 
-def _measures(dataset: Dataset, folds: list) -> dict:
-    """Slice, series and head-fill measures of one run's out-of-fold probabilities."""
+def _measures(dataset: Dataset, folds: list, subtypes: dict[Path, dict[str, str]]) -> dict:
+    """Slice, series, head-fill and subtype measures of one run's out-of-fold probabilities.
+
+    ``subtypes`` are the ``ct_ich_dev`` rows of ``labels.csv``, keyed by slice path.
+    """
     idx = np.concatenate([f["test_idx"] for f in folds])
     p = np.concatenate([f["probabilities"][0] for f in folds])
     y, patients, sources = dataset.labels[idx], dataset.patients[idx], dataset.sources[idx]
@@ -115,8 +125,12 @@ def _measures(dataset: Dataset, folds: list) -> dict:
         )
         for name, rule in FIXED_RULES.items()
     }
+    flagged = p[trauma] >= threshold
     by_head = false_alarms_by_head_fill(
-        dataset.head_fractions[idx][trauma], p[trauma] >= threshold, y[trauma] == 0
+        dataset.head_fractions[idx][trauma], flagged, y[trauma] == 0
+    )
+    by_subtype = sensitivity_by_subtype(
+        flagged, [subtypes[dataset.records[i].path] for i in idx[trauma]]
     )
     return {
         "threshold": threshold,
@@ -127,6 +141,10 @@ def _measures(dataset: Dataset, folds: list) -> dict:
         "specificity_by_head_fill": [
             {"group": g["group"], "slices": g["slices"], "specificity": 1 - g["rate"]}
             for g in by_head
+        ],
+        "sensitivity_by_subtype": [
+            {"subtype": g["group"], "slices": g["slices"], "sensitivity": g["rate"]}
+            for g in by_subtype
         ],
     }
 

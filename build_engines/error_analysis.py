@@ -31,7 +31,7 @@ _BINS = 5
 def analyse_errors(report_dir: Path, data_dir: Path) -> dict:
     """False alarms by head fill and fracture, sensitivity by subtype; writes errors.json."""
     threshold = json.loads((report_dir / "metrics.json").read_text())["threshold"]
-    labels = _ct_ich_labels(data_dir)
+    labels = ct_ich_labels(data_dir)
     with (report_dir / "oof.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["source"] == "ct_ich_dev"]
     for row in rows:
@@ -48,10 +48,7 @@ def analyse_errors(report_dir: Path, data_dir: Path) -> dict:
             _rate("fracture", flagged[normal & fracture]),
             _rate("no fracture", flagged[normal & ~fracture]),
         ],
-        "sensitivity_by_subtype": [
-            _rate(subtype, flagged[np.array([r[subtype] == "1" for r in rows])])
-            for subtype in SUBTYPES
-        ],
+        "sensitivity_by_subtype": sensitivity_by_subtype(flagged, rows),
         "normal_series_flagged_share": _normal_series(rows, flagged),
     }
     (report_dir / "errors.json").write_text(json.dumps(analysis, indent=1))
@@ -66,6 +63,14 @@ def false_alarms_by_head_fill(
     return [
         _rate(f"{low:.2f}-{high:.2f}", flagged[normal & (head >= low) & (head <= high)])
         for low, high in itertools.pairwise(edges)
+    ]
+
+
+def sensitivity_by_subtype(flagged: np.ndarray, labels: list[dict[str, str]]) -> list[dict]:
+    """Share of each subtype's slices flagged; ``labels`` are the slices' rows of labels.csv."""
+    return [
+        _rate(subtype, flagged[np.array([row[subtype] == "1" for row in labels], dtype=bool)])
+        for subtype in SUBTYPES
     ]
 
 
@@ -88,7 +93,7 @@ def _normal_series(rows: list[dict], flagged: np.ndarray) -> list[float]:
     return sorted(shares, reverse=True)
 
 
-def _ct_ich_labels(data_dir: Path) -> dict[str, dict[str, str]]:
+def ct_ich_labels(data_dir: Path) -> dict[str, dict[str, str]]:
     """Subtype and fracture columns of ct_ich_dev/labels.csv, keyed by file."""
     with (data_dir / "ct_ich_dev" / "labels.csv").open() as f:
         return {r["file"]: {k: r[k] for k in (*SUBTYPES, "fracture")} for r in csv.DictReader(f)}

@@ -392,13 +392,15 @@ def _ablations(name: str) -> list[str]:
         "\nAblations (issue 9: a change is kept only if it wins on the same folds;"
         " `python -m build_engines ablation`). Out of fold, on the patients of the folds both"
         " runs finished; series scores nested as above; 95% patient-bootstrap CIs; specificity"
-        " by head fill is of ct_ich_dev normal slices at each run's own operating threshold"
-        " (head-fill quintiles, smallest first).\n",
+        " by head fill is of ct_ich_dev normal slices and sensitivity by subtype of its bleeding"
+        " slices, at each run's own operating threshold (head-fill quintiles, smallest first;"
+        " subtypes epidural, subdural, subarachnoid, intraparenchymal, intraventricular).\n",
         "| change | run | folds (patients) | pooled slice ROC-AUC | ct_ich_dev slice ROC-AUC"
         " | kaggle accuracy at 0.5 | series ROC-AUC: max slice | neighbour pair"
         " | nested sensitivity / specificity: max slice | neighbour pair"
-        " | specificity at 15/16: max slice | neighbour pair | specificity by head fill |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | specificity at 15/16: max slice | neighbour pair | specificity by head fill"
+        " | sensitivity by subtype |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for change, result in ablations.items():
         folds = f"{', '.join(str(k + 1) for k in result['folds'])} ({result['patients']})"
@@ -413,6 +415,7 @@ def _ablations(name: str) -> list[str]:
                 *(_nested_pair(s) for s in series),
                 *(_fmt(s["specificity_at_sensitivity_0.9375"]) for s in series),
                 ", ".join(f"{g['specificity']:.2f}" for g in m["specificity_by_head_fill"]),
+                ", ".join(f"{g['sensitivity']:.2f}" for g in m["sensitivity_by_subtype"]),
             ]
             run = "served" if role == "baseline" else "changed"
             lines.append(

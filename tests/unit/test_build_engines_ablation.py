@@ -8,6 +8,7 @@ import pytest
 from build_engines.ablation import compare_runs, finished_folds
 from build_engines.crossval import run_training
 from build_engines.data import index_records
+from build_engines.error_analysis import SUBTYPES
 from build_engines.train import TrainConfig
 from client.registry import get_model
 
@@ -73,6 +74,10 @@ def test_the_ablation_compares_both_runs_on_the_same_held_out_patients(runs, dat
         assert set(measures["series"]) == {"max_slice", "neighbour_pair"}
         head_fill = measures["specificity_by_head_fill"]
         assert len(head_fill) == 5 and all(0 <= g["specificity"] <= 1 for g in head_fill)
+        by_subtype = measures["sensitivity_by_subtype"]
+        assert [g["subtype"] for g in by_subtype] == list(SUBTYPES)
+        seen = [g for g in by_subtype if g["slices"]]
+        assert seen and all(0 <= g["sensitivity"] <= 1 for g in seen)
 
 
 def test_the_ablation_refuses_runs_whose_folds_held_out_other_slices(runs, data_dir, tmp_path):
