@@ -202,8 +202,7 @@ def load_dataset(
     variant = [] if not _strips(scalp) else ["scalp stripped"]
     key = hashlib.sha1(
         "|".join(
-            [PREPROCESSING_VERSION, *variant, str(spec.input_size)]
-            + [str(r.path) for r in records]
+            [PREPROCESSING_VERSION, *variant, str(spec.input_size)] + [str(r.path) for r in records]
         ).encode()
     ).hexdigest()[:16]
     cache = REPO_ROOT / ".cache" / f"views-{key}.npz"
