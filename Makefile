@@ -59,7 +59,7 @@ fuzz: venv
 ## Retrain both models: 5-fold CV, evaluation, figures, final weights, MODEL_CARD.md.
 train: venv
 	$(BIN)/python -m build_engines train --model mobilenet_v2 --pretrained
-	$(BIN)/python -m build_engines train --model resnet18
+	$(BIN)/python -m build_engines train --model resnet18 --teacher mobilenet_v2
 	$(BIN)/python -m build_engines model-card
 
 ## The embedded Triton server alone (HTTP 8000, gRPC 8001, metrics 8002).
