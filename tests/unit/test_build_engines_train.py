@@ -1,4 +1,6 @@
 import json
+import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -7,8 +9,10 @@ import pytest
 
 from build_engines.crossval import Teacher, run_training
 from build_engines.data import index_records
+from build_engines.model_card import REPORTS_DIR
 from build_engines.train import TrainConfig
-from client.registry import get_model
+from client.constants import REPO_ROOT
+from client.registry import get_model, list_models
 from client.torch_models import file_sha256
 
 
@@ -95,3 +99,27 @@ def test_a_teacher_trained_on_another_machine_is_refused_with_the_reason(tmp_pat
     (tmp_path / "training.json").write_text(json.dumps({"fold_results": ".cache/runs/gone"}))
     with pytest.raises(ValueError, match="no fold models on this machine"):
         Teacher.from_report(get_model("mobilenet_v2"), tmp_path)
+
+
+def test_make_train_retrains_each_served_model_the_way_its_weights_were_made():
+    """The Makefile's recipe, read against each served model's sidecar and training report."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = re.search(r"^train:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    commands = {}
+    for line in recipe.splitlines():
+        args = shlex.split(line)
+        if args[1:4] == ["-m", "build_engines", "train"]:
+            commands[args[args.index("--model") + 1]] = args
+
+    def flag(args: list[str], name: str, default):
+        return args[args.index(name) + 1] if name in args else default
+
+    for spec in list_models(precision="fp32", runtime="onnxruntime"):
+        args = commands[spec.name]
+        facts = json.loads(spec.facts_path.read_text())
+        config = json.loads((REPORTS_DIR / spec.name / "training.json").read_text())["config"]
+        assert ("--pretrained" in args) == facts["pretrained"] == config["pretrained"]
+        assert flag(args, "--teacher", None) == facts.get("teacher")
+        for name, key in (("--low-res", "low_res"), ("--context", "context"), ("--scalp", "scalp")):
+            default = getattr(TrainConfig, key)
+            assert str(flag(args, name, default)) == str(config.get(key, default)), (spec.name, key)
