@@ -102,7 +102,9 @@ def _ablation(args: argparse.Namespace) -> int:
     if baseline is None:
         training = json.loads((report_dir / "training.json").read_text())
         baseline = REPO_ROOT / training["fold_results"]
-    comparison = compare_runs(spec, data_dir_from_env(), baseline, args.candidate_run)
+    comparison = compare_runs(
+        spec, data_dir_from_env(), baseline, args.candidate_run, mirror=args.mirror
+    )
     path = record_ablation(report_dir, args.name, comparison)
     logging.getLogger(__name__).info(
         "%s on folds %s: written to %s", args.name, comparison["folds"], path
@@ -229,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ablation.add_argument(
         "--baseline-run", type=Path, help="default: the run of the report's training.json"
+    )
+    ablation.add_argument(
+        "--mirror",
+        action="store_true",
+        help="score the candidate's fold models on each slice and its mirror image, averaged",
     )
     ablation.add_argument(
         "--report-dir", type=Path, help="whose training.json and ablations.json; default served"

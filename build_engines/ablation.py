@@ -19,6 +19,10 @@ The result is kept in ``build_engines/reports/<model>/ablations.json`` under the
 change's name, and the model card shows it.
 
     python -m build_engines ablation --model mobilenet_v2 --name "2.5D input" --candidate-run RUN
+
+With ``mirror`` the candidate's fold models are scored again on every held-out
+slice and its mirror image (:class:`client.torch_models.MirrorAverage`): an
+inference change measured on the same models, where the candidate is the served run.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from build_engines.series_model import (
     nested_evaluation,
 )
 from build_engines.series_stage import summarize_nested
+from build_engines.train import predict_views
 from client.constants import REPO_ROOT
 from client.registry import ModelSpec
+from client.torch_models import MirrorAverage, load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +70,13 @@ def compare_runs(
     baseline_run: Path,
     candidate_run: Path,
     records: list[SliceRecord] | None = None,
+    mirror: bool = False,
 ) -> dict:
     """Both runs' measures on the patients of the folds both have finished.
 
     ``records`` are the slices both runs trained on (default: every labelled slice).
+    ``mirror`` scores the candidate's (single-slice) fold models on each slice and its
+    mirror image instead of reading the probabilities its folds saved.
 
     Raises:
         ValueError: fewer than two common folds (the nested series evaluation
@@ -77,13 +86,17 @@ def compare_runs(
     if len(folds) < 2:
         raise ValueError(f"{len(folds)} fold(s) finished in both runs; the comparison needs 2")
     dataset = load_dataset(data_dir, spec, records)
-    stored = {
-        run: [np.load(run / f"fold{k}.npz") for k in folds] for run in (baseline_run, candidate_run)
-    }
-    for k, base, candidate in zip(folds, *stored.values(), strict=True):
-        if not np.array_equal(base["test_idx"], candidate["test_idx"]):
+    baseline = [np.load(baseline_run / f"fold{k}.npz") for k in folds]
+    candidate = [np.load(candidate_run / f"fold{k}.npz") for k in folds]
+    for k, base, changed in zip(folds, baseline, candidate, strict=True):
+        if not np.array_equal(base["test_idx"], changed["test_idx"]):
             raise ValueError(f"fold {k} held out other slices in the two runs")
-    held_out = np.concatenate([f["test_idx"] for f in stored[baseline_run]])
+    if mirror:
+        candidate = [
+            _mirrored(spec, dataset, candidate_run / f"fold{k}.safetensors", fold)
+            for k, fold in zip(folds, candidate, strict=True)
+        ]
+    held_out = np.concatenate([f["test_idx"] for f in baseline])
     trauma_dir = data_dir / "ct_ich_dev"
     subtypes = {trauma_dir / file: row for file, row in ct_ich_labels(data_dir).items()}
     return {
@@ -92,9 +105,17 @@ def compare_runs(
         "patients": len(np.unique(dataset.patients[held_out])),
         "baseline_run": _display(baseline_run),
         "candidate_run": _display(candidate_run),
-        "baseline": _measures(dataset, stored[baseline_run], subtypes),
-        "candidate": _measures(dataset, stored[candidate_run], subtypes),
+        "baseline": _measures(dataset, baseline, subtypes),
+        "candidate": _measures(dataset, candidate, subtypes),
     }
+
+
+def _mirrored(spec: ModelSpec, dataset: Dataset, weights: Path, fold) -> dict:
+    """A saved fold whose plain-view probabilities the mirror average scored again."""
+    model = MirrorAverage(load_weights_file(spec, weights))
+    probabilities = fold["probabilities"].copy()
+    probabilities[0] = predict_views(model, dataset.inputs(fold["test_idx"], "2d"), spec)
+    return dict(fold) | {"probabilities": probabilities}
 
 
 def record_ablation(report_dir: Path, name: str, comparison: dict) -> Path:

@@ -92,3 +92,27 @@ def test_the_ablation_refuses_runs_whose_folds_held_out_other_slices(runs, data_
     assert finished_folds(other) == [0]
     with pytest.raises(ValueError, match="needs 2"):
         compare_runs(get_model("mobilenet_v2"), data_dir, _run_dir(tmp, "2d"), other, subset)
+
+
+def test_the_mirror_average_scores_a_slice_and_its_mirror_image_alike():
+    torch = pytest.importorskip("torch")
+    from client.torch_models import MirrorAverage, load_model
+
+    torch.manual_seed(0)
+    model = load_model(get_model("mobilenet_v2"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        averaged = MirrorAverage(model)(x)
+        torch.testing.assert_close(averaged, MirrorAverage(model)(x.flip(-1)))
+        torch.testing.assert_close(averaged, (model(x) + model(x.flip(-1))) / 2)
+        assert not torch.allclose(averaged, model(x))
+
+
+def test_the_mirror_ablation_rescores_only_the_candidate(runs, data_dir: Path):
+    tmp, subset = runs
+    spec, served = get_model("mobilenet_v2"), _run_dir(tmp, "2d")
+    plain = compare_runs(spec, data_dir, served, served, subset)
+    mirrored = compare_runs(spec, data_dir, served, served, subset, mirror=True)
+    same = {json.dumps(m) for m in (plain["candidate"], plain["baseline"], mirrored["baseline"])}
+    assert len(same) == 1  # as JSON: a subtype without slices has sensitivity NaN
+    assert mirrored["candidate"]["threshold"] != mirrored["baseline"]["threshold"]
