@@ -56,10 +56,15 @@ test: venv browser orthanc postgres engines
 fuzz: venv
 	HEMOTRIAGE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/console/test_console_fuzz.py
 
-## Retrain both models: 5-fold CV, evaluation, figures, final weights, MODEL_CARD.md.
+## Retrain both models: 5-fold CV, final weights, the served series rule (nested CV),
+## evaluation with figures and the CQ500 check at that rule, MODEL_CARD.md.
 train: venv
 	$(BIN)/python -m build_engines train --model mobilenet_v2 --pretrained
+	$(BIN)/python -m build_engines series --model mobilenet_v2
+	$(BIN)/python -m build_engines evaluate --model mobilenet_v2
 	$(BIN)/python -m build_engines train --model resnet18 --teacher mobilenet_v2
+	$(BIN)/python -m build_engines series --model resnet18
+	$(BIN)/python -m build_engines evaluate --model resnet18
 	$(BIN)/python -m build_engines model-card
 
 ## The embedded Triton server alone (HTTP 8000, gRPC 8001, metrics 8002).

@@ -105,11 +105,13 @@ def test_make_train_retrains_each_served_model_the_way_its_weights_were_made():
     """The Makefile's recipe, read against each served model's sidecar and training report."""
     makefile = (REPO_ROOT / "Makefile").read_text()
     recipe = re.search(r"^train:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
-    commands = {}
+    commands, steps = {}, []
     for line in recipe.splitlines():
         args = shlex.split(line)
-        if args[1:4] == ["-m", "build_engines", "train"]:
-            commands[args[args.index("--model") + 1]] = args
+        if args[1:3] == ["-m", "build_engines"] and "--model" in args:
+            steps.append((args[3], args[args.index("--model") + 1]))
+            if args[3] == "train":
+                commands[steps[-1][1]] = args
 
     def flag(args: list[str], name: str, default):
         return args[args.index(name) + 1] if name in args else default
@@ -118,6 +120,10 @@ def test_make_train_retrains_each_served_model_the_way_its_weights_were_made():
         args = commands[spec.name]
         facts = json.loads(spec.facts_path.read_text())
         config = json.loads((REPORTS_DIR / spec.name / "training.json").read_text())["config"]
+        # The served series rule and the CQ500 check at it come after training.
+        trained = steps.index(("train", spec.name))
+        assert steps[trained + 1 : trained + 3] == [("series", spec.name), ("evaluate", spec.name)]
+        assert "series_rule" in facts
         assert ("--pretrained" in args) == facts["pretrained"] == config["pretrained"]
         assert flag(args, "--teacher", None) == facts.get("teacher")
         for name, key in (("--low-res", "low_res"), ("--context", "context"), ("--scalp", "scalp")):
