@@ -30,7 +30,7 @@ import numpy as np
 from build_engines.data import data_dir_from_env, turn_face_up
 from client.decode import decode_file
 from client.gradcam import CamExplainer, GradCam
-from client.preprocess import _head_box, model_view, normalize
+from client.preprocess import head_box, model_view, normalize
 from client.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def view_geometry(unit: np.ndarray, size: int) -> ViewGeometry:
         unit: The decoded slice in [0, 1] (one channel), before the median filter.
         size: Model input side.
     """
-    top, bottom, left, right = _head_box(cv2.medianBlur(unit.astype(np.float32), 3))
+    top, bottom, left, right = head_box(cv2.medianBlur(unit.astype(np.float32), 3))
     height, width = bottom - top, right - left
     side = max(height, width)
     return ViewGeometry(

@@ -155,6 +155,14 @@ def head_fraction(view: np.ndarray) -> float:
     return float((view[0] > _HEAD_LEVEL).mean())
 
 
+def head_box(unit: np.ndarray) -> tuple[int, int, int, int]:
+    """The crop (top, bottom, left, right) of a served view: around the head, with margin.
+
+    ``unit`` is the median-filtered first channel; the frame where no head is found.
+    """
+    return _box_around(_head_mask(unit), unit.shape)
+
+
 def _head_mask(unit: np.ndarray) -> np.ndarray | None:
     """The largest bright blob (the head), or None where none is large enough to trust.
 
