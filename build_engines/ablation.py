@@ -21,7 +21,7 @@ change's name, and the model card shows it.
     python -m build_engines ablation --model mobilenet_v2 --name "2.5D input" --candidate-run RUN
 
 With ``mirror`` the candidate's fold models are scored again on every held-out
-slice and its mirror image (:class:`client.torch_models.MirrorAverage`): an
+slice and its mirror image (:class:`MirrorAverage`): an
 inference change measured on the same models, where the candidate is the served run.
 """
 
@@ -32,6 +32,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from build_engines.data import Dataset, SliceRecord, load_dataset
 from build_engines.error_analysis import (
@@ -51,9 +52,28 @@ from build_engines.series_stage import summarize_nested
 from build_engines.train import predict_views
 from client.constants import REPO_ROOT
 from client.registry import ModelSpec
-from client.torch_models import MirrorAverage, load_weights_file
+from client.torch_models import load_weights_file
 
 logger = logging.getLogger(__name__)
+
+
+class MirrorAverage(torch.nn.Module):
+    """A slice classifier scored on the slice and on its left-right mirror image.
+
+    Heads are close to symmetric and bleeds occur on either side, so the mirror
+    image is a second look at the same slice from the training distribution;
+    averaging the two logits removes part of what one look gets wrong. The
+    result does not change when the input is mirrored.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalized slices to the (N, 2) logits averaged over both looks."""
+        plain, mirrored = self.model(torch.cat([x, x.flip(-1)])).chunk(2)
+        return (plain + mirrored) / 2
 
 
 def finished_folds(run_dir: Path) -> list[int]:

@@ -199,7 +199,7 @@ def load_dataset(
     ``scalp`` (:data:`SCALPS`) chooses whether the views keep what lies outside the skull.
     """
     records = index_records(data_dir) if records is None else records
-    variant = [] if not _strips(scalp) else ["scalp stripped"]
+    variant = ["scalp stripped"] if _strips(scalp) else []
     key = hashlib.sha1(
         "|".join(
             [PREPROCESSING_VERSION, *variant, str(spec.input_size)] + [str(r.path) for r in records]

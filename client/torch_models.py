@@ -55,25 +55,6 @@ class InputNormalization(torch.nn.Module):
         return (x.to(torch.float32) / INPUT_SCALE - self.mean) / self.std
 
 
-class MirrorAverage(torch.nn.Module):
-    """A slice classifier scored on the slice and on its left-right mirror image.
-
-    Heads are close to symmetric and bleeds occur on either side, so the mirror
-    image is a second look at the same slice from the training distribution;
-    averaging the two logits removes part of what one look gets wrong. The
-    result does not change when the input is mirrored.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalized slices to the (N, 2) logits averaged over both looks."""
-        plain, mirrored = self.model(torch.cat([x, x.flip(-1)])).chunk(2)
-        return (plain + mirrored) / 2
-
-
 class SliceNet(torch.nn.Module):
     """A slice classifier that also returns its pooled embedding.
 

@@ -96,7 +96,8 @@ def test_the_ablation_refuses_runs_whose_folds_held_out_other_slices(runs, data_
 
 def test_the_mirror_average_scores_a_slice_and_its_mirror_image_alike():
     torch = pytest.importorskip("torch")
-    from client.torch_models import MirrorAverage, load_model
+    from build_engines.ablation import MirrorAverage
+    from client.torch_models import load_model
 
     torch.manual_seed(0)
     model = load_model(get_model("mobilenet_v2"))
