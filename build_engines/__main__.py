@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from build_engines.commands import add_engine_commands
-from build_engines.data import CONTEXTS, SCALPS
+from build_engines.data import CONTEXTS, SAMPLINGS, SCALPS
 from build_engines.model_card import REPORTS_DIR
 from build_engines.train import TrainConfig
 from client.constants import REPO_ROOT, WEIGHTS_DIR
@@ -39,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
         hard_negative_boost=args.hard_negative_boost if args.hard_negatives_from else 0.0,
         context=args.context,
         scalp=args.scalp,
+        sampling=args.sampling,
+        ema_decay=args.ema_decay,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
@@ -194,6 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=SCALPS,
         default=TrainConfig.scalp,
         help="keep: the whole head; strip: black out everything outside the skull",
+    )
+    train.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default=TrainConfig.sampling,
+        help="slice: every slice of a (source, label) cell equally often; patient: every patient",
+    )
+    train.add_argument(
+        "--ema-decay",
+        type=float,
+        default=TrainConfig.ema_decay,
+        help="keep the moving average of the weights, this much of it per step (0: raw weights)",
     )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)

@@ -42,6 +42,9 @@ CONTEXTS = ("2d", "2.5d")
 #: What a model sees around the skull: ``keep`` the whole head (served models),
 #: ``strip`` only what lies inside the skull (:func:`client.preprocess.model_view`).
 SCALPS = ("keep", "strip")
+#: What training draws equally often inside a (source, label) cell: each slice
+#: (served models), or each patient, however many slices it has in the cell.
+SAMPLINGS = ("slice", "patient")
 
 
 @dataclass(frozen=True)

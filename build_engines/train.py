@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from build_engines.augment import augment_batch, resize_batch
-from build_engines.data import CONTEXTS, SCALPS, Dataset
+from build_engines.data import CONTEXTS, SAMPLINGS, SCALPS, Dataset
 from client.preprocess import normalize
 from client.registry import ModelSpec
 from client.torch_models import SliceNet, build_model
@@ -61,6 +63,15 @@ class TrainConfig:
     ``scalp`` (:data:`build_engines.data.SCALPS`) is whether the views keep
     what lies outside the skull. Both are part of the run's key and of the
     weights sidecar, because a model trained on one cannot be fed the other.
+    ``sampling`` (:data:`build_engines.data.SAMPLINGS`) is what is drawn
+    equally often inside a (source, label) cell: each ``slice``, or each
+    ``patient`` (a bleed seen on 2 slices as often as one seen on 20).
+
+    With ``ema_decay`` the model kept, early-stopped and served is the
+    exponential moving average of the weights (``torch.optim.swa_utils``):
+    a randomly initialized ResNet-18 swings from epoch to epoch, so a final
+    model stopped at a fixed epoch count is calibrated unlike the fold models
+    whose out-of-fold scores chose its thresholds. 0 keeps the raw weights.
     """
 
     epochs: int = 12
@@ -80,12 +91,20 @@ class TrainConfig:
     hard_negative_boost: float = 0.0
     context: str = "2d"
     scalp: str = "keep"
+    sampling: str = "slice"
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
         if self.scalp not in SCALPS:
             raise ValueError(f"scalp must be one of {', '.join(SCALPS)}, got {self.scalp!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"
+            )
 
 
 @dataclass
@@ -98,20 +117,32 @@ class TrainResult:
 
 
 def sample_weights(
-    dataset: Dataset, indices: np.ndarray, hard_negative_boost: float = 0.0
+    dataset: Dataset,
+    indices: np.ndarray,
+    hard_negative_boost: float = 0.0,
+    sampling: str = "slice",
 ) -> np.ndarray:
     """Sampling probability of each index so every (source, label) cell gets its share.
 
-    With ``hard_negative_boost`` and a dataset ``difficulty``, a normal slice is
-    drawn ``1 + boost x difficulty`` times as often as an easy one of its cell
-    (the cell's share stays the same): the false alarms an earlier model made
-    (busy mid-brain slices, round heads, fractures) are seen more often.
+    With ``sampling="patient"`` each patient of a cell is drawn equally often,
+    however many of its slices the cell holds: small bleeds, seen on one or two
+    slices, are otherwise outweighed by large ones. With ``hard_negative_boost``
+    and a dataset ``difficulty``, a normal slice is drawn ``1 + boost x
+    difficulty`` times as often as an easy one of its cell or patient (the
+    cell's share stays the same): the false alarms an earlier model made (busy
+    mid-brain slices, round heads, fractures) are seen more often.
     """
     cells = [(dataset.records[i].source, dataset.records[i].label) for i in indices]
     within = np.ones(len(indices))
+    if sampling == "patient":
+        groups = [
+            (cell, dataset.records[i].patient) for cell, i in zip(cells, indices, strict=True)
+        ]
+        sizes = Counter(groups)
+        within /= np.array([sizes[g] for g in groups], dtype=float)
     if hard_negative_boost and dataset.difficulty is not None:
         normal = np.array([label == 0 for _, label in cells])
-        within[normal] += hard_negative_boost * dataset.difficulty[indices][normal]
+        within[normal] *= 1 + hard_negative_boost * dataset.difficulty[indices][normal]
     totals: dict[tuple[str, int], float] = {}
     for cell, w in zip(cells, within, strict=True):
         totals[cell] = totals.get(cell, 0.0) + w
@@ -151,11 +182,14 @@ class _EpochRunner:
         self.spec, self.dataset, self.train_idx, self.config = spec, dataset, train_idx, config
         self.teacher = None if teacher is None else teacher.to(_device()).eval()
         self.rng = np.random.default_rng(config.seed)
-        self.probabilities = sample_weights(dataset, train_idx, config.hard_negative_boost)
+        self.probabilities = sample_weights(
+            dataset, train_idx, config.hard_negative_boost, config.sampling
+        )
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.steps = config.samples_per_epoch // config.batch_size
 
-    def train_epoch(self, model, optimizer, scheduler, size: int, desc: str) -> dict:
+    def train_epoch(self, model, optimizer, scheduler, size: int, desc: str, averaged=None) -> dict:
+        """One sampled epoch; ``averaged`` (an ``AveragedModel``) follows every step."""
         model.train()
         labels = self.dataset.labels
         chosen = self.rng.choice(
@@ -177,6 +211,8 @@ class _EpochRunner:
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             losses.append(loss.item())
             correct += int((logits.argmax(1) == y).sum())
         return {
@@ -234,18 +270,24 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=runner.steps * config.epochs, pct_start=0.2
     )
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay
+        else None
+    )
+    kept = model if averaged is None else averaged.module
     history: list[dict] = []
-    best_state, best_epoch, best_loss = copy.deepcopy(model.state_dict()), 0, float("inf")
+    best_state, best_epoch, best_loss = copy.deepcopy(kept.state_dict()), 0, float("inf")
     for epoch in range(1, config.epochs + 1):
         record = {"epoch": epoch}
         record |= runner.train_epoch(
-            model, optimizer, scheduler, config.low_res, f"{desc} e{epoch}"
+            model, optimizer, scheduler, config.low_res, f"{desc} e{epoch}", averaged
         )
         if stop_idx is not None:
-            record |= runner.validate(model, stop_idx, config.low_res)
+            record |= runner.validate(kept, stop_idx, config.low_res)
             if record["val_loss"] < best_loss:
                 best_state, best_epoch, best_loss = (
-                    copy.deepcopy(model.state_dict()),
+                    copy.deepcopy(kept.state_dict()),
                     epoch,
                     record["val_loss"],
                 )
@@ -255,8 +297,8 @@ def train_model(
             break
     if stop_idx is None:
         best_epoch = config.epochs
-    else:
-        model.load_state_dict(best_state)
+        best_state = kept.state_dict()
+    model.load_state_dict(best_state)
 
     finetune = torch.optim.AdamW(
         model.parameters(),

@@ -1,4 +1,5 @@
-"""Training draws every (source, label) cell at its share, hard negatives more often inside it."""
+"""Training draws every (source, label) cell at its share; inside it, hard negatives more often
+and, when asked, every patient equally often."""
 
 from pathlib import Path
 
@@ -48,3 +49,26 @@ def test_hard_negatives_are_drawn_more_often_and_cell_shares_stay():
             assert abs(share - expected[cell]) < 1e-9
     # Without a boost, difficulty changes nothing.
     assert np.allclose(sample_weights(boosted, indices), before)
+
+
+def test_patient_sampling_draws_a_two_slice_bleed_as_often_as_a_six_slice_one():
+    """Inside a cell each patient gets the same share, whatever its slice count."""
+    records = [
+        SliceRecord("ct_ich_dev", Path(f"/d/{patient}_{i}.jpg"), patient, 1, i, False)
+        for patient, n in (("ct_ich_dev/small", 2), ("ct_ich_dev/large", 6))
+        for i in range(n)
+    ]
+    records += [SliceRecord("ct_ich_dev", Path("/d/n.jpg"), "ct_ich_dev/normal", 0, 0, False)]
+    n = len(records)
+    dataset = Dataset(records, np.zeros((n, 1, 1), np.uint8), np.zeros(n, np.float32))
+    indices = np.arange(n)
+
+    by_slice = sample_weights(dataset, indices)
+    by_patient = sample_weights(dataset, indices, sampling="patient")
+
+    small, large = by_patient[:2].sum(), by_patient[2:8].sum()
+    assert small == pytest.approx(large)
+    assert by_slice[:2].sum() == pytest.approx(by_slice[2:8].sum() / 3)
+    # The cells keep their shares.
+    assert by_patient[:8].sum() == pytest.approx(by_slice[:8].sum())
+    assert by_patient[8] == pytest.approx(by_slice[8])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from build_engines.crossval import Teacher, run_training
-from build_engines.data import index_records
+from build_engines.data import index_records, load_dataset
 from build_engines.model_card import REPORTS_DIR
-from build_engines.train import TrainConfig
+from build_engines.train import TrainConfig, train_model
 from client.constants import REPO_ROOT
 from client.registry import get_model, list_models
 from client.torch_models import file_sha256
@@ -49,6 +49,28 @@ def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tm
     n_test = len(fold["test_idx"])
     assert fold["probabilities"].shape == (3, n_test)  # plain view + 2 augmented
     assert fold["embeddings"].shape == (3, n_test, 1280)
+
+
+def test_with_ema_the_kept_model_is_the_moving_average_of_the_weights(data_dir: Path):
+    """A decay near 1 keeps the model of the first step; raw weights move every epoch."""
+    subset = _small_subset(data_dir)
+    dataset = load_dataset(data_dir, get_model("resnet18"), subset)
+    stop_idx = np.flatnonzero(dataset.sources == "ct_ich_dev")
+    train_idx = np.flatnonzero(dataset.sources != "ct_ich_dev")
+    config = TrainConfig(
+        epochs=3, low_res=64, samples_per_epoch=16, batch_size=8, patience=9, finetune_epochs=0
+    )
+
+    def val_losses(ema_decay: float) -> list[float]:
+        changed = replace(config, ema_decay=ema_decay)
+        result = train_model(get_model("resnet18"), dataset, train_idx, stop_idx, changed)
+        return [record["val_loss"] for record in result.history]
+
+    frozen, raw = val_losses(1 - 1e-9), val_losses(0.0)
+    assert frozen == pytest.approx([frozen[0]] * 3, rel=1e-5)
+    assert max(raw) - min(raw) > 1e-3
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_a_rerun_resumes_from_the_saved_folds(data_dir: Path, tmp_path):
@@ -126,6 +148,11 @@ def test_make_train_retrains_each_served_model_the_way_its_weights_were_made():
         assert "series_rule" in facts
         assert ("--pretrained" in args) == facts["pretrained"] == config["pretrained"]
         assert flag(args, "--teacher", None) == facts.get("teacher")
-        for name, key in (("--low-res", "low_res"), ("--context", "context"), ("--scalp", "scalp")):
+        for name, key in (
+            ("--low-res", "low_res"),
+            ("--context", "context"),
+            ("--scalp", "scalp"),
+            ("--sampling", "sampling"),
+        ):
             default = getattr(TrainConfig, key)
             assert str(flag(args, name, default)) == str(config.get(key, default)), (spec.name, key)
