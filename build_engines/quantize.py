@@ -5,12 +5,13 @@ quantized statically to INT8: QDQ format, per-channel symmetric int8 weights,
 activation ranges calibrated on real training slices that went through the
 client's preprocessing. The activation type depends on who runs the file:
 
-* ``cpu`` (default, the embedded Triton): asymmetric uint8 activations (U8S8),
-  which ONNX Runtime runs fastest on x86 CPUs with AVX2 but without VNNI
-  (signed S8S8 was slower than fp32 on the AVX2-only development machine),
-  with 7-bit weights (``reduce_range``): AVX2's VPMADDUBSW adds pairs of u8 x s8
-  products into int16 and saturates; with full 8-bit weights mobilenet_v2 fell
-  to ROC-AUC 0.50, with 7-bit weights it stays within 0.01 of fp32.
+* ``cpu`` (default, the embedded Triton): asymmetric uint8 activations with
+  int8 weights (U8S8), the form ONNX Runtime's quantization guide recommends
+  for x86-64, with 7-bit weights (``reduce_range``): on CPUs without VNNI,
+  AVX2's VPMADDUBSW adds pairs of u8 x s8 products into int16 and saturates,
+  and a deployment CPU may lack VNNI even where the build machine has it. With
+  full 8-bit weights mobilenet_v2 once fell to ROC-AUC 0.50; with 7-bit weights
+  it stays within 0.01 of fp32 (``int8.json``).
 * ``tensorrt``: symmetric int8 activations, the only form TensorRT's explicit
   quantization accepts; build this before ``build-trt`` on the GPU machine.
 
