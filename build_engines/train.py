@@ -68,7 +68,7 @@ class TrainConfig:
     ``patient`` (a bleed seen on 2 slices as often as one seen on 20).
 
     With ``ema_decay`` the model kept, early-stopped and served is the
-    exponential moving average of the weights (``torch.optim.swa_utils``):
+    exponential moving average of the weights (:func:`warmed_up_ema`):
     a randomly initialized ResNet-18 swings from epoch to epoch, so a final
     model stopped at a fixed epoch count is calibrated unlike the fold models
     whose out-of-fold scores chose its thresholds. 0 keeps the raw weights.
@@ -271,7 +271,7 @@ def train_model(
         optimizer, max_lr=config.lr, total_steps=runner.steps * config.epochs, pct_start=0.2
     )
     averaged = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        AveragedModel(model, multi_avg_fn=warmed_up_ema(config.ema_decay), use_buffers=True)
         if config.ema_decay
         else None
     )
@@ -316,6 +316,22 @@ def train_model(
         history.append(record)
         logger.info("%s %s", desc, record)
     return TrainResult(model.cpu().eval(), best_epoch, history)
+
+
+def warmed_up_ema(decay: float):
+    """``torch.optim.swa_utils`` EMA whose decay warms up as ``(1 + n) / (10 + n)``.
+
+    Early averages follow the weights closely (TensorFlow's ``num_updates``
+    rule), so the kept model is usable from the first epoch: without it, the
+    average still sits near the random start for epochs, and early stopping
+    judges (and may keep) that.
+    """
+
+    def update(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, n_averaged)
+
+    return update
 
 
 def _device() -> torch.device:
