@@ -3,7 +3,9 @@
 Folds are patient-grouped and stratified by source and label
 (``StratifiedGroupKFold``), so no patient is ever in two folds. Inside each
 fold, 10% of the training patients are held out for early stopping. The final
-model trains on every patient for the median best-epoch count of the folds.
+model trains on every patient on the folds' learning-rate schedule and stops
+after their median best epoch, where the fold models were kept (so the
+thresholds their out-of-fold scores chose fit it).
 Out-of-fold predictions are written to ``oof.csv`` so evaluation and figures
 can be regenerated without retraining (``python -m build_engines evaluate``).
 
@@ -168,9 +170,10 @@ def run_training(
         dataset,
         all_idx,
         None,
-        replace(config, epochs=final_epochs),
+        config,
         desc=f"{spec.name} final",
         teacher=None if teacher is None else load_weights_file(teacher.spec, teacher.final_weights),
+        stop_after=final_epochs,
     )
     weights_path = weights_dir / f"{spec.name}.safetensors"
     sha256 = save_weights(final.model, weights_path)

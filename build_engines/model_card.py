@@ -98,7 +98,8 @@ def render() -> str:
     lines.append(
         "\nFolds: `StratifiedGroupKFold` (5 folds, grouped by patient, stratified by source"
         " and label); early stopping on 10% of each fold's training patients; final model"
-        " on all patients for the median best epoch count."
+        " on all patients, on the folds' learning-rate schedule, stopped after their median"
+        " best epoch."
     )
 
     lines.append("\n## Side by side with the paper (`kaggle_head_ct`, out of fold)")

@@ -252,11 +252,15 @@ def train_model(
     config: TrainConfig,
     desc: str = "train",
     teacher: torch.nn.Module | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train on ``train_idx``; early-stop on ``stop_idx`` (None: all ``config.epochs``).
+    """Train on ``train_idx``; early-stop on ``stop_idx`` or stop after ``stop_after`` epochs.
 
-    ``teacher`` (a trained model of the same input size and normalization) is
-    distilled with ``config.distill_weight``.
+    The learning-rate schedule always spans ``config.epochs``: a final model
+    stopped after the folds' median best epoch is where the fold models were
+    when they were kept (same rate, same calibration), so thresholds chosen on
+    their out-of-fold scores fit it. ``teacher`` (a trained model of the same
+    input size and normalization) is distilled with ``config.distill_weight``.
     """
     torch.manual_seed(config.seed)
     runner = _EpochRunner(spec, dataset, train_idx, config, teacher)
@@ -278,7 +282,7 @@ def train_model(
     kept = model if averaged is None else averaged.module
     history: list[dict] = []
     best_state, best_epoch, best_loss = copy.deepcopy(kept.state_dict()), 0, float("inf")
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, (stop_after or config.epochs) + 1):
         record = {"epoch": epoch}
         record |= runner.train_epoch(
             model, optimizer, scheduler, config.low_res, f"{desc} e{epoch}", averaged
@@ -296,7 +300,7 @@ def train_model(
         if stop_idx is not None and epoch - best_epoch >= config.patience:
             break
     if stop_idx is None:
-        best_epoch = config.epochs
+        best_epoch = len(history)
         best_state = kept.state_dict()
     model.load_state_dict(best_state)
 

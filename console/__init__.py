@@ -89,9 +89,9 @@ DEFAULTS = {
     # The fastest CPU variant of mobilenet_v2 within 0.01 ROC-AUC of fp32 whose ct_ich_dev
     # series decisions are no worse, as measured (build_engines.variants.fastest_within on
     # build_engines/reports/mobilenet_v2/variants.json, the model card's table; a test keeps
-    # the two equal). On a CPU without BF16 it runs in f32, the fp32 model's own decisions.
-    # A GPU server sets mobilenet_v2 (the TensorRT plan) instead.
-    "MODEL_NAME": "mobilenet_v2_openvino_bf16",
+    # the two equal; re-measured whenever the weights change). A GPU server sets
+    # mobilenet_v2 (the TensorRT plan) instead.
+    "MODEL_NAME": "mobilenet_v2_openvino_int8",
     # Queue worker: slices per predict call, idle poll, backoff while Triton is down.
     "BATCH_SIZE": 16,
     # Threads that decode and preprocess a batch (while Triton computes the one before).

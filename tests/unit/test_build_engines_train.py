@@ -83,6 +83,17 @@ def test_with_ema_the_kept_model_is_the_average_not_the_last_step(data_dir: Path
         TrainConfig(ema_decay=1.0)
 
 
+def test_a_final_model_stops_after_the_given_epoch_of_the_full_schedule(data_dir: Path):
+    """No early-stopping patients: it runs ``stop_after`` epochs, then the fine-tune."""
+    subset = _small_subset(data_dir)
+    dataset = load_dataset(data_dir, get_model("mobilenet_v2"), subset)
+    config = TrainConfig(epochs=4, low_res=64, samples_per_epoch=16, batch_size=8)
+    everyone = np.arange(len(dataset.records))
+    result = train_model(get_model("mobilenet_v2"), dataset, everyone, None, config, stop_after=2)
+    assert result.best_epoch == 2
+    assert [r.get("finetune", False) for r in result.history] == [False, False, True]
+
+
 def test_a_rerun_resumes_from_the_saved_folds(data_dir: Path, tmp_path):
     """A run stopped after its folds picks them up again instead of retraining."""
     subset = _small_subset(data_dir)
