@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from benchmarks.bench_time_to_alert import ct_ich_dev_source
 from benchmarks.console_api import ConsoleApi
-from benchmarks.phantoms import phantom_series
 from benchmarks.stack import ConsoleServer, triton_on_free_ports
 from build_engines.serve import missing_model_files
 from console.db import connect
@@ -57,7 +57,7 @@ def tritons():
 
 
 def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
-    postgres_cluster, tritons, tmp_path
+    postgres_cluster, tritons, tmp_path, shared_data
 ):
     url = postgres_cluster.create_database()
     shared = tmp_path / "shared-storage"
@@ -88,12 +88,11 @@ def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
             for triton in tritons:  # inference hangs: each worker keeps the batch it claims
                 triton.pause()
             accepted = []
-            for i in range(SERIES_PER_NODE):
-                for name, api in apis.items():
-                    files = [
-                        (f"{name}{i}-{k}.dcm", d) for k, d in enumerate(phantom_series(SLICES))
-                    ]
-                    accepted += api.upload(files, None)["slice_ids"]
+            bleeding = ct_ich_dev_source(shared_data, SLICES)  # a real bleed, flagged
+            for _ in range(SERIES_PER_NODE):
+                for api in apis.values():
+                    series = bleeding.make()  # a new study label each time
+                    accepted += api.upload(series.files, series.label)["slice_ids"]
             claimed_by_a = "SELECT id FROM slices WHERE status = 'processing' AND claimed_by = 'a'"
             assert wait_for(lambda: rows_of(url, claimed_by_a), 60), "node a never claimed a batch"
             held = {r["id"] for r in rows_of(url, claimed_by_a)}
@@ -128,5 +127,5 @@ def test_killing_a_node_and_a_triton_mid_queue_loses_and_repeats_nothing(
     )
     assert len(retaken) == len(held) and held
     assert all(r["claimed_by"] == "b" and r["attempts"] >= 2 for r in retaken)
-    assert len(flagged) == 2 * SERIES_PER_NODE  # every phantom series has its bleed
+    assert len(flagged) == 2 * SERIES_PER_NODE  # every series has its bleed
     assert flagged <= seen  # the surviving node's screen saw every flag
