@@ -40,7 +40,6 @@ def _train(args: argparse.Namespace) -> int:
         context=args.context,
         scalp=args.scalp,
         sampling=args.sampling,
-        ema_decay=args.ema_decay,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
@@ -202,12 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=SAMPLINGS,
         default=TrainConfig.sampling,
         help="slice: every slice of a (source, label) cell equally often; patient: every patient",
-    )
-    train.add_argument(
-        "--ema-decay",
-        type=float,
-        default=TrainConfig.ema_decay,
-        help="keep the moving average of the weights, this much of it per step (0: raw weights)",
     )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from build_engines.augment import augment_batch, resize_batch
@@ -66,12 +65,6 @@ class TrainConfig:
     ``sampling`` (:data:`build_engines.data.SAMPLINGS`) is what is drawn
     equally often inside a (source, label) cell: each ``slice``, or each
     ``patient`` (a bleed seen on 2 slices as often as one seen on 20).
-
-    With ``ema_decay`` the model kept, early-stopped and served is the
-    exponential moving average of the weights (:func:`warmed_up_ema`):
-    a randomly initialized ResNet-18 swings from epoch to epoch, so a final
-    model stopped at a fixed epoch count is calibrated unlike the fold models
-    whose out-of-fold scores chose its thresholds. 0 keeps the raw weights.
     """
 
     epochs: int = 12
@@ -92,15 +85,12 @@ class TrainConfig:
     context: str = "2d"
     scalp: str = "keep"
     sampling: str = "slice"
-    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
         if self.scalp not in SCALPS:
             raise ValueError(f"scalp must be one of {', '.join(SCALPS)}, got {self.scalp!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(
                 f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"
@@ -188,8 +178,7 @@ class _EpochRunner:
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.steps = config.samples_per_epoch // config.batch_size
 
-    def train_epoch(self, model, optimizer, scheduler, size: int, desc: str, averaged=None) -> dict:
-        """One sampled epoch; ``averaged`` (an ``AveragedModel``) follows every step."""
+    def train_epoch(self, model, optimizer, scheduler, size: int, desc: str) -> dict:
         model.train()
         labels = self.dataset.labels
         chosen = self.rng.choice(
@@ -211,8 +200,6 @@ class _EpochRunner:
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
             losses.append(loss.item())
             correct += int((logits.argmax(1) == y).sum())
         return {
@@ -274,24 +261,18 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=runner.steps * config.epochs, pct_start=0.2
     )
-    averaged = (
-        AveragedModel(model, multi_avg_fn=warmed_up_ema(config.ema_decay), use_buffers=True)
-        if config.ema_decay
-        else None
-    )
-    kept = model if averaged is None else averaged.module
     history: list[dict] = []
-    best_state, best_epoch, best_loss = copy.deepcopy(kept.state_dict()), 0, float("inf")
+    best_state, best_epoch, best_loss = copy.deepcopy(model.state_dict()), 0, float("inf")
     for epoch in range(1, (stop_after or config.epochs) + 1):
         record = {"epoch": epoch}
         record |= runner.train_epoch(
-            model, optimizer, scheduler, config.low_res, f"{desc} e{epoch}", averaged
+            model, optimizer, scheduler, config.low_res, f"{desc} e{epoch}"
         )
         if stop_idx is not None:
-            record |= runner.validate(kept, stop_idx, config.low_res)
+            record |= runner.validate(model, stop_idx, config.low_res)
             if record["val_loss"] < best_loss:
                 best_state, best_epoch, best_loss = (
-                    copy.deepcopy(kept.state_dict()),
+                    copy.deepcopy(model.state_dict()),
                     epoch,
                     record["val_loss"],
                 )
@@ -301,8 +282,8 @@ def train_model(
             break
     if stop_idx is None:
         best_epoch = len(history)
-        best_state = kept.state_dict()
-    model.load_state_dict(best_state)
+    else:
+        model.load_state_dict(best_state)
 
     finetune = torch.optim.AdamW(
         model.parameters(),
@@ -320,22 +301,6 @@ def train_model(
         history.append(record)
         logger.info("%s %s", desc, record)
     return TrainResult(model.cpu().eval(), best_epoch, history)
-
-
-def warmed_up_ema(decay: float):
-    """``torch.optim.swa_utils`` EMA whose decay warms up as ``(1 + n) / (10 + n)``.
-
-    Early averages follow the weights closely (TensorFlow's ``num_updates``
-    rule), so the kept model is usable from the first epoch: without it, the
-    average still sits near the random start for epochs, and early stopping
-    judges (and may keep) that.
-    """
-
-    def update(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
-        n = float(n_averaged)
-        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, n_averaged)
-
-    return update
 
 
 def _device() -> torch.device:

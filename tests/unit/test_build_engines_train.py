@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from build_engines.crossval import Teacher, run_training
 from build_engines.data import index_records, load_dataset
 from build_engines.model_card import REPORTS_DIR
-from build_engines.train import TrainConfig, train_model, warmed_up_ema
+from build_engines.train import TrainConfig, train_model
 from client.constants import REPO_ROOT
 from client.registry import get_model, list_models
 from client.torch_models import file_sha256
@@ -50,37 +49,6 @@ def test_smoke_training_run_writes_weights_report_and_figures(data_dir: Path, tm
     n_test = len(fold["test_idx"])
     assert fold["probabilities"].shape == (3, n_test)  # plain view + 2 augmented
     assert fold["embeddings"].shape == (3, n_test, 1280)
-
-
-def test_the_weight_average_follows_early_steps_closely_and_late_ones_slowly():
-    """Warm-up: the first update moves the average 90% of the way, a late one 1%."""
-    update = warmed_up_ema(0.99)
-    for steps_before, expected in ((0, 0.9), (10**6, 0.01)):
-        averaged, current = [torch.zeros(3)], [torch.ones(3)]
-        update(averaged, current, torch.tensor(steps_before))
-        assert torch.allclose(averaged[0], torch.full((3,), expected))
-
-
-def test_with_ema_the_kept_model_is_the_average_not_the_last_step(data_dir: Path):
-    """Same seed and data: the averaged model scores the held-out slices unlike the raw one."""
-    subset = _small_subset(data_dir)
-    dataset = load_dataset(data_dir, get_model("resnet18"), subset)
-    stop_idx = np.flatnonzero(dataset.sources == "ct_ich_dev")
-    train_idx = np.flatnonzero(dataset.sources != "ct_ich_dev")
-    config = TrainConfig(
-        epochs=2, low_res=64, samples_per_epoch=32, batch_size=8, patience=9, finetune_epochs=0
-    )
-
-    def val_losses(ema_decay: float) -> list[float]:
-        changed = replace(config, ema_decay=ema_decay)
-        result = train_model(get_model("resnet18"), dataset, train_idx, stop_idx, changed)
-        return [record["val_loss"] for record in result.history]
-
-    averaged, raw = val_losses(0.99), val_losses(0.0)
-    assert len(averaged) == len(raw) == 2
-    assert all(abs(a - r) > 1e-6 for a, r in zip(averaged, raw, strict=True))
-    with pytest.raises(ValueError, match="ema_decay"):
-        TrainConfig(ema_decay=1.0)
 
 
 def test_a_final_model_stops_after_the_given_epoch_of_the_full_schedule(data_dir: Path):
