@@ -17,7 +17,7 @@ from pathlib import Path
 from build_engines.commands import add_engine_commands
 from build_engines.data import CONTEXTS, SAMPLINGS, SCALPS
 from build_engines.model_card import REPORTS_DIR
-from build_engines.train import TrainConfig
+from build_engines.train import KEEP_EPOCHS, TrainConfig
 from client.constants import REPO_ROOT, WEIGHTS_DIR
 from client.errors import HemoTriageError
 from client.registry import get_model, list_models
@@ -40,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         context=args.context,
         scalp=args.scalp,
         sampling=args.sampling,
+        keep=args.keep,
     )
     report_dir = args.report_dir or REPORTS_DIR / spec.name
     weights_dir = args.weights_dir or WEIGHTS_DIR
@@ -201,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=SAMPLINGS,
         default=TrainConfig.sampling,
         help="slice: every slice of a (source, label) cell equally often; patient: every patient",
+    )
+    train.add_argument(
+        "--keep",
+        choices=KEEP_EPOCHS,
+        default=TrainConfig.keep,
+        help="lowest_loss: early stopping on held-out patients; last: the full schedule",
     )
     train.add_argument("--report-dir", type=Path)
     train.add_argument("--weights-dir", type=Path)

@@ -29,7 +29,7 @@ import inspect
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -222,12 +222,22 @@ def run_directory(
     runs_dir: Path,
     teacher: Teacher | None = None,
 ) -> Path:
-    """Where one configuration's fold results live: keyed by everything that shapes them."""
+    """Where one configuration's fold results live: keyed by everything that shapes them.
+
+    Only the settings that differ from the defaults enter the key, so a new
+    setting (added with a default that keeps the old behaviour) leaves earlier
+    runs resumable.
+    """
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in fields(config)
+        if getattr(config, f.name) != f.default
+    }
     key = hashlib.sha1(
         json.dumps(
             [
                 spec.name,
-                asdict(config),
+                changed,
                 n_folds,
                 PREPROCESSING_VERSION,
                 [str(r.path) for r in dataset.records],

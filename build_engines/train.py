@@ -3,8 +3,8 @@
 Compute plan for a 2-core CPU (no bf16 units: autocast was 10x slower here):
 balanced epochs of a few hundred sampled slices, most epochs at 128 px (about
 3x cheaper than 224), then a short fine-tune at the serving size so filters
-and batch-norm statistics match what serving sees; channels-last tensors. Early stopping watches the
-loss on patients held out from the training folds, never the outer fold.
+and batch-norm statistics match what serving sees; channels-last tensors. Early stopping watches
+patients held out from the training folds, never the outer fold.
 
     result = train_model(spec, dataset, train_idx, stop_idx, TrainConfig())
     probabilities = predict_views(result.model, dataset.views[test_idx], spec)
@@ -29,6 +29,14 @@ from client.registry import ModelSpec
 from client.torch_models import SliceNet, build_model
 
 logger = logging.getLogger(__name__)
+
+#: Which epoch of the low-resolution phase a model keeps: the one with the
+#: ``lowest_loss`` on the held-out patients (early stopping), or the ``last``
+#: of the full schedule (held-out scores are only recorded). A model trained
+#: from scratch swings in calibration from epoch to epoch while the learning
+#: rate is high, so its held-out loss picks a snapshot at random; at the end of
+#: the one-cycle schedule the rate has annealed and the model has settled.
+KEEP_EPOCHS = ("lowest_loss", "last")
 
 #: Share of sampled slices per (source, label) cell: trauma data (ct_ich_dev)
 #: is what an ER sees most and is weighted up; classes end up 50/50.
@@ -65,6 +73,7 @@ class TrainConfig:
     ``sampling`` (:data:`build_engines.data.SAMPLINGS`) is what is drawn
     equally often inside a (source, label) cell: each ``slice``, or each
     ``patient`` (a bleed seen on 2 slices as often as one seen on 20).
+    ``keep`` (:data:`KEEP_EPOCHS`) is which low-resolution epoch is kept.
     """
 
     epochs: int = 12
@@ -85,6 +94,7 @@ class TrainConfig:
     context: str = "2d"
     scalp: str = "keep"
     sampling: str = "slice"
+    keep: str = "lowest_loss"
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
@@ -95,6 +105,8 @@ class TrainConfig:
             raise ValueError(
                 f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}"
             )
+        if self.keep not in KEEP_EPOCHS:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_EPOCHS)}, got {self.keep!r}")
 
 
 @dataclass
@@ -241,7 +253,10 @@ def train_model(
     teacher: torch.nn.Module | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train on ``train_idx``; early-stop on ``stop_idx`` or stop after ``stop_after`` epochs.
+    """Train on ``train_idx``; keep an epoch by ``config.keep`` or stop after ``stop_after``.
+
+    ``stop_idx`` patients are scored after every epoch; with ``keep="lowest_loss"``
+    they also early-stop training.
 
     The learning-rate schedule always spans ``config.epochs``: a final model
     stopped after the folds' median best epoch is where the fold models were
@@ -262,6 +277,7 @@ def train_model(
         optimizer, max_lr=config.lr, total_steps=runner.steps * config.epochs, pct_start=0.2
     )
     history: list[dict] = []
+    early_stopping = stop_idx is not None and config.keep == "lowest_loss"
     best_state, best_epoch, best_loss = copy.deepcopy(model.state_dict()), 0, float("inf")
     for epoch in range(1, (stop_after or config.epochs) + 1):
         record = {"epoch": epoch}
@@ -270,20 +286,20 @@ def train_model(
         )
         if stop_idx is not None:
             record |= runner.validate(model, stop_idx, config.low_res)
-            if record["val_loss"] < best_loss:
-                best_state, best_epoch, best_loss = (
-                    copy.deepcopy(model.state_dict()),
-                    epoch,
-                    record["val_loss"],
-                )
+        if early_stopping and record["val_loss"] < best_loss:
+            best_state, best_epoch, best_loss = (
+                copy.deepcopy(model.state_dict()),
+                epoch,
+                record["val_loss"],
+            )
         history.append(record)
         logger.info("%s %s", desc, record)
-        if stop_idx is not None and epoch - best_epoch >= config.patience:
+        if early_stopping and epoch - best_epoch >= config.patience:
             break
-    if stop_idx is None:
-        best_epoch = len(history)
-    else:
+    if early_stopping:
         model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
 
     finetune = torch.optim.AdamW(
         model.parameters(),

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.crossval import Teacher, run_training
+from build_engines.crossval import Teacher, run_directory, run_training
 from build_engines.data import index_records, load_dataset
 from build_engines.model_card import REPORTS_DIR
 from build_engines.train import TrainConfig, train_model
@@ -60,6 +60,38 @@ def test_a_final_model_stops_after_the_given_epoch_of_the_full_schedule(data_dir
     result = train_model(get_model("mobilenet_v2"), dataset, everyone, None, config, stop_after=2)
     assert result.best_epoch == 2
     assert [r.get("finetune", False) for r in result.history] == [False, False, True]
+
+
+@pytest.mark.parametrize("keep", ["lowest_loss", "last"])
+def test_each_fold_keeps_the_epoch_its_setting_names(data_dir: Path, keep):
+    """Early stopping keeps the lowest held-out loss; ``last`` runs the whole schedule."""
+    subset = _small_subset(data_dir)
+    dataset = load_dataset(data_dir, get_model("mobilenet_v2"), subset)
+    config = TrainConfig(
+        epochs=3, low_res=64, samples_per_epoch=16, batch_size=8, patience=1, keep=keep
+    )
+    held_out = np.isin(dataset.patients, ["ct_ich_dev/049", "ct_ich_dev/070"])
+    result = train_model(
+        get_model("mobilenet_v2"),
+        dataset,
+        np.flatnonzero(~held_out),
+        np.flatnonzero(held_out),
+        config,
+    )
+    epochs = [r for r in result.history if not r.get("finetune")]
+    losses = [r["val_loss"] for r in epochs]
+    if keep == "lowest_loss":
+        assert result.best_epoch == epochs[int(np.argmin(losses))]["epoch"]
+    else:
+        assert len(losses) == result.best_epoch == config.epochs
+
+
+def test_a_changed_setting_never_resumes_another_settings_folds(data_dir: Path, tmp_path):
+    spec = get_model("mobilenet_v2")
+    dataset = load_dataset(data_dir, spec, _small_subset(data_dir))
+    default = run_directory(spec, TrainConfig(), dataset, 2, tmp_path)
+    assert run_directory(spec, TrainConfig(), dataset, 2, tmp_path) == default
+    assert run_directory(spec, TrainConfig(keep="last"), dataset, 2, tmp_path) != default
 
 
 def test_a_rerun_resumes_from_the_saved_folds(data_dir: Path, tmp_path):
@@ -142,6 +174,7 @@ def test_make_train_retrains_each_served_model_the_way_its_weights_were_made():
             ("--context", "context"),
             ("--scalp", "scalp"),
             ("--sampling", "sampling"),
+            ("--keep", "keep"),
         ):
             default = getattr(TrainConfig, key)
             assert str(flag(args, name, default)) == str(config.get(key, default)), (spec.name, key)
