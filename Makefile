@@ -62,7 +62,7 @@ train: venv
 	$(BIN)/python -m build_engines train --model mobilenet_v2 --pretrained
 	$(BIN)/python -m build_engines series --model mobilenet_v2
 	$(BIN)/python -m build_engines evaluate --model mobilenet_v2
-	$(BIN)/python -m build_engines train --model resnet18 --teacher mobilenet_v2
+	$(BIN)/python -m build_engines train --model resnet18 --teacher mobilenet_v2 --keep last
 	$(BIN)/python -m build_engines series --model resnet18
 	$(BIN)/python -m build_engines evaluate --model resnet18
 	$(BIN)/python -m build_engines model-card

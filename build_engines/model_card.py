@@ -14,7 +14,7 @@ from pathlib import Path
 
 from client.constants import REPO_ROOT
 from client.registry import get_model, list_models
-from client.series import EARLY_FLAG_RULES
+from client.series import EARLY_FLAG_RULES, SERIES_RULES
 
 REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
 CARD_PATH = REPO_ROOT / "MODEL_CARD.md"
@@ -97,9 +97,9 @@ def render() -> str:
         lines.append(f"| {source} | {counts['n']} ({counts['positives']}) | {counts['patients']} |")
     lines.append(
         "\nFolds: `StratifiedGroupKFold` (5 folds, grouped by patient, stratified by source"
-        " and label); early stopping on 10% of each fold's training patients; final model"
-        " on all patients, on the folds' learning-rate schedule, stopped after their median"
-        " best epoch."
+        " and label); early stopping on 10% of each fold's training patients unless a model"
+        " below keeps the last epoch; final model on all patients, on the folds'"
+        " learning-rate schedule, stopped after their median kept epoch."
     )
 
     lines.append("\n## Side by side with the paper (`kaggle_head_ct`, out of fold)")
@@ -129,6 +129,7 @@ def render() -> str:
         lines.append(
             f"Operating threshold **{report['threshold']:.4f}** ({report['threshold_rule']});"
             f" {_served_series(name, report)} {_initialization(name, report)}"
+            f"{_kept_epoch(report)}"
             " CPU inference (PyTorch, batch 1, 2 cores):"
             f" {report['cpu_inference_ms_per_image']:.1f} ms per image.\n"
         )
@@ -165,26 +166,32 @@ def render() -> str:
 
 
 def _served_weights_limits(reports: dict[str, dict]) -> list[str]:
-    """A warning for each served model whose final weights miss dev bleeds at its threshold.
+    """A warning for each served model whose final weights decide dev series worse in-sample.
 
     The series threshold is chosen on the fold models' out-of-fold scores; the
-    final model, trained on every patient, should catch at least as many of the
-    ``ct_ich_dev`` bleeding series it was trained on (``variants.json``, fp32 row).
+    final model, trained on every patient, should decide the ``ct_ich_dev``
+    series it was trained on (``variants.json``, fp32 row) at least as well as
+    the fold models decided them unseen (``series.json``, nested, served rule).
     """
     lines = []
     for name in reports:
         variants = _read_json(REPORTS_DIR / name / "variants.json")
-        if not variants:
+        series = _read_json(REPORTS_DIR / name / "series.json")
+        if not variants or not series:
             continue
         served = next(row for row in variants["rows"] if row["model"] == name)
-        if served["series_sensitivity"] < 1.0:
+        nested = series["scores"][series["served"]["rule"]]["nested"]
+        unseen = nested["recall"]["value"], nested["specificity"]["value"]
+        if served["series_sensitivity"] < unseen[0] or served["series_specificity"] < unseen[1]:
             lines.append(
                 f"- {name}'s served weights, at the series threshold chosen on its fold"
                 " models' out-of-fold scores, reach series sensitivity"
-                f" {served['series_sensitivity']:.3f} (specificity"
-                f" {served['series_specificity']:.3f}) on the `ct_ich_dev` series they were"
-                " trained on (CPU variants table): that threshold holds only as far as the"
-                " final model is calibrated like its fold models."
+                f" {served['series_sensitivity']:.3f} and specificity"
+                f" {served['series_specificity']:.3f} on the `ct_ich_dev` series they were"
+                f" trained on (CPU variants table), against {unseen[0]:.3f} and"
+                f" {unseen[1]:.3f} for the fold models on the series they never saw: that"
+                " threshold holds only as far as the final model is calibrated like its fold"
+                " models."
             )
     return lines
 
@@ -276,6 +283,19 @@ def _initialization(name: str, report: dict) -> str:
             " from the labels."
         )
     return start
+
+
+def _kept_epoch(report: dict) -> str:
+    """Said only where a model skips early stopping (``train --keep last``)."""
+    config = report["config"]
+    if config.get("keep", "lowest_loss") != "last":
+        return ""
+    return (
+        f" Each fold model keeps the last of its {config['epochs']} low-resolution epochs"
+        " (no early stopping: at the high learning rate its held-out loss rose and fell"
+        " from epoch to epoch while its ROC-AUC kept rising); the final model runs the same"
+        " schedule."
+    )
 
 
 def _met(ok: bool) -> str:
@@ -373,6 +393,12 @@ def _error_analysis(name: str) -> list[str]:
     ]
 
 
+def _members(report: dict) -> str:
+    """How many seeds each series model averages (one in reports before seed ensembles)."""
+    members = max((v.get("members", 1) for v in report["variants"].values()), default=1)
+    return f" (the mean of {members} trained with different seeds)" if members > 1 else ""
+
+
 def _series_comparison(name: str) -> list[str]:
     """The nested comparison of series scores (``python -m build_engines series``)."""
     report = _read_json(REPORTS_DIR / name / "series.json")
@@ -384,7 +410,8 @@ def _series_comparison(name: str) -> list[str]:
     lines = [
         f"\nSeries scores compared by nested cross-validation on {report['decision_series']}"
         " ct_ich_dev series (`python -m build_engines series`): each outer fold's series are"
-        " scored by a series model trained on the other folds' patients (ct_ich_dev and"
+        f" scored by a series model{_members(report)} trained on the other folds' patients"
+        " (ct_ich_dev and"
         f" phe_sich, {report['series']} series, from out-of-fold slice outputs, {inputs}),"
         " and its threshold (sensitivity"
         f" ≥ {report['target_sensitivity']:.2f}) is chosen on inner folds only. Specificity"
@@ -401,6 +428,14 @@ def _series_comparison(name: str) -> list[str]:
             f" | {_fmt(nested['recall'])} | {_fmt(nested['specificity'])}"
             f" | {_fmt(block['specificity_at_sensitivity_1.0000'])}"
             f" | {_fmt(block['specificity_at_sensitivity_0.9375'])} |"
+        )
+    if report["best"] not in SERIES_RULES:
+        lines.append(
+            f"\nThe best score here, {report['best']}, is a series model, which no Triton"
+            " model serves yet; the console serves the better of the slice rules,"
+            f" {report['served']['rule']}. With {report['decision_series']} series and the"
+            f" best of {len(report['scores'])} scores read off the same outer folds, that"
+            " lead needs confirming before it is served."
         )
     lines.append(f"\n![series ROC](build_engines/reports/{name}/series_roc.png)")
     return lines

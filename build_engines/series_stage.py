@@ -51,12 +51,14 @@ from client.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-#: The series-model designs compared (choose by measurement, as the issue asks).
+#: The series-model designs compared (choose by measurement, as the issue asks),
+#: each an average of 4 seeds: single seeds of the ResNet-18 TCN ranged over
+#: series ROC-AUC 0.85-0.93, wider than the gaps between designs.
 VARIANTS = (
-    SeriesVariant("gru", embeddings=False),
-    SeriesVariant("gru", embeddings=True),
-    SeriesVariant("tcn", embeddings=False),
-    SeriesVariant("tcn", embeddings=True),
+    SeriesVariant("gru", embeddings=False, members=4),
+    SeriesVariant("gru", embeddings=True, members=4),
+    SeriesVariant("tcn", embeddings=False, members=4),
+    SeriesVariant("tcn", embeddings=True, members=4),
 )
 #: Sensitivities at which series specificity is reported (15/16: one missed bleed of 16).
 REPORTED_SENSITIVITIES = (1.0, 15 / 16)

@@ -1,5 +1,7 @@
 """The series model learns series context that a fixed rule over slices cannot."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -63,3 +65,16 @@ def test_series_model_beats_the_slice_maximum_on_lone_spikes(kind):
         len(learned.flagged) == len(learned.labels) == sum(s.source == "ct_ich_dev" for s in series)
     )
     assert len(learned.thresholds) == 4
+
+
+def test_a_seed_ensemble_scores_the_mean_of_its_members():
+    series = _synthetic_series(16, seed=2)
+    train, test = series[:12], series[12:]
+    quick = SeriesVariant("tcn", embeddings=False, epochs=2)
+    members = [
+        series_model_scorer(SeriesVariant("tcn", embeddings=False, epochs=2, seed=s))(train, test)
+        for s in (0, 1)
+    ]
+    ensemble = series_model_scorer(replace(quick, members=2))(train, test)
+    np.testing.assert_allclose(ensemble, np.mean(members, axis=0), rtol=1e-6)
+    assert not np.allclose(members[0], members[1])
