@@ -4,8 +4,8 @@ Folds are patient-grouped and stratified by source and label
 (``StratifiedGroupKFold``), so no patient is ever in two folds. Inside each
 fold, 10% of the training patients are held out for early stopping. The final
 model trains on every patient on the folds' learning-rate schedule and stops
-after their median best epoch, where the fold models were kept (so the
-thresholds their out-of-fold scores chose fit it).
+after their median best epoch, where the fold models were kept, so it comes as
+close as it can to the models whose out-of-fold scores chose its thresholds.
 Out-of-fold predictions are written to ``oof.csv`` so evaluation and figures
 can be regenerated without retraining (``python -m build_engines evaluate``).
 

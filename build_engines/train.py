@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 #: ``lowest_loss`` on the held-out patients (early stopping), or the ``last``
 #: of the full schedule (held-out scores are only recorded). A model trained
 #: from scratch swings in calibration from epoch to epoch while the learning
-#: rate is high, so its held-out loss picks a snapshot at random; at the end of
-#: the one-cycle schedule the rate has annealed and the model has settled.
+#: rate is high, so its held-out loss picks a snapshot at random; the last
+#: epoch is where the one-cycle rate has annealed, the same point in every fold.
 KEEP_EPOCHS = ("lowest_loss", "last")
 
 #: Share of sampled slices per (source, label) cell: trauma data (ct_ich_dev)
@@ -259,9 +259,10 @@ def train_model(
     they also early-stop training.
 
     The learning-rate schedule always spans ``config.epochs``: a final model
-    stopped after the folds' median best epoch is where the fold models were
-    when they were kept (same rate, same calibration), so thresholds chosen on
-    their out-of-fold scores fit it. ``teacher`` (a trained model of the same
+    stopped after the folds' median best epoch is at the learning rate the fold
+    models were kept at, the closest it can come to the models whose
+    out-of-fold scores chose its thresholds (the model card checks how close:
+    ``_served_weights_limits``). ``teacher`` (a trained model of the same
     input size and normalization) is distilled with ``config.distill_weight``.
     """
     torch.manual_seed(config.seed)

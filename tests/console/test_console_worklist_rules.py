@@ -1,10 +1,10 @@
 """Worklist rules from practice: a flag is never downgraded, and shadow mode alerts nobody."""
 
-import csv
 from pathlib import Path
 
 import pytest
 
+from build_engines.data import index_records
 from client.classify import LocalClassifier, classify_files
 from client.registry import get_model
 from console import create_app
@@ -25,14 +25,10 @@ def hemorrhage(shared_data) -> str:
     retraining cannot leave the test without such a bleed.
     """
     spec = get_model("mobilenet_v2")  # the test console's MODEL_NAME
-    folder = shared_data / "kaggle_head_ct"
-    with (folder / "labels.csv").open() as f:
-        bleeds = [
-            int(r["id"]) for r in csv.DictReader(f, skipinitialspace=True) if r["hemorrhage"] == "1"
-        ]
-    results = classify_files(
-        [folder / "head_ct" / f"{i:03d}.png" for i in bleeds], LocalClassifier(spec)
-    )
+    bleeds = [
+        r.path for r in index_records(shared_data) if r.source == "kaggle_head_ct" and r.label == 1
+    ]
+    results = classify_files(bleeds, LocalClassifier(spec))
     middle = (spec.threshold + spec.series_threshold) / 2
     chosen = min(results, key=lambda r: abs(r.probability - middle))
     assert spec.threshold + 0.05 < chosen.probability < spec.series_threshold - 0.05
