@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
-ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8,model_repository/$(m)/1/model.onnx)
+ENGINES := $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_int8 resnet18_int8 mobilenet_v2_series resnet18_series,model_repository/$(m)/1/model.onnx)
 CONSOLE_URL ?= http://127.0.0.1:5000
 
 .PHONY: venv browser orthanc postgres engines test lint fuzz train serve demo bench loadtest clean
@@ -33,11 +33,12 @@ postgres:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq postgresql; }
 
-## ONNX fp32 (parity-checked against PyTorch) and INT8 models from the committed weights.
+## ONNX fp32 (parity-checked against PyTorch) and INT8 models, and the series models, from the
+## committed weights.
 ## The *_openvino entries need nothing more: their 1/model.onnx are committed symlinks to these.
 engines: $(ENGINES)
 
-$(ENGINES) &: $(STAMP) weights/mobilenet_v2.safetensors weights/resnet18.safetensors
+$(ENGINES) &: $(STAMP) $(foreach m,mobilenet_v2 resnet18 mobilenet_v2_series resnet18_series,weights/$(m).safetensors)
 	$(BIN)/python -m build_engines export
 	$(BIN)/python -m build_engines quantize --skip-compare
 

@@ -30,7 +30,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from build_engines.serve import EmbeddedTriton, ServeSettings, free_ports, terminate
+from build_engines.serve import (
+    EmbeddedTriton,
+    ServeSettings,
+    free_ports,
+    terminate,
+    with_series_models,
+)
 from client.constants import ENV_PREFIX, REPO_ROOT
 from client.errors import ServerUnavailableError
 
@@ -271,7 +277,7 @@ class ConsoleStack:
     def _start(self) -> None:
         s = self.settings
         root = Path(self._exit.enter_context(tempfile.TemporaryDirectory(prefix="hemotriage-")))
-        triton = self._exit.enter_context(triton_on_free_ports(s.models))
+        triton = self._exit.enter_context(triton_on_free_ports(with_series_models(s.models)))
         self.triton_grpc_url = triton.grpc_url
         console = ConsoleServer(
             root / "storage",

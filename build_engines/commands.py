@@ -72,7 +72,12 @@ def add_engine_commands(sub) -> None:
     serve.add_argument("--grpc-port", type=int, help=f"default {DEFAULT_GRPC_PORT}")
     serve.add_argument("--metrics-port", type=int, help=f"default {DEFAULT_METRICS_PORT}")
     serve.add_argument("--model-config-name", help="configs/<name>.pbtxt; default cpu")
-    serve.add_argument("--model", action="append", choices=every, help="repeatable; default all")
+    serve.add_argument(
+        "--model",
+        action="append",
+        choices=every,
+        help="repeatable, with the series model its series rule needs; default all",
+    )
     serve.add_argument("--startup-timeout-s", type=float, help="default 180")
     serve.set_defaults(run=_serve)
 
@@ -97,6 +102,11 @@ def _export(args: argparse.Namespace) -> int:
             f"{result.model:<14} {result.onnx_path}  max |Δprob| vs torch on "
             f"{result.n_images} slices: {result.max_abs_diff:.2e}\n"
         )
+        if result.series_onnx_path is not None:
+            sys.stdout.write(
+                f"{'':<14} {result.series_onnx_path}  max |Δprob| vs torch on "
+                f"series of 1-250 slices: {result.series_max_abs_diff:.2e}\n"
+            )
     return 0
 
 
@@ -144,14 +154,14 @@ def _build_trt(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from build_engines.serve import ServeSettings, serve
+    from build_engines.serve import ServeSettings, serve, with_series_models
 
     settings = ServeSettings.from_env(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         model_config_name=args.model_config_name,
-        models=tuple(args.model) if args.model else None,
+        models=with_series_models(tuple(args.model)) if args.model else None,
         startup_timeout_s=args.startup_timeout_s,
     )
     return serve(settings)

@@ -10,6 +10,12 @@ the data folder: ONNX Runtime on the uint8 input against the network on
 :func:`client.preprocess.normalize` of the same input. The file lands at
 ``spec.onnx_path`` in the model repository.
 
+A base model's series model (``weights/<base>_series.safetensors``, written by
+``python -m build_engines series``) is exported beside it as
+``model_repository/<base>_series/1/model.onnx``: (1, T, F) series features in,
+any series length T, refined slice probabilities and the series probability
+out, checked against PyTorch on series of several lengths.
+
     python -m build_engines export                 # every fp32 model
     python -m build_engines export --model resnet18
 """
@@ -24,11 +30,18 @@ import numpy as np
 import onnx
 import torch
 
-from client.constants import INPUT_NAME, OUTPUT_NAME
+from client.constants import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SERIES_INPUT_NAME,
+    SERIES_OUTPUT_NAME,
+    SERIES_SLICE_OUTPUT_NAME,
+)
 from client.errors import HemoTriageError
 from client.preprocess import normalize
 from client.registry import ModelSpec
-from client.torch_models import InputNormalization, load_model
+from client.series import series_features
+from client.torch_models import InputNormalization, load_model, load_series_model
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +88,8 @@ class ExportResult:
     onnx_path: Path
     max_abs_diff: float
     n_images: int
+    series_onnx_path: Path | None = None
+    series_max_abs_diff: float | None = None
 
 
 def export_onnx(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSET) -> Path:
@@ -101,6 +116,20 @@ def export_onnx(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSE
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = ServedModel(spec, load_model(spec)).eval()
     dummy = torch.zeros(2, 3, spec.input_size, spec.input_size, dtype=torch.uint8)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    return _export(model, dummy, out_path, [INPUT_NAME], [OUTPUT_NAME], axes, opset)
+
+
+def _export(
+    model: torch.nn.Module,
+    dummy: torch.Tensor,
+    out_path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict,
+    opset: int,
+) -> Path:
+    """Export ``model`` to ``out_path``, check the graph, return the path."""
     # The TorchScript exporter (dynamo=False) needs no onnxscript and gives a
     # plain single-file graph that TensorRT and ONNX Runtime quantization both read.
     torch.onnx.export(
@@ -108,14 +137,14 @@ def export_onnx(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSE
         (dummy,),
         str(out_path),
         dynamo=False,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
         opset_version=opset,
         do_constant_folding=True,
     )
     check_onnx(out_path)
-    logger.info("exported %s to %s", spec.name, out_path)
+    logger.info("exported %s", out_path)
     return out_path
 
 
@@ -170,4 +199,62 @@ def export_and_verify(spec: ModelSpec, n_images: int = 32) -> ExportResult:
     batch, _ = labelled_sample(spec, n_images)
     diff = check_parity(spec, path, batch)
     logger.info("%s parity on %d slices: max |Δprob| %.2e", spec.name, n_images, diff)
-    return ExportResult(spec.name, path, diff, n_images)
+    if spec.series_model_facts is None:
+        return ExportResult(spec.name, path, diff, n_images)
+    series_path = export_series_model(spec)
+    series_diff = check_series_parity(spec, series_path)
+    logger.info("%s parity: max |Δprob| %.2e", spec.series_model_name, series_diff)
+    return ExportResult(spec.name, path, diff, n_images, series_path, series_diff)
+
+
+def export_series_model(spec: ModelSpec, out_path: Path | None = None, opset: int = OPSET) -> Path:
+    """Export ``spec``'s committed series model to ONNX with a dynamic series length.
+
+    Raises:
+        MissingWeightsError: the sidecar names no series model, or its weights
+            are absent or fail their checksum.
+    """
+    out_path = Path(out_path or spec.series_onnx_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = load_series_model(spec)
+    dummy = torch.from_numpy(_series_sample(7))[None]
+    outputs = [SERIES_SLICE_OUTPUT_NAME, SERIES_OUTPUT_NAME]
+    axes = {SERIES_INPUT_NAME: {1: "slices"}, SERIES_SLICE_OUTPUT_NAME: {1: "slices"}}
+    return _export(model, dummy, out_path, [SERIES_INPUT_NAME], outputs, axes, opset)
+
+
+def check_series_parity(
+    spec: ModelSpec, path: Path, lengths: tuple[int, ...] = (1, 2, 9, 40, 250)
+) -> float:
+    """ONNX Runtime against PyTorch on series of ``lengths`` slices; the largest |Δ probability|.
+
+    Raises:
+        ParityError: the difference exceeds :data:`PARITY_TOLERANCE`.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = load_series_model(spec)
+    diff = 0.0
+    for length in lengths:
+        features = _series_sample(length)[None]
+        onnx_out = session.run(None, {SERIES_INPUT_NAME: features})
+        with torch.inference_mode():
+            torch_out = [t.numpy() for t in model(torch.from_numpy(features))]
+        diff = max(
+            diff, *(float(np.abs(a - b).max()) for a, b in zip(onnx_out, torch_out, strict=True))
+        )
+    if diff > PARITY_TOLERANCE:
+        raise ParityError(
+            f"{spec.series_model_name}: ONNX vs PyTorch max |Δprob| {diff:.2e}"
+            f" > {PARITY_TOLERANCE:.0e}"
+        )
+    return diff
+
+
+def _series_sample(length: int) -> np.ndarray:
+    """(T, F) features of a series whose middle slices bleed: a bump of slice probabilities."""
+    position = np.linspace(-1.0, 1.0, length)
+    probabilities = 0.05 + 0.9 * np.exp(-8 * position**2)
+    head = 0.1 + 0.4 * np.exp(-2 * position**2)
+    return series_features(probabilities, head)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from client.constants import REPO_ROOT
 from client.registry import get_model, list_models
-from client.series import EARLY_FLAG_RULES, SERIES_RULES
+from client.series import (
+    EARLY_FLAG_RULES,
+    SERIES_MODEL_FALLBACK,
+    SERIES_MODEL_RULE,
+    SERIES_RULES,
+)
 
 REPORTS_DIR = REPO_ROOT / "build_engines" / "reports"
 CARD_PATH = REPO_ROOT / "MODEL_CARD.md"
@@ -240,11 +245,14 @@ def _served_series(name: str, report: dict) -> str:
     series = _read_json(REPORTS_DIR / name / "series.json")
     if series and "served" in series:
         served = series["served"]
+        rule = served["rule"]
+        if rule == SERIES_MODEL_RULE:
+            rule += f"** (its {served['score']} series model, `{name}_series` in Triton)**"
         return (
-            f"series rule **{served['rule']}** at threshold **{served['threshold']:.4f}**"
+            f"series rule **{rule}** at threshold **{served['threshold']:.4f}**"
             f" (chosen by nested cross-validation below; highest threshold with ct_ich_dev"
             f" out-of-fold series sensitivity >= {series['target_sensitivity']})."
-            f" {_early_flag(served['rule'])}"
+            f" {_early_flag(served['rule'])}{_fallback(served)}"
         )
     return (
         f"series threshold **{report['series_threshold']:.4f}**"
@@ -259,9 +267,27 @@ def _early_flag(rule: str) -> str:
             "A series still arriving is flagged as soon as one slice showing enough head"
             " reaches the threshold: no later slice can lower its maximum."
         )
+    if rule == SERIES_MODEL_RULE:
+        return (
+            "A series is decided only once every slice is read: the series model reads the"
+            " whole series."
+        )
     return (
         "A series is decided only once every slice is read: a slice arriving between two"
         " agreeing neighbours can lower this score."
+    )
+
+
+def _fallback(served: dict) -> str:
+    """What deciding without the series model (its server away) costs, out of fold."""
+    fallback = served.get("fallback")
+    if served["rule"] != SERIES_MODEL_RULE or not fallback:
+        return ""
+    return (
+        " While the series model cannot be reached, a series is decided by its highest slice"
+        f" at the slice threshold {fallback['threshold']:.4f} ({SERIES_MODEL_FALLBACK}): out of"
+        f" fold on ct_ich_dev series that is sensitivity {fallback['sensitivity']:.2f} at"
+        f" specificity {fallback['specificity']:.2f}, an outage paid in false alarms."
     )
 
 
@@ -429,16 +455,53 @@ def _series_comparison(name: str) -> list[str]:
             f" | {_fmt(block['specificity_at_sensitivity_1.0000'])}"
             f" | {_fmt(block['specificity_at_sensitivity_0.9375'])} |"
         )
-    if report["best"] not in SERIES_RULES:
-        lines.append(
-            f"\nThe best score here, {report['best']}, is a series model, which no Triton"
-            " model serves yet; the console serves the better of the slice rules,"
-            f" {report['served']['rule']}. With {report['decision_series']} series and the"
-            f" best of {len(report['scores'])} scores read off the same outer folds, that"
-            " lead needs confirming before it is served."
-        )
+    lines += _servable_rules(name, report)
     lines.append(f"\n![series ROC](build_engines/reports/{name}/series_roc.png)")
     return lines
+
+
+def _servable_rules(name: str, report: dict) -> list[str]:
+    """Each servable rule's threshold and CQ500 decision, and why the default is the default."""
+    if "thresholds" not in report:  # reports before every rule's threshold was recorded
+        return []
+    served, held_out = report["served"], report.get("held_out_bleed", {})
+    model = report["series_model"]
+    cells = []
+    for rule, threshold in report["thresholds"].items():
+        label = f"{rule} ({model['design']})" if rule == SERIES_MODEL_RULE else rule
+        cq500 = held_out.get(rule)
+        verdict = (
+            f"; CQ500 bleed {cq500['score']:.3f}, {'flagged' if cq500['flagged'] else 'missed'}"
+            if cq500
+            else ""
+        )
+        cells.append(f"{label} at {threshold:.4f}{verdict}")
+    lines = [
+        "\nServable rules, each at its recorded threshold, and the held-out CQ500 bleed with"
+        " the final weights: " + "; ".join(cells) + "."
+        f" The series model (`{name}_series` in Triton, ONNX with any series length) is the"
+        f" {model['design']} design retrained on every series, the mean of {model['members']}"
+        f" seeds. The default is **{served['rule']}**: {_why_default(served, held_out)}"
+        " A site that validated another rule on its own series may choose it"
+        " (`HEMOTRIAGE_SERIES_RULE`, `classify --series-rule`)."
+    ]
+    if report["best"] not in SERIES_RULES and report["best"] != model["design"]:
+        lines.append(
+            f"\nThe best score here, {report['best']}, reads slice embeddings, which the"
+            " served slice graphs do not output."
+        )
+    return lines
+
+
+def _why_default(served: dict, held_out: dict) -> str:
+    if not held_out:
+        return "the best-ranked rule above (the CQ500 series was not there to check)."
+    if not held_out[served["rule"]]["flagged"]:
+        return "the best-ranked rule above; no rule flags the CQ500 bleed."
+    return (
+        "the best-ranked rule above that flags the CQ500 bleed (39 series of one hospital"
+        " are too few to serve a rule that misses the one external bleed we hold)."
+    )
 
 
 def _ablations(name: str) -> list[str]:

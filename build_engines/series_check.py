@@ -16,16 +16,20 @@ from pathlib import Path
 from client.classify import LocalClassifier, classify_series
 from client.registry import ModelSpec
 
+#: The held-out CQ500 bleeding series, under the data folder.
+CQ500_SERIES = Path("cq500_ct1", "series_thin_every8")
+
 
 def check_cq500(spec: ModelSpec, data_dir: Path, report_dir: Path) -> dict:
     """Classify the CQ500 series with the committed weights; write ``cq500.json``."""
-    folder = data_dir / "cq500_ct1" / "series_thin_every8"
+    folder = data_dir / CQ500_SERIES
     result = classify_series(folder, LocalClassifier(spec))
     scored = sorted(
         (s for s in result.slices if s.probability is not None), key=lambda s: s.order_key
     )
     summary = {
         "series": "CQ500-CT-1 series_thin_every8 (hemorrhage per all 3 readers)",
+        "rule": result.series.method,
         "score": round(result.series.score, 4),
         "series_threshold": round(result.series.threshold, 4),
         "flagged": result.series.flagged,

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from build_engines.data import Dataset
 from build_engines.evaluate import threshold_for_sensitivity
 from client.series import SERIES_RULES, rule_score, series_features
-from client.torch_models import SeriesNet
+from client.torch_models import SeriesEnsemble, SeriesNet
 
 logger = logging.getLogger(__name__)
 
@@ -231,11 +231,21 @@ def _pad(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.from_numpy(features), torch.from_numpy(labels), lengths, weights
 
 
-def series_model_score(model: SeriesNet, series: Series, use_embeddings: bool) -> float:
+def train_series_ensemble(series: list[Series], variant: SeriesVariant) -> SeriesEnsemble:
+    """``variant.members`` series models, seeds ``seed``, ``seed + 1``, ..., averaged."""
+    return SeriesEnsemble(
+        [
+            train_series_model(series, replace(variant, seed=variant.seed + member))
+            for member in range(variant.members)
+        ]
+    ).eval()
+
+
+def series_model_score(model: SeriesEnsemble, series: Series, use_embeddings: bool) -> float:
     """P(the series bleeds) from the plain views."""
     with torch.inference_mode():
         features = torch.from_numpy(series.features(None, use_embeddings))[None]
-        return float(torch.sigmoid(model(features)[1])[0])
+        return float(model(features)[1][0])
 
 
 #: The servable series rules (client.series), scored from the plain view's probabilities.
@@ -312,12 +322,9 @@ def series_model_scorer(variant: SeriesVariant, progress: tqdm | None = None):
     """A ``score_fn`` that trains the series model on ``train`` and scores ``test``."""
 
     def score(train: list[Series], test: list[Series]) -> np.ndarray:
-        scores = []
-        for member in range(variant.members):
-            model = train_series_model(train, replace(variant, seed=variant.seed + member))
-            scores.append([series_model_score(model, s, variant.embeddings) for s in test])
+        ensemble = train_series_ensemble(train, variant)
         if progress is not None:
             progress.update()
-        return np.mean(scores, axis=0)
+        return np.array([series_model_score(ensemble, s, variant.embeddings) for s in test])
 
     return score

@@ -43,7 +43,8 @@ from client.constants import (
     MODEL_REPOSITORY,
 )
 from client.errors import HemoTriageError, ModelNotReadyError, ServerUnavailableError
-from client.registry import list_models
+from client.registry import get_model, list_models, series_model_names
+from client.series import SERIES_MODEL_RULE
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ServeSettings:
         grpc_port: gRPC port (``HEMOTRIAGE_GRPC_PORT``).
         metrics_port: Prometheus metrics port (``HEMOTRIAGE_METRICS_PORT``).
         model_config_name: ``configs/<name>.pbtxt`` to use (``HEMOTRIAGE_MODEL_CONFIG_NAME``).
-        models: Models to load; all registered models by default.
+        models: Models to load; all registered models and their series models by default.
         repository: The model repository folder.
         startup_timeout_s: Longest wait for every model to be ready.
         exit_timeout_s: How long tritonserver waits for open requests and client
@@ -82,7 +83,9 @@ class ServeSettings:
     grpc_port: int = DEFAULT_GRPC_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
     model_config_name: str = CPU_CONFIG_NAME
-    models: tuple[str, ...] = field(default_factory=lambda: tuple(s.name for s in list_models()))
+    models: tuple[str, ...] = field(
+        default_factory=lambda: (*(s.name for s in list_models()), *series_model_names())
+    )
     repository: Path = MODEL_REPOSITORY
     startup_timeout_s: float = 180.0
     exit_timeout_s: int = 5
@@ -240,6 +243,17 @@ def server_command(install: TritonInstall, settings: ServeSettings) -> list[str]
         f"--exit-timeout-secs={settings.exit_timeout_s}",
         f"--log-verbose={settings.log_verbose}",
     ]
+
+
+def with_series_models(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` and the series models their rules decide with: what Triton must load for them.
+
+    The rule is each model's default, or ``HEMOTRIAGE_SERIES_RULE`` as the console reads it.
+    """
+    chosen = os.environ.get(f"{ENV_PREFIX}SERIES_RULE") or None
+    needed = (get_model(n, chosen) for n in names)
+    series = (s.series_model_name for s in needed if s.series_rule == SERIES_MODEL_RULE)
+    return tuple(dict.fromkeys((*names, *series)))
 
 
 def missing_model_files(settings: ServeSettings) -> list[Path]:

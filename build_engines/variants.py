@@ -35,6 +35,7 @@ from build_engines.data import data_dir_from_env, load_dataset
 from build_engines.quantize import EVALUATION_SIZE
 from build_engines.runners import median_latency_ms, predict, runner_for
 from build_engines.samples import labelled_sample
+from client.classify import LocalSeriesModel
 from client.preprocess import model_input
 from client.registry import ModelSpec, list_models
 from client.series import decide_series
@@ -100,12 +101,16 @@ def compare_variants(
     load_before = os.getloadavg()
     latency = {b: median_latency_ms(runners, batch[:b], repeats) for b in BATCH_SIZES}
     scores, flags = {}, {}
+    series_model = LocalSeriesModel(base) if base.series_model_facts else None
     for spec in specs:
         runner = runners[spec.name]
         scores[spec.name] = predict(runner, batch)
         series_scores = predict(runner, series_batch)
         flags[spec.name] = np.array(
-            [decide_series(base, series_scores[idx], head).flagged for idx, head in series]
+            [
+                decide_series(base, series_scores[idx], head, series_model).flagged
+                for idx, head in series
+            ]
         )
     load_after = os.getloadavg()
     reference = scores[base.name]

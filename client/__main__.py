@@ -41,6 +41,11 @@ def _add_classify(subparsers) -> None:
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--model", default="mobilenet_v2", choices=[s.name for s in list_models()])
     parser.add_argument("--series", action="store_true", help="each folder argument is one series")
+    parser.add_argument(
+        "--series-rule",
+        help="decide series by this recorded rule of the model (max_slice, neighbour_pair,"
+        " series_model) instead of its default",
+    )
     parser.add_argument("--csv", type=Path, help="write results as CSV to this file")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=30.0, help="Triton request timeout")
@@ -50,14 +55,14 @@ def _add_classify(subparsers) -> None:
 
 def _make_classifier(args: argparse.Namespace, spec: ModelSpec) -> Classifier:
     if args.local:
-        return LocalClassifier(get_model(spec.weights_name or spec.name))
+        return LocalClassifier(get_model(spec.weights_name or spec.name, spec.series_rule_override))
     from client.triton_client import TritonClassifier
 
     return TritonClassifier(spec, url=args.url, protocol=args.protocol, timeout_s=args.timeout_s)
 
 
 def _run_classify(args: argparse.Namespace) -> int:
-    spec = get_model(args.model)
+    spec = get_model(args.model, args.series_rule)
     classifier = _make_classifier(args, spec)
     run = _run_series if args.series else _run_slices
     return run(args, spec, classifier)

@@ -2,7 +2,8 @@
 
 The same code drives in-process PyTorch (``--local``) and Triton (``--url``):
 a classifier only has to turn a uint8 (N, 3, S, S) model input batch
-(:func:`client.preprocess.model_input`) into N probabilities of hemorrhage.
+(:func:`client.preprocess.model_input`) into N probabilities of hemorrhage,
+and run the model's series model where its series rule asks for it.
 Bad files become failed rows with their reason; they never stop the rest of
 the run.
 
@@ -42,6 +43,27 @@ class Classifier(Protocol):
         """Score a uint8 (N, 3, S, S) model input batch; return N probabilities of hemorrhage."""
         ...
 
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """Run the model's series model (:class:`client.series.SeriesRefiner`)."""
+        ...
+
+
+class LocalSeriesModel:
+    """The model's series model in-process, on its committed weights (no server needed)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from client.torch_models import load_series_model  # torch stays optional for the console
+
+        self._model = load_series_model(spec)
+
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """(T, F) series features to (T,) refined slice probabilities and P(series)."""
+        import torch
+
+        with torch.inference_mode():
+            slices, series = self._model(torch.from_numpy(np.asarray(features, np.float32))[None])
+        return slices[0].numpy(), float(series[0])
+
 
 class LocalClassifier:
     """In-process PyTorch inference on the committed weights (no server needed).
@@ -56,6 +78,7 @@ class LocalClassifier:
         self.spec = spec
         self._device = device
         self._model = load_model(spec, device)
+        self._series_model: LocalSeriesModel | None = None
 
     def predict(self, batch: np.ndarray, priority: int = PRIORITY_ROUTINE) -> np.ndarray:
         """Score a batch; ``priority`` is accepted for interface parity and unused here."""
@@ -65,6 +88,12 @@ class LocalClassifier:
             x = torch.from_numpy(normalize(batch, self.spec)).to(self._device)
             logits = self._model(x)
             return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """The series model's refined slice probabilities and P(series), loaded on first use."""
+        if self._series_model is None:
+            self._series_model = LocalSeriesModel(self.spec)
+        return self._series_model.refine_series(features)
 
 
 @dataclass(frozen=True)
@@ -145,7 +174,10 @@ def classify_series(folder: Path, classifier: Classifier, batch_size: int = 16) 
     if not scored:
         return SeriesResult(folder, None, None, slices)
     decision = decide_series(
-        classifier.spec, [s.probability for s in scored], [s.head_fraction for s in scored]
+        classifier.spec,
+        [s.probability for s in scored],
+        [s.head_fraction for s in scored],
+        classifier,
     )
     return SeriesResult(folder, decision, scored[decision.key_index].path, slices)
 

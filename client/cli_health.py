@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from client.constants import DEFAULT_HTTP_PORT
-from client.registry import list_models
+from client.registry import list_models, series_model_names
 from client.triton_client import PROTOCOLS, server_health
 
 
@@ -31,8 +31,8 @@ def add_health_command(subparsers) -> None:
     parser.add_argument(
         "--model",
         action="append",
-        choices=[s.name for s in list_models()],
-        help="repeatable; default every registered model",
+        choices=_served_names(),
+        help="repeatable; default every registered model and series model",
     )
     parser.set_defaults(run=run_health)
 
@@ -51,10 +51,15 @@ def run_health(args: argparse.Namespace) -> int:
         f"live={health.live} ready={health.ready}\n"
     )
     all_ready = health.ready
-    for name in args.model or [s.name for s in list_models()]:
+    for name in args.model or _served_names():
         model = served.get(name)
         state = "MISSING" if model is None else model.state
         reason = f"  {model.reason}" if model is not None and model.reason else ""
         out.write(f"  {name:<28} {state}{reason}\n")
         all_ready = all_ready and model is not None and model.ready
     return 0 if all_ready else 1
+
+
+def _served_names() -> list[str]:
+    """Every model a full server loads: the registry's and their series models."""
+    return [*(s.name for s in list_models()), *series_model_names()]

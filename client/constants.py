@@ -23,9 +23,14 @@ DEFAULT_CONSOLE_PORT = 5000
 #: IANA's registered "dicom" port (the well-known 104 needs root).
 DEFAULT_DICOM_PORT = 11112
 
-#: Triton tensor names, identical for every model in the repository.
+#: Triton tensor names, identical for every slice model in the repository.
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+#: The series models' (``<base>_series``) tensor names: (1, T, F) features in,
+#: (1, T) refined slice probabilities and (1,) the series probability out.
+SERIES_INPUT_NAME = "features"
+SERIES_SLICE_OUTPUT_NAME = "slice_probabilities"
+SERIES_OUTPUT_NAME = "series_probability"
 
 #: Triton request priorities (1 is served first; see the dynamic_batching
 #: priority_levels in each config.pbtxt).

@@ -82,6 +82,8 @@ class ModelSpec:
         runtime: What runs the graph on the CPU server: ``onnxruntime`` or ``openvino``
             (the Python backend's ``runtime`` parameter). OpenVINO entries serve the
             same ``model.onnx`` as their ONNX Runtime twin, through a symlink.
+        series_rule_override: A series rule a site chose instead of the recorded
+            default (one of :attr:`series_thresholds`); empty: the default.
     """
 
     name: str
@@ -96,6 +98,7 @@ class ModelSpec:
     cam_target_layer: str = ""
     weights_name: str = ""
     runtime: str = "onnxruntime"
+    series_rule_override: str = ""
 
     @property
     def weights_path(self) -> Path:
@@ -145,16 +148,46 @@ class ModelSpec:
     @property
     def series_threshold(self) -> float:
         """Series-level operating threshold on the score of :attr:`series_rule`."""
-        return self.trained.series_threshold
+        thresholds = self.series_thresholds
+        return thresholds[self.series_rule] if thresholds else self.trained.series_threshold
+
+    @property
+    def series_thresholds(self) -> dict[str, float]:
+        """Each servable series rule's threshold, as nested cross-validation chose it.
+
+        Empty for sidecars written before every rule's threshold was recorded.
+        """
+        return {k: float(v) for k, v in self.trained.extra.get("series_thresholds", {}).items()}
+
+    @property
+    def series_model_name(self) -> str:
+        """The Triton model that refines this model's series (``<base>_series``)."""
+        return f"{self.weights_name or self.name}_series"
+
+    @property
+    def series_weights_path(self) -> Path:
+        """fp16 safetensors file with the series model's members."""
+        return WEIGHTS_DIR / f"{self.series_model_name}.safetensors"
+
+    @property
+    def series_onnx_path(self) -> Path:
+        """The series model's ONNX file in the model repository (built, never committed)."""
+        return MODEL_REPOSITORY / self.series_model_name / "1" / "model.onnx"
+
+    @property
+    def series_model_facts(self) -> dict | None:
+        """The series model's design and checksum from the sidecar (None: none trained)."""
+        return self.trained.extra.get("series_model")
 
     @property
     def series_rule(self) -> str:
-        """How slice scores make a series score (``client.series.SERIES_RULES``).
+        """How slice scores make a series score (``client.series.decide_series``).
 
-        Chosen by nested cross-validation (``python -m build_engines series``);
+        ``series_rule_override`` where set (see :func:`get_model`), else the rule
+        chosen by ``python -m build_engines series`` and recorded in the sidecar;
         sidecars written before that choice existed mean the neighbour pair.
         """
-        return self.trained.extra.get("series_rule", "neighbour_pair")
+        return self.series_rule_override or self.trained.extra.get("series_rule", "neighbour_pair")
 
 
 @cache
@@ -221,18 +254,31 @@ _MODELS: dict[str, ModelSpec] = {
 }
 
 
-def get_model(name: str) -> ModelSpec:
-    """Return the spec registered under ``name``.
+def get_model(name: str, series_rule: str | None = None) -> ModelSpec:
+    """Return the spec registered under ``name``, deciding series by ``series_rule`` if given.
+
+    A site that validated another series rule on its own series than the one
+    cross-validation chose may serve it; its threshold is the one recorded for it.
 
     Raises:
-        UnknownModelError: ``name`` is not registered.
+        UnknownModelError: ``name`` is not registered, or ``series_rule`` has no
+            recorded threshold for it.
     """
     try:
-        return _MODELS[name]
+        spec = _MODELS[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; choose one of {', '.join(_MODELS)}"
         ) from None
+    if not series_rule:
+        return spec
+    if series_rule not in spec.series_thresholds:
+        raise UnknownModelError(
+            f"{name} has no threshold for series rule {series_rule!r}; it has"
+            f" {', '.join(spec.series_thresholds) or 'none recorded'}"
+            " (python -m build_engines series records them)"
+        )
+    return replace(spec, series_rule_override=series_rule)
 
 
 def list_models(precision: str | None = None, runtime: str | None = None) -> list[ModelSpec]:
@@ -243,3 +289,8 @@ def list_models(precision: str | None = None, runtime: str | None = None) -> lis
         if (precision is None or s.precision == precision)
         and (runtime is None or s.runtime == runtime)
     ]
+
+
+def series_model_names() -> list[str]:
+    """The series models in the repository, one per base model (``<base>_series``)."""
+    return sorted({s.series_model_name for s in _MODELS.values()})

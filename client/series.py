@@ -15,29 +15,43 @@ Near-blank slices (vertex caps, table-only frames) are ignored. A single-slice
 Whether a study is flagged is decided in one place, :func:`decide_series`, for
 the console worker and ``python -m client classify --series`` alike: a lone
 image keeps the slice model's probability and slice threshold, a series gets
-the score of the model's series rule and the series threshold. The rule
-(:data:`SERIES_RULES`: the neighbour pair, or the maximum slice over slices that
-show enough head) is chosen per model by nested cross-validation
-(``python -m build_engines series``) and recorded in its weights sidecar.
+the score of the model's series rule and that rule's series threshold. The
+default rule is chosen per model by ``python -m build_engines series`` (nested
+cross-validation; it must also flag the held-out CQ500 bleed) and recorded in
+its weights sidecar with every servable rule's threshold, so a site may choose
+another (:func:`client.registry.get_model`). A rule is a fixed one
+(:data:`SERIES_RULES`: the neighbour pair, or the maximum slice over slices
+that show enough head), or
+:data:`SERIES_MODEL_RULE`, the model's series model (``<base>_series``, a small
+sequence model over the slices' logits, head fractions and positions), which a
+:class:`SeriesRefiner` runs: in-process for ``--local``, on Triton otherwise.
+It also refines every slice's probability with its neighbours' context.
 
-    decision = decide_series(spec, probabilities, head_fractions)
+    decision = decide_series(spec, probabilities, head_fractions, classifier)
     decision.flagged, decision.score, decision.threshold, decision.key_index
+    decision.refined                    # per-slice, when the series model decided
 
 A series still arriving (a thin series of 250+ slices takes a while) may be
 flagged before its last slice: :func:`early_flag` raises the flag only when no
 slice still to come can clear it, which holds for the maximum-slice rule
 (:data:`EARLY_FLAG_RULES`) and not for the neighbour pair, whose pair a slice
-arriving between two neighbours can split.
+arriving between two neighbours can split, nor for the series model, which
+reads the whole series.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from client.errors import HemoTriageError
 from client.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 #: Slices whose head covers less of the model view than this are not scored.
 MIN_HEAD_FRACTION = 0.12
@@ -79,9 +93,7 @@ def series_score(probabilities: Sequence[float], head_fractions: Sequence[float]
     head = np.asarray(head_fractions, dtype=np.float64)
     if p.size == 0 or p.shape != head.shape:
         raise ValueError("series_score needs one head fraction per slice, and at least one slice")
-    scored = np.flatnonzero(head >= MIN_HEAD_FRACTION)
-    if scored.size == 0:  # nothing but blanks: fall back to every slice
-        scored = np.arange(p.size)
+    scored = _scored_indices(head)
     sp = p[scored]
     max_index = int(scored[np.argmax(sp)])
     if sp.size == 1:
@@ -90,6 +102,12 @@ def series_score(probabilities: Sequence[float], head_fractions: Sequence[float]
     best = int(np.argmax(pair))
     key = int(scored[best] if sp[best] >= sp[best + 1] else scored[best + 1])
     return SeriesScore(float(pair[best]), key, float(sp.max()), int(sp.size))
+
+
+def _scored_indices(head: np.ndarray) -> np.ndarray:
+    """Slices that show enough head to be scored; every slice when none does (all blanks)."""
+    scored = np.flatnonzero(head >= MIN_HEAD_FRACTION)
+    return scored if scored.size else np.arange(head.size)
 
 
 def series_features(
@@ -116,8 +134,15 @@ def series_features(
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
-#: The series rules a model can be served with, by name.
+#: The fixed series rules, by name: they need nothing but the slice probabilities.
 SERIES_RULES = ("neighbour_pair", "max_slice")
+#: The rule that asks the model's series model (``<base>_series``) for the series score.
+SERIES_MODEL_RULE = "series_model"
+#: How a series under :data:`SERIES_MODEL_RULE` is decided while its series model cannot
+#: be reached: its highest slice that shows enough head against the slice threshold (the
+#: lone-image operating point, meant to be paid in false alarms rather than missed bleeds;
+#: the model card gives its out-of-fold cost), so no study waits for the series model.
+SERIES_MODEL_FALLBACK = "max_slice_at_slice_threshold"
 #: Rules whose score never falls as slices are added, so a partial series may be flagged.
 EARLY_FLAG_RULES = ("max_slice",)
 
@@ -134,12 +159,18 @@ def rule_score(rule: str, probabilities: Sequence[float], head_fractions: Sequen
     if rule == "max_slice":
         p = np.asarray(probabilities, dtype=np.float64)
         head = np.asarray(head_fractions, dtype=np.float64)
-        scored = np.flatnonzero(head >= MIN_HEAD_FRACTION)
-        if scored.size == 0:
-            scored = np.arange(p.size)
+        scored = _scored_indices(head)
         key = int(scored[np.argmax(p[scored])])
         return float(p[key]), key
     raise ValueError(f"unknown series rule {rule!r}; choose one of {', '.join(SERIES_RULES)}")
+
+
+class SeriesRefiner(Protocol):
+    """Runs a model's series model: in-process (``LocalClassifier``) or on Triton."""
+
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """(T, F) :func:`series_features` to (T,) refined slice probabilities and P(series)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -151,8 +182,11 @@ class SeriesDecision:
         threshold: The slice threshold for a lone image, else the series threshold.
         flagged: ``score >= threshold``.
         key_index: Index (in the given order) of the slice that carries the score.
-        method: ``single_slice``, or the series rule (:data:`SERIES_RULES`).
+        method: ``single_slice``, a fixed rule (:data:`SERIES_RULES`),
+            :data:`SERIES_MODEL_RULE` or :data:`SERIES_MODEL_FALLBACK`.
         scored_slices: How many slices counted (enough head in view).
+        refined: Each slice's probability refined by the series model, in the
+            given order, when the series model decided; else None.
     """
 
     score: float
@@ -161,24 +195,56 @@ class SeriesDecision:
     key_index: int
     method: str
     scored_slices: int
+    refined: tuple[float, ...] | None = None
 
 
 def decide_series(
-    spec: ModelSpec, probabilities: Sequence[float], head_fractions: Sequence[float]
+    spec: ModelSpec,
+    probabilities: Sequence[float],
+    head_fractions: Sequence[float],
+    refiner: SeriesRefiner | None = None,
 ) -> SeriesDecision:
     """Flag or clear one study from its classified slices, in anatomical order.
+
+    A series under :data:`SERIES_MODEL_RULE` is scored by ``refiner``, whose
+    key slice is the scored slice (enough head) with the highest refined
+    probability. Without a ``refiner``, or when it fails (the server is down),
+    the series is decided by :data:`SERIES_MODEL_FALLBACK` and the log says why.
 
     Raises:
         ValueError: no slices, or the two sequences differ in length.
     """
     result = series_score(probabilities, head_fractions)
+    refined = None
     if len(probabilities) == 1:
         method, threshold = "single_slice", spec.threshold
         score, key = result.score, result.key_index
+    elif spec.series_rule == SERIES_MODEL_RULE:
+        features = series_features(probabilities, head_fractions)
+        try:
+            if refiner is None:
+                raise HemoTriageError("no series model was given")
+            slices, score = refiner.refine_series(features)
+        except HemoTriageError as e:
+            logger.warning(
+                "%s: series model unavailable (%s); deciding by %s",
+                spec.name,
+                e,
+                SERIES_MODEL_FALLBACK,
+            )
+            method, threshold = SERIES_MODEL_FALLBACK, spec.threshold
+            score, key = rule_score("max_slice", probabilities, head_fractions)
+        else:
+            method, threshold = SERIES_MODEL_RULE, spec.series_threshold
+            refined = tuple(float(p) for p in slices)
+            scored = _scored_indices(np.asarray(head_fractions, dtype=np.float64))
+            key = int(scored[np.argmax(np.asarray(refined)[scored])])
     else:
         method, threshold = spec.series_rule, spec.series_threshold
         score, key = rule_score(method, probabilities, head_fractions)
-    return SeriesDecision(score, threshold, score >= threshold, key, method, result.scored_slices)
+    return SeriesDecision(
+        score, threshold, score >= threshold, key, method, result.scored_slices, refined
+    )
 
 
 def early_flag(

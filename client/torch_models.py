@@ -155,6 +155,62 @@ class SeriesNet(torch.nn.Module):
         return slice_logits, top + self.series_head(pooled).squeeze(-1)
 
 
+class SeriesEnsemble(torch.nn.Module):
+    """Series models trained with different seeds, their probabilities averaged: what is served.
+
+    Input (1, T, F) features of one series (:func:`client.series.series_features`);
+    outputs (1, T) refined slice probabilities and (1,) the series probability,
+    so the ONNX graph Triton serves ends in probabilities like the slice models'.
+    """
+
+    def __init__(self, members: list[SeriesNet]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T, F) features to (1, T) slice and (1,) series probabilities."""
+        outputs = [member(features) for member in self.members]
+        slices = torch.stack([torch.sigmoid(s) for s, _ in outputs]).mean(0)
+        series = torch.stack([torch.sigmoid(r) for _, r in outputs]).mean(0)
+        return slices, series
+
+
+def build_series_ensemble(facts: dict) -> SeriesEnsemble:
+    """An untrained ensemble shaped as the sidecar's ``series_model`` facts describe."""
+    return SeriesEnsemble(
+        [
+            SeriesNet(facts["features"], facts["kind"], facts["hidden"])
+            for _ in range(facts["members"])
+        ]
+    ).eval()
+
+
+def load_series_model(spec: ModelSpec) -> SeriesEnsemble:
+    """``spec``'s committed series model, checked against the hash in its sidecar.
+
+    Raises:
+        MissingWeightsError: the sidecar names no series model, or its file is
+            absent or fails its checksum.
+    """
+    facts = spec.series_model_facts
+    path = spec.series_weights_path
+    if facts is None:
+        raise MissingWeightsError(
+            f"{spec.facts_path.name} names no series model; run 'python -m build_engines series'"
+        )
+    if not path.exists():
+        raise MissingWeightsError(f"{path} is missing; run 'python -m build_engines series'")
+    actual = file_sha256(path)
+    if actual != facts["weights_sha256"]:
+        raise MissingWeightsError(
+            f"{path.name} checksum {actual[:12]} does not match {facts['weights_sha256'][:12]}"
+            f" recorded in {spec.facts_path.name}"
+        )
+    model = build_series_ensemble(facts)
+    model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+    return model.eval()
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file, to pin weights to the facts recorded with them."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -41,13 +41,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
-from client.constants import ENV_PREFIX, INPUT_NAME, OUTPUT_NAME, PRIORITY_ROUTINE
+from client.constants import (
+    ENV_PREFIX,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PRIORITY_ROUTINE,
+    SERIES_INPUT_NAME,
+    SERIES_OUTPUT_NAME,
+    SERIES_SLICE_OUTPUT_NAME,
+)
 from client.errors import (
     HemoTriageError,
     InferenceFailedError,
@@ -56,6 +65,7 @@ from client.errors import (
     ServerUnavailableError,
 )
 from client.registry import ModelSpec
+from client.series import SERIES_MODEL_RULE
 from client.triton_pool import ServerPool, ServerStatus, parse_urls
 
 logger = logging.getLogger(__name__)
@@ -81,6 +91,7 @@ _RECHECK_TIMEOUT_S = 2.0
 
 
 _REGION_IDS = itertools.count()
+_Result = TypeVar("_Result")
 
 
 @dataclass
@@ -228,11 +239,42 @@ class TritonClassifier:
         if len(batch) == 0:
             return np.empty(0, dtype=np.float32)
         step = self.spec.max_batch_size
+        chunks = [np.ascontiguousarray(batch[i : i + step]) for i in range(0, len(batch), step)]
         parts = [
-            self._infer_with_retries(np.ascontiguousarray(batch[i : i + step]), priority)
-            for i in range(0, len(batch), step)
+            self._infer_with_retries(lambda url, c=chunk: self._infer(url, c, priority))
+            for chunk in chunks
         ]
         return np.concatenate(parts)[:, _HEMORRHAGE].astype(np.float32)
+
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """Run the model's series model (``<base>_series``) on one series, on the wire.
+
+        Args:
+            features: float32 (T, F) :func:`client.series.series_features`.
+
+        Returns:
+            (T,) refined slice probabilities and P(the series bleeds).
+
+        Raises:
+            The errors of :meth:`predict`.
+        """
+        series = np.ascontiguousarray(np.asarray(features, np.float32)[None])
+        module = _module(self.protocol)
+        name = self.spec.series_model_name
+        timeout = _grpc_timeout(self.protocol, self.timeout_s)
+
+        def infer(url: str) -> tuple[np.ndarray, float]:
+            tensor = module.InferInput(SERIES_INPUT_NAME, list(series.shape), "FP32")
+            tensor.set_data_from_numpy(series)
+            outputs = [
+                module.InferRequestedOutput(n)
+                for n in (SERIES_SLICE_OUTPUT_NAME, SERIES_OUTPUT_NAME)
+            ]
+            result = self._call(url, lambda c: c.infer(name, [tensor], outputs=outputs, **timeout))
+            slices = result.as_numpy(SERIES_SLICE_OUTPUT_NAME)[0].astype(np.float32)
+            return slices, float(result.as_numpy(SERIES_OUTPUT_NAME)[0])
+
+        return self._infer_with_retries(infer)
 
     def statistics(self, url: str | None = None) -> dict:
         """Triton's inference statistics for this model (batch counts, queue times), as JSON.
@@ -297,13 +339,14 @@ class TritonClassifier:
             clients = self._local.clients = {}
         return clients
 
-    def _infer_with_retries(self, chunk: np.ndarray, priority: int) -> np.ndarray:
+    def _infer_with_retries(self, infer: Callable[[str], _Result]) -> _Result:
+        """``infer(url)`` on a ready server, failing over and retrying as the class says."""
         attempt = 0
         failed_over = False
         while True:
             url = self._pool.acquire()
             try:
-                result = self._infer(url, chunk, priority)
+                result = infer(url)
             except ServerUnavailableError as e:
                 self._pool.mark_down(url, e)
                 if not failed_over and self._pool.has_ready():
@@ -546,9 +589,16 @@ class TritonClassifier:
             raise ServerUnavailableError(f"Triton at {url} is up but not ready")
 
     def _check_model(self, client, url: str, timeout_s: float) -> None:
+        """The slice model is ready with the registry's tensors; so is the series model if used."""
+        metadata = self._check_ready(client, url, self.spec.name, timeout_s)
+        self._check_tensors(url, metadata)
+        if self.spec.series_rule == SERIES_MODEL_RULE:
+            self._check_ready(client, url, self.spec.series_model_name, timeout_s)
+
+    def _check_ready(self, client, url: str, name: str, timeout_s: float) -> dict:
+        """Model ``name``'s metadata, once it is ready on ``url``."""
         from tritonclient.utils import InferenceServerException
 
-        name = self.spec.name
         timeout = _grpc_timeout(self.protocol, timeout_s)
         try:
             if not client.is_model_ready(name, **timeout):
@@ -567,7 +617,7 @@ class TritonClassifier:
             raise ModelNotReadyError(f"model {name!r} on {url}: {e.message()}") from e
         except OSError as e:
             raise ServerUnavailableError(f"Triton at {url}: {e}") from e
-        self._check_tensors(url, metadata)
+        return metadata
 
     def _check_tensors(self, url: str, metadata: dict) -> None:
         size = self.spec.input_size

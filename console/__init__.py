@@ -92,6 +92,11 @@ DEFAULTS = {
     # the two equal; re-measured whenever the weights change). A GPU server sets
     # mobilenet_v2 (the TensorRT plan) instead.
     "MODEL_NAME": "mobilenet_v2_openvino_int8",
+    # How a series is decided (client.series.decide_series): empty for the rule chosen by
+    # nested cross-validation and recorded with the weights; a site that validated another
+    # of the model's recorded rules on its own series (neighbour_pair, max_slice,
+    # series_model) may set it. series_model needs <base>_series on the Triton server.
+    "SERIES_RULE": "",
     # Queue worker: slices per predict call, idle poll, backoff while Triton is down.
     "BATCH_SIZE": 16,
     # Threads that decode and preprocess a batch (while Triton computes the one before).
@@ -216,7 +221,7 @@ def _resolve_paths(app: Flask) -> None:
         )
     if config["TRITON_PROTOCOL"] not in PROTOCOLS:
         raise ValueError(f"HEMOTRIAGE_TRITON_PROTOCOL must be one of {PROTOCOLS}")
-    get_model(config["MODEL_NAME"])
+    get_model(config["MODEL_NAME"], config["SERIES_RULE"])
     config["SHADOW_MODE"] = parse_shadow_mode(config["SHADOW_MODE"])
     storage_dir = Path(config["STORAGE_DIR"] or app.instance_path)
     storage_dir.mkdir(parents=True, exist_ok=True)

@@ -385,8 +385,22 @@ ALTER TABLE slices ADD COLUMN handoff_ms REAL;
 ALTER TABLE slices ADD COLUMN inferred_at REAL
 """
 
+
+def _refined_probabilities(db: Connection) -> None:
+    """Version 4: each slice's probability as the series model refined it, for the study page."""
+    for statement in _statements(
+        "ALTER TABLE slices ADD COLUMN refined_probability REAL", db.engine
+    ):
+        db.execute(statement)
+
+
 #: Schema steps in order: a database at version ``n`` has run the first ``n``.
-_MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_baseline, _claim_owners, _stage_times)
+_MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _baseline,
+    _claim_owners,
+    _stage_times,
+    _refined_probabilities,
+)
 #: The version :func:`init_db` brings every database to.
 SCHEMA_VERSION = len(_MIGRATIONS)
 

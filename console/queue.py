@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 
 from client.registry import ModelSpec
-from client.series import decide_series, early_flag
+from client.series import SeriesRefiner, decide_series, early_flag
 from console.db import Connection, Row
 
 #: Study states that mean "a person still has to look at the result".
@@ -247,15 +247,19 @@ def ordered_slices(db: Connection, study_id: int) -> list[Row]:
     return sorted(rows, key=_anatomical_key)
 
 
-def refresh_study(db: Connection, study_id: int, spec: ModelSpec) -> StudyChange:
+def refresh_study(
+    db: Connection, study_id: int, spec: ModelSpec, refiner: SeriesRefiner | None = None
+) -> StudyChange:
     """Recompute a study's status, score and key slice from its slices.
 
     Unfinished slices make it ``queued`` (none started) or ``processing``,
     unless the slices classified so far already flag it for good
     (:func:`client.series.early_flag`: a long series alerts before its last
     slice). Once every slice is done, :func:`client.series.decide_series`
-    decides on the classified ones (the same decision as the command line); a
-    study with no classified slice is ``failed``. An acknowledged study stays
+    decides on the classified ones (the same decision as the command line),
+    through ``refiner`` (the worker's classifier) where the model's rule is its
+    series model, whose refined slice probabilities are kept for the study page;
+    a study with no classified slice is ``failed``. An acknowledged study stays
     acknowledged.
 
     A flag is never downgraded by a later result (more slices, a re-decision):
@@ -290,8 +294,13 @@ def refresh_study(db: Connection, study_id: int, spec: ModelSpec) -> StudyChange
         if not scored:
             status = "failed"
         else:
-            decision = decide_series(spec, probabilities, head_fractions)
+            decision = decide_series(spec, probabilities, head_fractions, refiner)
             score, threshold = decision.score, decision.threshold
+            refined = decision.refined or (None,) * len(scored)
+            db.executemany(
+                "UPDATE slices SET refined_probability = ? WHERE id = ?",
+                [(r, s["id"]) for r, s in zip(refined, scored, strict=True)],
+            )
             key_slice_id = scored[decision.key_index]["id"]
             status = "flagged" if decision.flagged else "negative"
             if status == "flagged":

@@ -92,7 +92,7 @@ class Services:
         broker = EventBroker(alerts=not shadow_mode, database=database)
         metrics = ConsoleMetrics(database)
         services = cls(
-            spec=get_model(config["MODEL_NAME"]),
+            spec=get_model(config["MODEL_NAME"], config["SERIES_RULE"]),
             storage_dir=Path(config["STORAGE_DIR"]),
             database=database,
             limits=IngestLimits(

@@ -45,7 +45,7 @@ _PUBLIC_COLUMNS = (
 )
 #: What the model said about a study, blanked when results are hidden (shadow mode).
 _RESULT_COLUMNS = ("score", "threshold", "key_slice_id", "flagged_at", "flag_score")
-_SLICE_RESULT_COLUMNS = ("probability", "head_fraction")
+_SLICE_RESULT_COLUMNS = ("probability", "refined_probability", "head_fraction")
 _SLICE_COLUMNS = (
     "id",
     "filename",
@@ -54,6 +54,7 @@ _SLICE_COLUMNS = (
     "slice_position_mm",
     "status",
     "probability",
+    "refined_probability",
     "head_fraction",
     "error",
     "attempts",
@@ -153,8 +154,9 @@ def study_detail(
     DICOM series, with their delivery state (pending, sent, failed), attempts and
     the last error.
 
-    ``strip`` lists the slices skull base to vertex with their probabilities,
-    for the study page's probability strip along the series.
+    ``strip`` lists the slices skull base to vertex with their probabilities
+    (and, where the series model decided, their refined probabilities), for the
+    study page's probability strip along the series.
 
     Raises:
         StudyNotFoundError: no such study.
@@ -169,7 +171,7 @@ def study_detail(
     out = study_json(study, rule, time.time(), counts, show_results=show_results)
     out["slice_list"] = sorted(slices, key=lambda s: s["id"] != out["key_slice_id"])
     out["strip"] = [
-        {"id": s["id"], "filename": s["filename"], "probability": s["probability"]} for s in slices
+        {k: s[k] for k in ("id", "filename", "probability", "refined_probability")} for s in slices
     ]
     out["results"] = delivery(db, study_id)
     return out

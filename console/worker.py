@@ -89,6 +89,7 @@ class WorkerSettings:
     lease_s: float
     lease_check_s: float
     node_id: str = ""
+    series_rule: str = ""
 
     @classmethod
     def from_config(cls, config: dict) -> WorkerSettings:
@@ -111,6 +112,7 @@ class WorkerSettings:
             lease_s=float(config["CLAIM_LEASE_S"]),
             lease_check_s=float(config["LEASE_CHECK_S"]),
             node_id=str(config["NODE_ID"]),
+            series_rule=str(config["SERIES_RULE"] or ""),
         )
 
 
@@ -122,7 +124,7 @@ def build_classifier(settings: WorkerSettings) -> Classifier:
         UnknownModelError: ``model_name`` is not registered.
         ValueError: an unknown classifier kind.
     """
-    spec = get_model(settings.model_name)
+    spec = get_model(settings.model_name, settings.series_rule)
     if settings.classifier == "triton":
         from client.triton_client import TritonClassifier
 
@@ -191,7 +193,7 @@ class QueueWorker:
         classifier_factory: Callable[[WorkerSettings], Classifier] = build_classifier,
     ):
         self.settings = settings
-        self.spec: ModelSpec = get_model(settings.model_name)
+        self.spec: ModelSpec = get_model(settings.model_name, settings.series_rule)
         self.state = WorkerState()
         self._broker = broker
         self._metrics = metrics
@@ -260,7 +262,9 @@ class QueueWorker:
                 claimed_before=now if only_node else now - self.settings.lease_s,
                 node=self.settings.node_id if starting else None,
             )
-            changes = [queue.refresh_study(db, sid, self.spec) for sid in failed_studies]
+            changes = [
+                queue.refresh_study(db, sid, self.spec, self._classifier) for sid in failed_studies
+            ]
         if requeued or failed_studies:
             logger.warning(
                 "took back unfinished claims: %d slices re-queued, %d studies with failed slices",
@@ -385,7 +389,7 @@ class QueueWorker:
             "prepared_at": batch.prepared_at,
             "inferred_at": time.time(),
         }
-        self._commit(batch, probabilities, inference_ms, times)
+        self._commit(classifier, batch, probabilities, inference_ms, times)
         return len(batch.rows)
 
     def _give_back(self, rows, error: BaseException, refund: bool, role: str = "classify") -> None:
@@ -409,7 +413,7 @@ class QueueWorker:
                 queue.release(db, retry, refund=refund, claim_token=rows[0]["claim_token"])
                 failed = self._finish_failed(db, give_up)
                 changes = [
-                    queue.refresh_study(db, sid, self.spec)
+                    queue.refresh_study(db, sid, self.spec, self._classifier)
                     for sid in sorted({r["study_id"] for r, _ in give_up})
                 ]
         except Exception:
@@ -464,8 +468,18 @@ class QueueWorker:
             return f"could not read the stored file: {e}"
         return tensor, head_fraction(view), ((decoded - start) * 1000, (done - decoded) * 1000)
 
-    def _commit(self, batch: PreparedBatch, probabilities, inference_ms: float, times: dict):
+    def _commit(
+        self,
+        classifier: Classifier,
+        batch: PreparedBatch,
+        probabilities,
+        inference_ms: float,
+        times: dict,
+    ):
         """Record the batch's results in one transaction, then tell the screens.
+
+        ``classifier`` runs the series model of a finished study whose model decides
+        series with one (:func:`client.series.decide_series`).
 
         A non-finite probability (a broken model or input) fails its slice: it
         must never count as a negative. ``times`` holds the batch's
@@ -500,7 +514,7 @@ class QueueWorker:
                     self._metrics.stage_seconds.labels(stage).observe(ms / 1000)
             failed_count = self._finish_failed(db, failed)
             changes = [
-                queue.refresh_study(db, sid, self.spec)
+                queue.refresh_study(db, sid, self.spec, classifier)
                 for sid in sorted({r["study_id"] for r in rows})
             ]
         if classified + failed_count < len(rows):

@@ -3,10 +3,12 @@
 The pytriton-bundled tritonserver carries only the python backend, so the
 embedded CPU server runs every model through this one file: each model's
 ``1/model.py`` is a relative symlink to it (the backend loads the link target
-in place). It holds no preprocessing: the input is the uint8 (N, 3, S, S) model
-input that ``client.preprocess`` produced, the graph starts with the
-normalization and ends in a softmax, so the output is (N, 2) probabilities.
-The input dtype is whatever the config and graph declare; nothing here depends on it.
+in place). It holds no preprocessing: a slice model's input is the uint8
+(N, 3, S, S) model input that ``client.preprocess`` produced, the graph starts
+with the normalization and ends in a softmax, so the output is (N, 2)
+probabilities. A series model (``<base>_series``, ``max_batch_size: 0``) takes
+one series' (1, T, F) features and returns every output its config lists. The
+input dtype is whatever the config and graph declare; nothing here depends on it.
 
 The config's parameters choose the runtime and its threading, so tensor names,
 batching and thread count have one home whichever runtime runs the graph:
@@ -19,9 +21,10 @@ batching and thread count have one home whichever runtime runs the graph:
   bf16 is asked for only where the CPU plugin lists BF16 among its
   ``OPTIMIZATION_CAPABILITIES``; elsewhere the model runs in f32 and the log says so.
 
-Triton's dynamic batcher hands ``execute`` several requests at once; they are
-concatenated into one inference and split back, which is where batching
-pays off. Tensor names come from the model's config, never from code.
+Triton's dynamic batcher hands a slice model's ``execute`` several requests at
+once; they are concatenated into one inference and split back, which is where
+batching pays off. An unbatched model's requests (series of different
+lengths) run one by one. Tensor names come from the model's config, never from code.
 See https://github.com/triton-inference-server/python_backend#usage
 """
 
@@ -36,7 +39,7 @@ def _parameter(config, key, default):
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
 
 
-def _onnx_runtime(path, input_name, output_name, threads, config):
+def _onnx_runtime(path, input_name, output_names, threads, config):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -54,7 +57,9 @@ def _onnx_runtime(path, input_name, output_name, threads, config):
         raise pb_utils.TritonModelException(
             f"{path} takes {graph_inputs}, the config declares {input_name!r}"
         )
-    return lambda batch: session.run([output_name], {input_name: batch})[0]
+    return lambda batch: dict(
+        zip(output_names, session.run(output_names, {input_name: batch}), strict=True)
+    )
 
 
 def _inference_precision(requested, capabilities):
@@ -64,7 +69,7 @@ def _inference_precision(requested, capabilities):
     return "bf16" if requested == "bf16" and "BF16" in capabilities else "f32"
 
 
-def _openvino(path, input_name, output_name, threads, config):
+def _openvino(path, input_name, output_names, threads, config):
     import openvino as ov
 
     core = ov.Core()
@@ -100,7 +105,12 @@ def _openvino(path, input_name, output_name, threads, config):
         f"{compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}"
     )
     request = compiled.create_infer_request()
-    return lambda batch: request.infer({input_name: batch})[output_name]
+
+    def run(batch):
+        results = request.infer({input_name: batch})
+        return {name: results[name] for name in output_names}
+
+    return run
 
 
 _RUNTIMES = {"onnxruntime": _onnx_runtime, "openvino": _openvino}
@@ -113,7 +123,8 @@ class TritonPythonModel:
         """Open ``<model>/<version>/model.onnx`` in the configured runtime and threading."""
         config = json.loads(args["model_config"])
         self._input_name = config["input"][0]["name"]
-        self._output_name = config["output"][0]["name"]
+        self._output_names = [o["name"] for o in config["output"]]
+        self._batching = config.get("max_batch_size", 0) > 0
         runtime = _parameter(config, "runtime", "onnxruntime")
         if runtime not in _RUNTIMES:
             raise pb_utils.TritonModelException(
@@ -122,24 +133,35 @@ class TritonPythonModel:
         self._runtime = runtime
         threads = int(_parameter(config, "intra_op_thread_count", "1"))
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self._run = _RUNTIMES[runtime](path, self._input_name, self._output_name, threads, config)
+        self._run = _RUNTIMES[runtime](path, self._input_name, self._output_names, threads, config)
 
     def execute(self, requests):
-        """Run all queued requests as one batch and answer each with its own rows."""
-        batches = [
+        """Run the queued requests as one batch (unbatched models: one by one); answer each."""
+        inputs = [
             pb_utils.get_input_tensor_by_name(r, self._input_name).as_numpy() for r in requests
         ]
-        sizes = [len(b) for b in batches]
         try:
-            probabilities = self._run(np.concatenate(batches))
+            if self._batching:
+                outputs = self._run(np.concatenate(inputs))
+                bounds = np.cumsum([len(x) for x in inputs])[:-1]
+                answers = [
+                    dict(zip(outputs, rows, strict=True))
+                    for rows in zip(*(np.split(o, bounds) for o in outputs.values()), strict=True)
+                ]
+            else:
+                answers = [self._run(x) for x in inputs]
         except Exception as e:  # neither runtime raises typed errors; report each one
             error = pb_utils.TritonError(f"{self._runtime} failed: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
-        responses = []
-        for rows in np.split(probabilities, np.cumsum(sizes)[:-1]):
-            tensor = pb_utils.Tensor(self._output_name, np.ascontiguousarray(rows, np.float32))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-        return responses
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(name, np.ascontiguousarray(answer[name], np.float32))
+                    for name in self._output_names
+                ]
+            )
+            for answer in answers
+        ]
 
     def finalize(self):
         """Drop the session so its memory goes back before the stub exits."""

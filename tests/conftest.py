@@ -64,7 +64,7 @@ def real_batch(real_slice_paths: list[Path]) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def triton_server():
-    """The embedded tritonserver with the ONNX Runtime models, on free ports.
+    """The embedded tritonserver with the ONNX Runtime models and the series models, on free ports.
 
     The OpenVINO entries serve the same graphs and have their own server in
     ``tests/integration/test_triton_openvino.py``: all ten models took this server
@@ -72,9 +72,11 @@ def triton_server():
     """
     from benchmarks.stack import triton_on_free_ports
     from build_engines.serve import missing_model_files
-    from client.registry import list_models
+    from client.registry import list_models, series_model_names
 
-    server = triton_on_free_ports(tuple(s.name for s in list_models(runtime="onnxruntime")))
+    server = triton_on_free_ports(
+        (*(s.name for s in list_models(runtime="onnxruntime")), *series_model_names())
+    )
     missing = missing_model_files(server.settings)
     if missing:
         pytest.skip(

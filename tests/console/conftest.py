@@ -215,6 +215,13 @@ def api(app, token):
     return client
 
 
+def api_client_of(app, token_for):
+    """A machine client of ``app`` (another console than the test app), with an admin token."""
+    client = app.test_client(use_cookies=False)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app)}"
+    return client
+
+
 def _upload(client, files: list[tuple[str, bytes]], **form):
     data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
     return client.post("/api/scans", data=data, content_type="multipart/form-data")

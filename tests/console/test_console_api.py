@@ -10,6 +10,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from client.constants import PRIORITY_URGENT
 from client.registry import get_model
+from console.services import EXTENSION_KEY
+from tests.console.conftest import ADMIN, api_client_of
 
 
 def test_png_upload_is_stored_and_committed_before_the_response(
@@ -251,6 +253,38 @@ def test_study_page_draws_the_probability_strip_along_the_series(
     lone = upload(api, [("000.png", kaggle_png.read_bytes())]).get_json()["study_id"]
     drain(services)
     assert 'id="probability-strip"' not in logged_in.get(f"/studies/{lone}").get_data(as_text=True)
+
+
+def test_a_series_model_decides_the_study_and_the_strip_shows_its_refined_slices(
+    app_factory, storage, token_for, logged_in_as, upload, drain, cq500_series
+):
+    """A site chose the series model: the console decides by it and keeps its refined slices."""
+    from client.classify import LocalClassifier, classify_files
+    from client.series import SERIES_MODEL_RULE, decide_series
+
+    spec = get_model("resnet18", SERIES_MODEL_RULE)
+    app = app_factory(storage, MODEL_NAME=spec.name, SERIES_RULE=SERIES_MODEL_RULE)
+    api = api_client_of(app, token_for)
+    paths = cq500_series[:6]
+    study_id = upload(api, [(p.name, p.read_bytes()) for p in paths]).get_json()["study_id"]
+    drain(app.extensions[EXTENSION_KEY])
+    detail = api.get(f"/api/studies/{study_id}").get_json()
+    # The command line's decision on the same slices, by the same function.
+    local = LocalClassifier(spec)
+    results = sorted(classify_files(paths, local), key=lambda r: r.order_key)
+    expected = decide_series(
+        spec, [r.probability for r in results], [r.head_fraction for r in results], local
+    )
+    assert detail["threshold"] == spec.series_threshold
+    assert detail["score"] == pytest.approx(expected.score, abs=1e-5)
+    refined = [s["refined_probability"] for s in detail["strip"]]
+    assert refined == pytest.approx(list(expected.refined), abs=1e-5)
+    assert detail["status"] == ("flagged" if expected.flagged else "negative")
+    page = logged_in_as(*ADMIN, on=app).get(f"/studies/{study_id}").get_data(as_text=True)
+    strip = page.split('id="probability-strip"')[1].split("</figure>")[0]
+    points = strip.split('class="refined" points="')[1].split('"')[0].split()
+    assert len(points) == 6
+    assert "refined by the series model" in strip
 
 
 def test_gradcam_overlay_is_a_colour_png(logged_in, api, upload, kaggle_png, services, drain):

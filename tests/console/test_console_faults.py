@@ -24,18 +24,12 @@ from console import queue
 from console.db import begin_write, connect
 from console.services import EXTENSION_KEY
 from console.worker import QueueWorker
-from tests.console.conftest import ConsoleServer, sqlite_only, wait_for
+from tests.console.conftest import ConsoleServer, api_client_of, sqlite_only, wait_for
 from tests.console.engines import database_of
 
 
 def _statuses(db_rows) -> list[str]:
     return [r["status"] for r in db_rows("SELECT status FROM slices ORDER BY id")]
-
-
-def _api_client(app, token_for):
-    client = app.test_client(use_cookies=False)
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app)}"
-    return client
 
 
 def _stored_files(storage: Path) -> list[Path]:
@@ -81,7 +75,7 @@ def test_batch_that_fails_between_claim_and_commit_goes_back_and_finishes_once(
         storage, DATABASE_BUSY_TIMEOUT_S=0.2, CLAIM_LEASE_S=1.0, LEASE_CHECK_S=0.1, INBOX_DIR=""
     )
     services = app.extensions[EXTENSION_KEY]
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     accepted = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
     assert accepted.status_code == 201
     gated = _GatedClassifier(services.spec)
@@ -112,7 +106,7 @@ def test_expired_claim_is_taken_back_by_the_lease_timer(
 ):
     app = app_factory(storage, CLAIM_LEASE_S=0.5, LEASE_CHECK_S=0.1, INBOX_DIR="")
     services = app.extensions[EXTENSION_KEY]
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
     services.start()
     assert wait_for(lambda: set(_statuses(db_rows)) == {"classified"})
@@ -133,7 +127,7 @@ def test_slice_claimed_by_every_crashed_run_fails_after_the_cap_with_its_reason(
     app_factory, storage, token_for, upload, phantom_series, db_rows
 ):
     app = app_factory(storage, MAX_INFERENCE_ATTEMPTS=3, INBOX_DIR="")
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(2))])
     db = connect(app.config["DATABASE"])
     for _ in range(2):  # two runs that each died holding the first slice
@@ -157,7 +151,7 @@ def test_non_finite_probability_fails_the_slice_instead_of_counting_as_negative(
 ):
     app = app_factory(storage, INBOX_DIR="")
     services = app.extensions[EXTENSION_KEY]
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3))])
     broken = _BrokenModel(services.spec)
     worker = _worker(services, lambda settings: broken)
@@ -174,7 +168,7 @@ def test_upload_while_another_writer_locks_the_database_gets_503_and_stores_noth
     app_factory, storage, token_for, upload, phantom_series, db_rows
 ):
     app = app_factory(storage, DATABASE_BUSY_TIMEOUT_S=0.2, INBOX_DIR="")
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     locker = connect(app.config["DATABASE"])
     begin_write(locker)
     try:
@@ -218,7 +212,7 @@ def test_full_disk_refuses_uploads_with_507_and_loses_no_accepted_slice(
     storage = small_disk / "storage"
     app = app_factory(storage, INBOX_DIR="", BACKOFF_MAX_S=0.2)
     services = app.extensions[EXTENSION_KEY]
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
 
     def db_rows(sql: str) -> list:
         db = connect(app.config["DATABASE"])
@@ -261,7 +255,7 @@ def test_triton_killed_with_work_queued_loses_nothing_and_uses_no_attempts(
         INBOX_DIR="",
     )
     services = app.extensions[EXTENSION_KEY]
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     server = EmbeddedTriton(settings).start()
     try:
         services.start()
@@ -300,7 +294,7 @@ def test_server_error_answers_fail_the_batch_after_the_cap_and_the_queue_flows_o
         INBOX_DIR="",
     )
     services = app.extensions[EXTENSION_KEY]
-    client = _api_client(app, token_for)
+    client = api_client_of(app, token_for)
     big = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(batch, size=128))])
     small = upload(client, [(f"{i}.dcm", d) for i, d in enumerate(phantom_series(3, size=128))])
     assert big.status_code == small.status_code == 201

@@ -84,16 +84,16 @@ def test_invalid_settings_fail_at_start(tmp_path, key, value):
 def test_init_db_records_the_schema_version_and_refuses_a_newer_database(app, runner, db_rows):
     from console.db import SCHEMA_VERSION, connect, init_db
 
-    assert "(schema version 3)" in runner.invoke(args=["init-db"]).output
-    assert [r["version"] for r in db_rows("SELECT version FROM schema_version")] == [3]
-    assert SCHEMA_VERSION == 3
+    assert "(schema version 4)" in runner.invoke(args=["init-db"]).output
+    assert [r["version"] for r in db_rows("SELECT version FROM schema_version")] == [4]
+    assert SCHEMA_VERSION == 4
     db = connect(app.config["DATABASE"])
     with db:
-        db.execute("UPDATE schema_version SET version = 4")
+        db.execute("UPDATE schema_version SET version = 5")
     db.close()
-    with pytest.raises(RuntimeError, match="newer than this release's 3"):
+    with pytest.raises(RuntimeError, match="newer than this release's 4"):
         init_db(app.config["DATABASE"])
-    assert [r["version"] for r in db_rows("SELECT version FROM schema_version")] == [4]
+    assert [r["version"] for r in db_rows("SELECT version FROM schema_version")] == [5]
 
 
 @sqlite_only("SQLite's journal mode")

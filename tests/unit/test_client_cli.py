@@ -55,30 +55,27 @@ def test_classify_local_reports_bad_files_and_keeps_going(
     assert float(rows[str(good)]["probability"]) >= 0.0
 
 
-def test_classify_series_scores_the_cq500_dicom_series(data_dir: Path, tmp_path, weights_present):
+@pytest.mark.parametrize("rule", [None, "series_model"])
+def test_classify_series_scores_the_cq500_dicom_series(
+    data_dir: Path, tmp_path, weights_present, rule
+):
     series = data_dir / "cq500_ct1" / "series_thin_every8"
     out = tmp_path / "series.csv"
-    assert (
-        main(
-            [
-                "classify",
-                "--local",
-                "--model",
-                "mobilenet_v2",
-                "--series",
-                str(series),
-                "--csv",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    chosen = ["--series-rule", rule] if rule else []
+    command = ["classify", "--local", "--model", "mobilenet_v2", *chosen, "--series", str(series)]
+    assert main([*command, "--csv", str(out)]) == 0
     (row,) = list(csv.DictReader(out.open()))
     assert row["series"] == str(series)
     assert 0.0 <= float(row["score"]) <= 1.0
     assert row["key_slice"].endswith(".dcm")
     assert int(row["slices"]) >= 20  # vertex caps and blanks are not scored
     assert row["failed"] == "0"
+
+
+def test_classify_refuses_a_series_rule_the_model_has_no_threshold_for(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    assert main(["classify", "--local", "--series-rule", "mean", str(image)]) != 0
+    assert "no threshold for series rule 'mean'" in capsys.readouterr().err
 
 
 def test_classify_unknown_model_is_refused_by_the_parser():

@@ -2,13 +2,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from client.errors import UnknownModelError
 from client.registry import get_model
 from client.series import (
     EARLY_FLAG_RULES,
     MIN_HEAD_FRACTION,
+    SERIES_MODEL_FALLBACK,
+    SERIES_MODEL_RULE,
+    SERIES_RULES,
     decide_series,
     early_flag,
     rule_score,
+    series_features,
     series_score,
 )
 
@@ -106,3 +111,52 @@ def test_the_neighbour_pair_can_fall_as_slices_arrive_so_it_never_flags_early():
     assert rule_score("neighbour_pair", [0.9, 0.9], head[:2])[0] == pytest.approx(0.9)
     assert rule_score("neighbour_pair", [0.9, 0.05, 0.9], head)[0] == pytest.approx(0.05)
     assert "neighbour_pair" not in EARLY_FLAG_RULES
+
+
+#: A series whose middle slices look like a bleed, the first and last show little head.
+_BUMP = ([0.02, 0.1, 0.55, 0.8, 0.6, 0.2, 0.05], [0.05, 0.3, 0.45, 0.5, 0.45, 0.3, 0.08])
+
+
+def test_a_series_model_decides_its_series_and_refines_every_slice():
+    from client.classify import LocalSeriesModel
+
+    spec = get_model("resnet18", series_rule=SERIES_MODEL_RULE)
+    assert spec.series_threshold == spec.series_thresholds[SERIES_MODEL_RULE]
+    p, head = _BUMP
+    series_model = LocalSeriesModel(spec)
+    refined, probability = series_model.refine_series(series_features(p, head))
+    decision = decide_series(spec, p, head, series_model)
+    assert (decision.method, decision.threshold) == (SERIES_MODEL_RULE, spec.series_threshold)
+    assert decision.score == pytest.approx(probability)
+    assert decision.flagged == (probability >= spec.series_threshold)
+    assert decision.refined == pytest.approx(list(refined))
+    assert len(decision.refined) == len(p)
+    # The key slice is the most suspicious refined slice among those that show enough head.
+    shown = [i for i, h in enumerate(head) if h >= MIN_HEAD_FRACTION]
+    assert decision.key_index == max(shown, key=lambda i: refined[i])
+    # A lone image is still the slice model's call.
+    assert decide_series(spec, [p[3]], [head[3]], series_model).method == "single_slice"
+    # The series model reads the whole series: it never flags one early.
+    assert early_flag(spec, p[:4], head[:4]) is None
+
+
+def test_without_its_series_model_a_series_is_decided_at_the_slice_threshold():
+    """The series model's server is away: a false alarm rather than a missed bleed."""
+    spec = get_model("resnet18", series_rule=SERIES_MODEL_RULE)
+    p, head = _BUMP
+    decision = decide_series(spec, p, head, refiner=None)
+    assert (decision.method, decision.threshold) == (SERIES_MODEL_FALLBACK, spec.threshold)
+    assert (decision.score, decision.key_index) == rule_score("max_slice", p, head)
+    assert decision.refined is None
+
+
+def test_a_site_may_choose_any_recorded_series_rule_at_its_own_threshold():
+    default = get_model("mobilenet_v2")
+    assert set(default.series_thresholds) == {*SERIES_RULES, SERIES_MODEL_RULE}
+    assert default.series_threshold == default.series_thresholds[default.series_rule]
+    for rule, threshold in default.series_thresholds.items():
+        chosen = get_model("mobilenet_v2", series_rule=rule)
+        assert (chosen.series_rule, chosen.series_threshold) == (rule, threshold)
+        assert (chosen.name, chosen.threshold) == (default.name, default.threshold)
+    with pytest.raises(UnknownModelError, match="no threshold for series rule 'mean'"):
+        get_model("mobilenet_v2", series_rule="mean")

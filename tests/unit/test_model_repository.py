@@ -11,8 +11,16 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from build_engines.tensorrt import plan_filename
-from client.constants import INPUT_NAME, MODEL_REPOSITORY, OUTPUT_NAME
-from client.registry import get_model, list_models
+from client.constants import (
+    INPUT_NAME,
+    MODEL_REPOSITORY,
+    OUTPUT_NAME,
+    SERIES_INPUT_NAME,
+    SERIES_OUTPUT_NAME,
+    SERIES_SLICE_OUTPUT_NAME,
+)
+from client.registry import get_model, list_models, series_model_names
+from client.series import series_features
 
 SPECS = list_models()
 SHARED_MODEL = MODEL_REPOSITORY / "onnx_runtime_model.py"
@@ -46,6 +54,27 @@ def test_config_matches_registry(spec, config_name):
     assert 0 < batching.max_queue_delay_microseconds <= 10_000
     assert config.instance_group
     assert config.model_warmup
+
+
+@pytest.mark.parametrize("config_name", ["config.pbtxt", "configs/cpu.pbtxt"])
+@pytest.mark.parametrize("name", series_model_names())
+def test_series_model_configs_take_one_series_of_any_length(name, config_name):
+    folder = MODEL_REPOSITORY / name
+    config = _parse(folder / config_name)
+    assert config.name == name
+    assert config.max_batch_size == 0  # series differ in length: one series per request
+    [tensor_in] = config.input
+    features = series_features([0.5, 0.5], [0.3, 0.3]).shape[1]
+    assert (tensor_in.name, list(tensor_in.dims)) == (SERIES_INPUT_NAME, [1, -1, features])
+    assert {(t.name, tuple(t.dims)) for t in config.output} == {
+        (SERIES_SLICE_OUTPUT_NAME, (1, -1)),
+        (SERIES_OUTPUT_NAME, (1,)),
+    }
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    link = folder / "1" / "model.py"
+    assert link.is_symlink() and link.resolve() == SHARED_MODEL.resolve()
+    backend = "python" if config_name.startswith("configs/") else "onnxruntime"
+    assert config.backend == backend
 
 
 @pytest.mark.parametrize("spec", list_models(runtime="onnxruntime"), ids=lambda s: s.name)
