@@ -22,8 +22,9 @@ from benchmarks.bench_triton import measure_cell, real_batch
 from benchmarks.report import Column, text_header, text_row
 from benchmarks.stack import triton_on_free_ports
 from build_engines.data import data_dir_from_env
+from build_engines.serve import with_series_models
 from client.constants import MODEL_REPOSITORY
-from client.registry import get_model, list_models
+from client.registry import get_model, list_models, series_model_names
 from client.triton_client import TritonClassifier
 
 SHARED_MODEL = "onnx_runtime_model.py"
@@ -43,8 +44,11 @@ def delayed_repository(root: Path, models: list[str], delay_us: int) -> Path:
     repo = root / f"delay_{delay_us}"
     repo.mkdir(parents=True)
     shutil.copy(MODEL_REPOSITORY / SHARED_MODEL, repo)
-    for name in models:
+    for name in with_series_models(tuple(models)):
         source, target = MODEL_REPOSITORY / name, repo / name
+        if name in series_model_names():  # unbatched: no delay to set, served as it is
+            target.symlink_to(source)
+            continue
         (target / "configs").mkdir(parents=True)
         (target / "1").mkdir()
         shutil.copy(source / "labels.txt", target)
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for delay_us in args.delay_us:
             repo = delayed_repository(Path(tmp), args.model, delay_us)
-            with triton_on_free_ports(tuple(args.model), repo) as server:
+            with triton_on_free_ports(with_series_models(tuple(args.model)), repo) as server:
                 for name in args.model:
                     spec = get_model(name)
                     slices = real_batch(spec, args.data_dir)

@@ -55,8 +55,13 @@ def triton_on_free_ports(
 ) -> EmbeddedTriton:
     """The embedded Triton (not started) for ``models`` (default all) on three free ports.
 
+    From the model repository, with the series models their rules decide with
+    (:func:`with_series_models`), so a client of each model finds everything it
+    needs; a ``repository`` of the caller's serves ``models`` as given.
     ``HEMOTRIAGE_*`` variables set the rest (:meth:`ServeSettings.from_env`).
     """
+    if models and repository is None:
+        models = with_series_models(models)
     settings = ServeSettings.from_env(models=models, repository=repository)
     return EmbeddedTriton(settings.with_free_ports())
 
@@ -277,7 +282,7 @@ class ConsoleStack:
     def _start(self) -> None:
         s = self.settings
         root = Path(self._exit.enter_context(tempfile.TemporaryDirectory(prefix="hemotriage-")))
-        triton = self._exit.enter_context(triton_on_free_ports(with_series_models(s.models)))
+        triton = self._exit.enter_context(triton_on_free_ports(s.models))
         self.triton_grpc_url = triton.grpc_url
         console = ConsoleServer(
             root / "storage",

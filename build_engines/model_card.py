@@ -185,7 +185,7 @@ def _served_weights_limits(reports: dict[str, dict]) -> list[str]:
         if not variants or not series:
             continue
         served = next(row for row in variants["rows"] if row["model"] == name)
-        nested = series["scores"][series["served"]["rule"]]["nested"]
+        nested = series["scores"][_served_score(series)]["nested"]
         unseen = nested["recall"]["value"], nested["specificity"]["value"]
         if served["series_sensitivity"] < unseen[0] or served["series_specificity"] < unseen[1]:
             lines.append(
@@ -221,7 +221,7 @@ def _targets(reports: dict[str, dict]) -> list[str]:
         auc = report["pooled"]["roc_auc"]["value"]
         series = _read_json(REPORTS_DIR / name / "series.json")
         if series:
-            block = series["scores"][series.get("served", {}).get("rule", "neighbour_pair")]
+            block = series["scores"][_served_score(series)]
             series_auc = block["roc_auc"]["value"]
             specificity = block["specificity_at_sensitivity_0.9375"]["value"]
         else:
@@ -240,16 +240,22 @@ def _targets(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _served_score(series: dict) -> str:
+    """The name of the served score in ``series.json`` (a series-model design, or a rule)."""
+    served = series.get("served", {})
+    return served.get("score", served.get("rule", "neighbour_pair"))
+
+
 def _served_series(name: str, report: dict) -> str:
     """The series rule and threshold the console serves (series.json, else the training's)."""
     series = _read_json(REPORTS_DIR / name / "series.json")
     if series and "served" in series:
         served = series["served"]
-        rule = served["rule"]
-        if rule == SERIES_MODEL_RULE:
-            rule += f"** (its {served['score']} series model, `{name}_series` in Triton)**"
+        rule = f"**{served['rule']}**"
+        if served["rule"] == SERIES_MODEL_RULE:
+            rule += f" (its {served['score']} series model, `{name}_series` in Triton)"
         return (
-            f"series rule **{rule}** at threshold **{served['threshold']:.4f}**"
+            f"series rule {rule} at threshold **{served['threshold']:.4f}**"
             f" (chosen by nested cross-validation below; highest threshold with ct_ich_dev"
             f" out-of-fold series sensitivity >= {series['target_sensitivity']})."
             f" {_early_flag(served['rule'])}{_fallback(served)}"
@@ -468,24 +474,28 @@ def _servable_rules(name: str, report: dict) -> list[str]:
     model = report["series_model"]
     cells = []
     for rule, threshold in report["thresholds"].items():
-        label = f"{rule} ({model['design']})" if rule == SERIES_MODEL_RULE else rule
-        cq500 = held_out.get(rule)
+        score = model["design"] if rule == SERIES_MODEL_RULE else rule
+        label = f"{rule} ({score})" if rule == SERIES_MODEL_RULE else rule
+        cq500 = held_out.get(score)
         verdict = (
             f"; CQ500 bleed {cq500['score']:.3f}, {'flagged' if cq500['flagged'] else 'missed'}"
             if cq500
             else ""
         )
         cells.append(f"{label} at {threshold:.4f}{verdict}")
-    lines = [
+    rules = (
         "\nServable rules, each at its recorded threshold, and the held-out CQ500 bleed with"
-        " the final weights: " + "; ".join(cells) + "."
+        f" the final weights: {'; '.join(cells)}.{_other_designs(report)}"
+    )
+    choice = (
         f" The series model (`{name}_series` in Triton, ONNX with any series length) is the"
         f" {model['design']} design retrained on every series, the mean of {model['members']}"
         f" seeds. The default is **{served['rule']}**: {_why_default(served, held_out)}"
         " A site that validated another rule on its own series may choose it"
         " (`HEMOTRIAGE_SERIES_RULE`, `classify --series-rule`)."
-    ]
-    if report["best"] not in SERIES_RULES and report["best"] != model["design"]:
+    )
+    lines = [rules + choice]
+    if report["variants"].get(report["best"], {}).get("embeddings"):
         lines.append(
             f"\nThe best score here, {report['best']}, reads slice embeddings, which the"
             " served slice graphs do not output."
@@ -493,10 +503,28 @@ def _servable_rules(name: str, report: dict) -> list[str]:
     return lines
 
 
+def _other_designs(report: dict) -> str:
+    """The CQ500 scores of the series-model designs not committed (they decide which is)."""
+    held_out, design = report.get("held_out_bleed", {}), report["series_model"]["design"]
+    others = [
+        f"{name} {held_out[name]['score']:.3f}"
+        f" ({'flagged' if held_out[name]['flagged'] else 'missed'})"
+        for name in held_out
+        if name not in SERIES_RULES and name != design
+    ]
+    if not others:
+        return ""
+    return (
+        " The other servable series-model designs, retrained on every series, on the same"
+        f" bleed at their own thresholds: {', '.join(others)}; the committed one is the"
+        " best-ranked that flags it."
+    )
+
+
 def _why_default(served: dict, held_out: dict) -> str:
     if not held_out:
         return "the best-ranked rule above (the CQ500 series was not there to check)."
-    if not held_out[served["rule"]]["flagged"]:
+    if not held_out[served["score"]]["flagged"]:
         return "the best-ranked rule above; no rule flags the CQ500 bleed."
     return (
         "the best-ranked rule above that flags the CQ500 bleed (39 series of one hospital"

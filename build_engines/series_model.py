@@ -61,11 +61,12 @@ class SeriesVariant:
     series_weight: float = 2.0
     seed: int = 0
     members: int = 1
+    pooled: bool = True
 
     @property
     def name(self) -> str:
         """Short label for tables: ``gru+emb`` or ``tcn``."""
-        return self.kind + ("+emb" if self.embeddings else "")
+        return self.kind + ("+emb" if self.embeddings else "") + ("" if self.pooled else "-max")
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _fit(series: list[Series], variant: SeriesVariant) -> SeriesNet:
     torch.manual_seed(variant.seed)
     rng = np.random.default_rng(variant.seed)
     n_features = series[0].features(None, variant.embeddings).shape[1]
-    model = SeriesNet(n_features, variant.kind, variant.hidden)
+    model = SeriesNet(n_features, variant.kind, variant.hidden, pooled=variant.pooled)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=variant.lr, weight_decay=variant.weight_decay
     )

@@ -251,9 +251,9 @@ def with_series_models(names: tuple[str, ...]) -> tuple[str, ...]:
     The rule is each model's default, or ``HEMOTRIAGE_SERIES_RULE`` as the console reads it.
     """
     chosen = os.environ.get(f"{ENV_PREFIX}SERIES_RULE") or None
-    needed = (get_model(n, chosen) for n in names)
-    series = (s.series_model_name for s in needed if s.series_rule == SERIES_MODEL_RULE)
-    return tuple(dict.fromkeys((*names, *series)))
+    slice_models = (get_model(n, chosen) for n in names if n not in series_model_names())
+    needed = (s.series_model_name for s in slice_models if s.series_rule == SERIES_MODEL_RULE)
+    return tuple(dict.fromkeys((*names, *needed)))
 
 
 def missing_model_files(settings: ServeSettings) -> list[Path]:

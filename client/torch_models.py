@@ -84,13 +84,18 @@ class SeriesNet(torch.nn.Module):
     the slice logit first. A bidirectional GRU or a dilated temporal convolution
     (``kind``) gives each slice its neighbours' context; the refined slice logit
     is the slice model's logit plus a learned correction, and the series logit is
-    the highest refined slice logit plus a learned correction from the pooled
-    context. Both corrections start at zero, so an untrained series model is
-    the slice model with a maximum over slices.
+    the highest refined slice logit, plus (``pooled``) a learned correction from
+    the context pooled over the whole series. Both corrections start at zero, so
+    an untrained series model is the slice model with a maximum over slices.
     """
 
     def __init__(
-        self, n_features: int, kind: str = "gru", hidden: int = 32, dropout: float = 0.2
+        self,
+        n_features: int,
+        kind: str = "gru",
+        hidden: int = 32,
+        dropout: float = 0.2,
+        pooled: bool = True,
     ) -> None:
         super().__init__()
         if kind not in ("gru", "tcn"):
@@ -109,10 +114,11 @@ class SeriesNet(torch.nn.Module):
                 torch.nn.GELU(),
             )
         self.slice_head = torch.nn.Linear(2 * hidden, 1)
-        self.series_head = torch.nn.Linear(4 * hidden, 1)
+        self.series_head = torch.nn.Linear(4 * hidden, 1) if pooled else None
         for head in (self.slice_head, self.series_head):
-            torch.nn.init.zeros_(head.weight)
-            torch.nn.init.zeros_(head.bias)
+            if head is not None:
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
 
     def forward(
         self, features: torch.Tensor, lengths: torch.Tensor | None = None
@@ -152,6 +158,8 @@ class SeriesNet(torch.nn.Module):
                 dim=-1,
             )
             top = slice_logits.masked_fill(~mask, -1e4).amax(1)
+        if self.series_head is None:
+            return slice_logits, top
         return slice_logits, top + self.series_head(pooled).squeeze(-1)
 
 
@@ -179,7 +187,9 @@ def build_series_ensemble(facts: dict) -> SeriesEnsemble:
     """An untrained ensemble shaped as the sidecar's ``series_model`` facts describe."""
     return SeriesEnsemble(
         [
-            SeriesNet(facts["features"], facts["kind"], facts["hidden"])
+            SeriesNet(
+                facts["features"], facts["kind"], facts["hidden"], pooled=facts.get("pooled", True)
+            )
             for _ in range(facts["members"])
         ]
     ).eval()

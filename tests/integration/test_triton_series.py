@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.stack import triton_on_free_ports
+from build_engines.serve import EmbeddedTriton, ServeSettings
 from client.classify import LocalClassifier, LocalSeriesModel, classify_series
 from client.errors import ModelNotReadyError
 from client.registry import get_model
@@ -57,7 +57,7 @@ def test_a_series_is_decided_alike_in_process_and_served(triton_server, data_dir
 def test_a_server_without_the_series_model_is_not_ready_for_a_site_that_chose_it():
     """The console must not start deciding series without the model that decides them."""
     with (
-        triton_on_free_ports(("resnet18",)) as server,
+        EmbeddedTriton(ServeSettings(models=("resnet18",)).with_free_ports()) as server,
         pytest.raises(ModelNotReadyError, match="resnet18_series"),
     ):
         TritonClassifier(get_model("resnet18", SERIES_MODEL_RULE), server.http_url, retries=0)
