@@ -69,11 +69,12 @@ _STATIC_LIMITS = """
   re-check sensitivity on its own series before relying on the ordering.
 - No patient or hospital outside `../shared` was available: generalization to
   other scanners is untested here.
-- The served series rule is the better of two (maximum slice, neighbour pair)
-  on the same nested cross-validation that reports it: a little optimistic with
-  16 bleeding series. MobileNetV2's last retraining changed the augmentation
-  (head size and shape, JPEG, contrast) and the training length together; their
-  separate effects were not measured.
+- The served series rule is the best-ranked of the servable ones (maximum slice,
+  neighbour pair, a series model) that flags the held-out CQ500 bleed, on the same
+  nested cross-validation that reports it: a little optimistic with 16 bleeding
+  series, and the CQ500 check is a single series. MobileNetV2's last retraining
+  changed the augmentation (head size and shape, JPEG, contrast) and the training
+  length together; their separate effects were not measured.
 """
 
 
