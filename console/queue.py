@@ -296,11 +296,15 @@ def refresh_study(
         else:
             decision = decide_series(spec, probabilities, head_fractions, refiner)
             score, threshold = decision.score, decision.threshold
-            refined = decision.refined or (None,) * len(scored)
-            db.executemany(
-                "UPDATE slices SET refined_probability = ? WHERE id = ?",
-                [(r, s["id"]) for r, s in zip(refined, scored, strict=True)],
-            )
+            if any(s["refined_probability"] is not None for s in scored):
+                db.execute(  # an earlier decision's line, if the rule or its outcome changed
+                    "UPDATE slices SET refined_probability = NULL WHERE study_id = ?", (study_id,)
+                )
+            if decision.refined is not None:  # only the series model writes per slice
+                db.executemany(
+                    "UPDATE slices SET refined_probability = ? WHERE id = ?",
+                    [(r, s["id"]) for r, s in zip(decision.refined, scored, strict=True)],
+                )
             key_slice_id = scored[decision.key_index]["id"]
             status = "flagged" if decision.flagged else "negative"
             if status == "flagged":
