@@ -16,17 +16,31 @@ A study's status follows from its slices (:func:`refresh_study`).
         begin_write(db)
         finish(db, row["id"], 0.93, 0.4, timings, claim_token=row["claim_token"])
         refresh_study(db, row["study_id"], spec)
+
+A model that decides series with its series model asks Triton for it: do that
+before the write transaction (:func:`prefetch_series`), never inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+from client.errors import HemoTriageError
 from client.registry import ModelSpec
-from client.series import SeriesRefiner, decide_series, early_flag
+from client.series import (
+    SERIES_MODEL_RULE,
+    SeriesRefiner,
+    decide_series,
+    early_flag,
+    series_features,
+)
 from console.db import Connection, Row
 
 #: Study states that mean "a person still has to look at the result".
@@ -83,11 +97,7 @@ def requeue_claims(
     Returns:
         How many slices went back to the queue, and the studies whose slices failed.
     """
-    stale = db.execute(
-        "SELECT id, study_id, attempts FROM slices WHERE status = 'processing' AND "
-        "(started_at <= ? OR COALESCE(claimed_by, ?) = ?)",
-        (claimed_before, node, node),
-    ).fetchall()
+    stale = expired_claims(db, claimed_before, node)
     out_of_attempts = [r for r in stale if r["attempts"] >= max_attempts]
     for row in out_of_attempts:
         fail(
@@ -98,6 +108,15 @@ def requeue_claims(
         )
     release(db, [r["id"] for r in stale if r["attempts"] < max_attempts])
     return len(stale) - len(out_of_attempts), sorted({r["study_id"] for r in out_of_attempts})
+
+
+def expired_claims(db: Connection, claimed_before: float, node: str | None = None) -> list[Row]:
+    """The claims :func:`requeue_claims` would take back: each slice's id, study and attempts."""
+    return db.execute(
+        "SELECT id, study_id, attempts FROM slices WHERE status = 'processing' AND "
+        "(started_at <= ? OR COALESCE(claimed_by, ?) = ?)",
+        (claimed_before, node, node),
+    ).fetchall()
 
 
 def has_queued(db: Connection) -> bool:
@@ -342,6 +361,81 @@ def refresh_study(
     )
     newly_flagged = status == "flagged" and study["flagged_at"] is None
     return StudyChange(study_id, study["status"], status, newly_flagged)
+
+
+class PrefetchedSeries:
+    """A series refiner whose answers were fetched before the write transaction.
+
+    The series model is a call to Triton, retried while the server is down
+    (seconds). Made inside the commit, it would hold the database's write lock
+    that long: on SQLite every upload and claim would wait for it. The answer
+    (or the error, so that a fallback inside is immediate) is kept per series
+    features; features that changed in between (another batch finished a slice
+    of the study) are asked for inside after all, so a decision always reads
+    the committed slices.
+    """
+
+    def __init__(self, refiner: SeriesRefiner) -> None:
+        self._refiner = refiner
+        self._answers: dict[tuple, tuple[np.ndarray, float] | HemoTriageError] = {}
+
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """The series model's answer for ``features``, asked once."""
+        key = (features.shape, features.tobytes())
+        if key not in self._answers:
+            try:
+                self._answers[key] = self._refiner.refine_series(features)
+            except HemoTriageError as e:
+                self._answers[key] = e
+        answer = self._answers[key]
+        if isinstance(answer, HemoTriageError):
+            raise answer
+        return answer
+
+
+def prefetch_series(
+    db: Connection,
+    spec: ModelSpec,
+    refiner: SeriesRefiner | None,
+    study_ids: Iterable[int],
+    outcomes: Mapping[int, tuple[float, float] | None],
+) -> SeriesRefiner | None:
+    """Ask the series model, outside any transaction, about the studies these outcomes finish.
+
+    Args:
+        db: Connection with no transaction open (the slices are read in their own).
+        spec: The model; other rules than :data:`client.series.SERIES_MODEL_RULE`
+            need no series model, and ``refiner`` comes back as it is.
+        refiner: The worker's classifier, or None.
+        study_ids: Studies the coming transaction will refresh.
+        outcomes: Slice id to the (probability, head fraction) about to be
+            recorded, or None for a slice about to fail.
+
+    Returns:
+        The refiner to pass to :func:`refresh_study` inside the transaction.
+    """
+    if refiner is None or spec.series_rule != SERIES_MODEL_RULE:
+        return refiner
+    prefetched = PrefetchedSeries(refiner)
+    for study_id in study_ids:
+        with db:
+            slices = ordered_slices(db, study_id)
+        classified = []
+        for s in slices:
+            if s["id"] in outcomes:
+                if outcomes[s["id"]] is not None:
+                    classified.append(outcomes[s["id"]])
+            elif s["status"] in ("queued", "processing"):
+                break  # not finished by this transaction: nothing to decide yet
+            elif s["status"] == "classified":
+                classified.append((s["probability"], s["head_fraction"]))
+        else:
+            if len(classified) > 1:  # a lone image keeps its slice probability
+                probabilities, head_fractions = zip(*classified, strict=True)
+                features = series_features(probabilities, head_fractions)
+                with contextlib.suppress(HemoTriageError):  # kept: refresh_study falls back
+                    prefetched.refine_series(features)
+    return prefetched
 
 
 def reopen(db: Connection, study_id: int) -> None:

@@ -254,17 +254,27 @@ class QueueWorker:
         db = self._connection("classify")
         now = time.time()
         only_node = starting and db.engine == "sqlite"
+        claimed_before = now if only_node else now - self.settings.lease_s
+        node = self.settings.node_id if starting else None
+        with db:
+            to_fail = [
+                r
+                for r in queue.expired_claims(db, claimed_before, node)
+                if r["attempts"] >= self.settings.max_attempts
+            ]
+        refiner = queue.prefetch_series(
+            db,
+            self.spec,
+            self._classifier,
+            sorted({r["study_id"] for r in to_fail}),
+            {r["id"]: None for r in to_fail},
+        )
         with db:
             begin_write(db)
             requeued, failed_studies = queue.requeue_claims(
-                db,
-                self.settings.max_attempts,
-                claimed_before=now if only_node else now - self.settings.lease_s,
-                node=self.settings.node_id if starting else None,
+                db, self.settings.max_attempts, claimed_before, node
             )
-            changes = [
-                queue.refresh_study(db, sid, self.spec, self._classifier) for sid in failed_studies
-            ]
+            changes = [queue.refresh_study(db, sid, self.spec, refiner) for sid in failed_studies]
         if requeued or failed_studies:
             logger.warning(
                 "took back unfinished claims: %d slices re-queued, %d studies with failed slices",
@@ -408,14 +418,14 @@ class QueueWorker:
         ]
         try:
             db = self._connection(role)
+            study_ids = sorted({r["study_id"] for r, _ in give_up})
+            outcomes = {r["id"]: None for r, _ in give_up}
+            refiner = queue.prefetch_series(db, self.spec, self._classifier, study_ids, outcomes)
             with db:
                 begin_write(db)
                 queue.release(db, retry, refund=refund, claim_token=rows[0]["claim_token"])
                 failed = self._finish_failed(db, give_up)
-                changes = [
-                    queue.refresh_study(db, sid, self.spec, self._classifier)
-                    for sid in sorted({r["study_id"] for r, _ in give_up})
-                ]
+                changes = [queue.refresh_study(db, sid, self.spec, refiner) for sid in study_ids]
         except Exception:
             logger.exception("could not give back %d claimed slices; their lease will", len(rows))
             return
@@ -479,7 +489,9 @@ class QueueWorker:
         """Record the batch's results in one transaction, then tell the screens.
 
         ``classifier`` runs the series model of a finished study whose model decides
-        series with one (:func:`client.series.decide_series`).
+        series with one (:func:`client.series.decide_series`), before the
+        transaction (:func:`console.queue.prefetch_series`): a Triton call and its
+        retries never hold the database's write lock.
 
         A non-finite probability (a broken model or input) fails its slice: it
         must never count as a negative. ``times`` holds the batch's
@@ -493,6 +505,10 @@ class QueueWorker:
                 scored.append((item, p))
             else:
                 failed.append((item[0], f"the model returned a non-finite probability ({p})"))
+        outcomes = {row["id"]: (float(p), float(head)) for (row, _, head, _), p in scored}
+        outcomes.update((row["id"], None) for row, _ in failed)
+        study_ids = sorted({r["study_id"] for r in rows})
+        refiner = queue.prefetch_series(db, self.spec, classifier, study_ids, outcomes)
         classified = 0
         with db:
             begin_write(db)
@@ -513,10 +529,7 @@ class QueueWorker:
                 ):
                     self._metrics.stage_seconds.labels(stage).observe(ms / 1000)
             failed_count = self._finish_failed(db, failed)
-            changes = [
-                queue.refresh_study(db, sid, self.spec, classifier)
-                for sid in sorted({r["study_id"] for r in rows})
-            ]
+            changes = [queue.refresh_study(db, sid, self.spec, refiner) for sid in study_ids]
         if classified + failed_count < len(rows):
             logger.warning(
                 "%d results refused: their lease ran out and the slices were taken back",

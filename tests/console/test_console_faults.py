@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from client.classify import LocalClassifier
+from client.errors import ServerUnavailableError
 from client.registry import get_model
+from client.series import SERIES_MODEL_RULE
 from console import queue
 from console.db import begin_write, connect
 from console.services import EXTENSION_KEY
@@ -62,6 +64,38 @@ class _BrokenModel:
         out = self._inner.predict(batch, priority)
         out[0] = np.nan
         return out
+
+
+class _LockProbingSeriesModel:
+    """The real in-process classifier; each series-model call tries to write from elsewhere.
+
+    ``down``: the series model is unreachable (a Triton without it, or down).
+    """
+
+    def __init__(self, spec, database: Path, down: bool):
+        self.spec = spec
+        self._inner = LocalClassifier(spec)
+        self._database = database
+        self._down = down
+        self.calls = 0
+        self.calls_while_the_database_was_locked = 0
+
+    def predict(self, batch: np.ndarray, priority: int = 2) -> np.ndarray:
+        return self._inner.predict(batch, priority)
+
+    def refine_series(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        self.calls += 1
+        probe = sqlite3.connect(self._database, timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")  # what an upload does
+            probe.rollback()
+        except sqlite3.OperationalError:
+            self.calls_while_the_database_was_locked += 1
+        finally:
+            probe.close()
+        if self._down:
+            raise ServerUnavailableError(f"{self.spec.series_model_name}: connection refused")
+        return self._inner.refine_series(features)
 
 
 def _worker(services, classifier) -> QueueWorker:
@@ -162,6 +196,31 @@ def test_non_finite_probability_fails_the_slice_instead_of_counting_as_negative(
     assert [r["status"] for r in rows] == ["failed", "classified", "classified"]
     assert "non-finite probability" in rows[0]["error"]
     assert rows[0]["probability"] is None
+
+
+@sqlite_only("SQLite's one write lock; PostgreSQL's worker runs the same code")
+@pytest.mark.parametrize("down", [False, True], ids=["series-model-up", "series-model-down"])
+def test_the_series_model_is_asked_while_uploads_can_still_write(
+    app_factory, storage, token_for, upload, cq500_series, db_rows, down
+):
+    """A Triton call, and its retries while the server is down, never holds the database."""
+    spec = get_model("resnet18", SERIES_MODEL_RULE)
+    app = app_factory(storage, MODEL_NAME=spec.name, SERIES_RULE=SERIES_MODEL_RULE, INBOX_DIR="")
+    services = app.extensions[EXTENSION_KEY]
+    upload(api_client_of(app, token_for), [(p.name, p.read_bytes()) for p in cq500_series[:4]])
+    model = _LockProbingSeriesModel(spec, app.config["DATABASE"], down)
+    worker = _worker(services, lambda settings: model)
+    while worker.run_once():
+        pass
+    worker.stop()
+    assert model.calls >= 1
+    assert model.calls_while_the_database_was_locked == 0
+    (study,) = db_rows("SELECT status, threshold FROM studies")
+    assert study["status"] in ("flagged", "negative")
+    # Down: decided at once by the fallback (the slice threshold), as the log says.
+    assert study["threshold"] == (spec.threshold if down else spec.series_threshold)
+    refined = [r["refined_probability"] for r in db_rows("SELECT * FROM slices")]
+    assert (None in refined) == down
 
 
 def test_upload_while_another_writer_locks_the_database_gets_503_and_stores_nothing(
