@@ -308,12 +308,13 @@ def token_for():
 class ConsoleServer(stack.ConsoleServer):
     """The shared launcher's console with the in-process classifier (no Triton) and ADMIN."""
 
-    def __init__(self, storage: Path) -> None:
+    def __init__(self, storage: Path, **overrides: str) -> None:
         settings = {
             "CLASSIFIER": "local",
             "MODEL_NAME": "mobilenet_v2",  # as make_app
             "CONSOLE_THREADS": "8",
             **database_settings(storage),
+            **overrides,
         }
         super().__init__(storage, settings, admin=ADMIN)
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.console_api import ConsoleApi
 from client.classify import LocalClassifier
 from client.decode import decode_file
 from client.preprocess import preprocess
 from client.registry import get_model
+from tests.console.conftest import ConsoleServer
 
 pytestmark = pytest.mark.browser
 
@@ -97,16 +99,22 @@ def _text(driver, selector: str) -> str:
     )
 
 
-def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice, tmp_path):
+def _waiting(browser):
+    """A 90 s wait that re-finds elements: the worklist redraws its rows on every event."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    # The worklist redraws its rows on every event: re-find elements instead of holding them.
-    wait = WebDriverWait(
+    return WebDriverWait(
         browser, 90, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
     )
+
+
+def _log_in_to_the_empty_worklist(console_server, browser) -> str:
+    """Log in as the administrator; the console's base URL."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait = _waiting(browser)
     base = console_server.url.replace("127.0.0.1", "localhost")  # Secure cookies: localhost
     browser.get(base + "/")
     assert "/auth/login" in browser.current_url
@@ -115,6 +123,15 @@ def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice,
     browser.find_element(By.ID, "login").click()
     wait.until(ec.presence_of_element_located((By.ID, "worklist-rows")))
     wait.until(lambda d: "No studies yet" in _text(d, "#worklist-rows"))
+    return base
+
+
+def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait = _waiting(browser)
+    base = _log_in_to_the_empty_worklist(console_server, browser)
     worklist_tab = browser.current_window_handle
     browser.execute_script("window.notReloaded = true;")
 
@@ -144,3 +161,47 @@ def _log_in_upload_see_alert_acknowledge(console_server, browser, flagged_slice,
     # The reader's verdict on the flag, from the same page.
     browser.find_element(By.ID, "feedback-confirmed").click()
     wait.until(lambda d: "true positive" in _text(d, "#feedback-current"))
+
+
+#: Counts the WebAudio oscillators the page starts: each alarm tone is three.
+_COUNT_TONES = """
+window.tones = 0;
+const start = AudioContext.prototype.createOscillator;
+AudioContext.prototype.createOscillator = function () {
+  window.tones += 1;
+  return start.apply(this, arguments);
+};
+"""
+
+
+def test_a_screen_refused_a_stream_keeps_trying_and_sounds_the_flag_it_missed(
+    tmp_path, browser, flagged_slice
+):
+    """Every stream slot taken (or a proxy's 502 during a restart) must not leave a screen deaf."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    with ConsoleServer(tmp_path / "storage", MAX_STREAMS="1", SSE_KEEPALIVE_S="1") as server:
+        api = ConsoleApi(server.url, server.token())
+        wait = _waiting(browser)
+        with _explained_timeouts(browser, server):
+            with api.events() as other_screen:  # takes the only stream slot
+                _log_in_to_the_empty_worklist(server, browser)
+                wait.until(ec.visibility_of_element_located((By.ID, "connection")))
+                browser.execute_script(_COUNT_TONES)
+                browser.find_element(By.ID, "enable-alerts").click()  # sounds one test tone
+                wait.until(lambda d: d.execute_script("return window.tones") == 3)
+                study_id = api.upload([(flagged_slice.name, flagged_slice.read_bytes())], None)[
+                    "study_id"
+                ]
+                while (event := other_screen.get(timeout_s=60)) is not None:
+                    if event.data["id"] == study_id and event.data["alert"]:
+                        break
+                assert event is not None, "the other screen never heard the flag"
+                assert browser.execute_script("return window.tones") == 3  # nothing heard here
+            # The other screen has gone: its slot frees within a keepalive, and this
+            # screen's next try takes it, redraws and sounds the flag raised meanwhile.
+            wait.until(lambda d: "flagged" in _text(d, "tr.row-flagged").lower())
+            wait.until(ec.visibility_of_element_located((By.ID, "alert-banner")))
+            wait.until(lambda d: d.execute_script("return window.tones") == 6)
+            assert not browser.find_element(By.ID, "connection").is_displayed()

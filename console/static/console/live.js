@@ -56,19 +56,31 @@
 
   const RETRY_MS = 3000;
   let retryTimer = null;
+  // The flagged studies of the list drawn last: a flag not among them is new and sounds,
+  // whether its own event came or was lost while the stream was down. null before the
+  // first list: flags already there when the page opens show in the banner, silently.
+  let flaggedShown = null;
+  let requested = 0;
+  let drawn = 0;
 
-  function refresh(alertId) {
+  function refresh() {
+    const request = ++requested;
     return fetch("/api/studies", { headers: { Accept: "application/json" } })
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (data) {
+        if (request < drawn) return; // an older list that came late: never draw it over a newer one
+        drawn = request;
         connection.hidden = source !== null && source.readyState === EventSource.OPEN;
         // Shadow mode (a validation period): flags are recorded, never announced.
-        renderBanner(data.shadow_mode ? [] :
-          data.studies.filter(function (s) { return s.status === "flagged"; }));
-        if (alertId !== undefined && !data.shadow_mode) {
-          const study = data.studies.find(function (s) { return s.id === alertId; });
-          if (study) { beep(); notify(study); }
+        const flagged = data.shadow_mode ? [] :
+          data.studies.filter(function (s) { return s.status === "flagged"; });
+        renderBanner(flagged);
+        if (flaggedShown !== null) {
+          const fresh = flagged.filter(function (s) { return !flaggedShown.has(s.id); });
+          if (fresh.length > 0) beep();
+          fresh.forEach(notify);
         }
+        flaggedShown = new Set(flagged.map(function (s) { return s.id; }));
         document.dispatchEvent(new CustomEvent("hemotriage:worklist", { detail: data }));
       })
       .catch(function (status) {
@@ -76,7 +88,7 @@
         // A triage screen must never sit on a stale list: say so and try again.
         connection.hidden = false;
         clearTimeout(retryTimer);
-        retryTimer = setTimeout(function () { refresh(alertId); }, RETRY_MS);
+        retryTimer = setTimeout(refresh, RETRY_MS);
       });
   }
 
@@ -93,16 +105,25 @@
 
   let source = null;
 
-  function start() {
+  function connect() {
     source = new EventSource("/api/stream");
     // Events sent while the stream was down are gone: redraw from the server on every (re)connect.
     source.addEventListener("open", function () { connection.hidden = true; refresh(); });
-    source.addEventListener("error", function () { connection.hidden = false; });
+    source.addEventListener("error", function () {
+      connection.hidden = false;
+      // The browser retries a dropped stream by itself, but gives up on a refused one (every
+      // stream slot taken, a proxy's 502 while the console restarts): open a new one.
+      if (source.readyState === EventSource.CLOSED) setTimeout(connect, RETRY_MS);
+    });
     source.addEventListener("study", function (event) {
       const data = JSON.parse(event.data);
       document.dispatchEvent(new CustomEvent("hemotriage:study", { detail: data }));
-      refresh(data.alert ? data.id : undefined);
+      refresh();
     });
+  }
+
+  function start() {
+    connect();
     refresh();
   }
 
