@@ -39,7 +39,11 @@ global.EventSource = class {
 };
 global.EventSource.OPEN = 1;
 const studies = JSON.parse(studiesJson);
-global.fetch = () => Promise.resolve({ ok: true, json: () => Promise.resolve({ studies }) });
+let lists = 0; // the page opens on a list without the flag; later lists have it
+global.fetch = () => {
+  const shownNow = lists++ === 0 ? [] : studies;
+  return Promise.resolve({ ok: true, json: () => Promise.resolve({ studies: shownNow }) });
+};
 require(livePath);
 stream.listeners.study({ data: JSON.stringify({ id: studies[0].id, alert: true }) });
 setTimeout(() => console.log(JSON.stringify(shown)), 0);
