@@ -112,8 +112,11 @@
     source.addEventListener("error", function () {
       connection.hidden = false;
       // The browser retries a dropped stream by itself, but gives up on a refused one (every
-      // stream slot taken, a proxy's 502 while the console restarts): open a new one.
-      if (source.readyState === EventSource.CLOSED) setTimeout(connect, RETRY_MS);
+      // stream slot taken, a proxy's 502 while the console restarts, a session that ended):
+      // redraw (which also sends an ended session to the login) and open a new one.
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(function () { refresh(); connect(); }, RETRY_MS);
+      }
     });
     source.addEventListener("study", function (event) {
       const data = JSON.parse(event.data);
