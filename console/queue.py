@@ -393,6 +393,11 @@ class PrefetchedSeries:
         return answer
 
 
+def asks_series_model(spec: ModelSpec, refiner: SeriesRefiner | None) -> bool:
+    """Whether deciding ``spec``'s studies calls its series model (else nothing to prefetch)."""
+    return refiner is not None and spec.series_rule == SERIES_MODEL_RULE
+
+
 def prefetch_series(
     db: Connection,
     spec: ModelSpec,
@@ -414,7 +419,7 @@ def prefetch_series(
     Returns:
         The refiner to pass to :func:`refresh_study` inside the transaction.
     """
-    if refiner is None or spec.series_rule != SERIES_MODEL_RULE:
+    if not asks_series_model(spec, refiner):
         return refiner
     prefetched = PrefetchedSeries(refiner)
     for study_id in study_ids:

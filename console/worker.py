@@ -256,12 +256,14 @@ class QueueWorker:
         only_node = starting and db.engine == "sqlite"
         claimed_before = now if only_node else now - self.settings.lease_s
         node = self.settings.node_id if starting else None
-        with db:
-            to_fail = [
-                r
-                for r in queue.expired_claims(db, claimed_before, node)
-                if r["attempts"] >= self.settings.max_attempts
-            ]
+        to_fail = []
+        if queue.asks_series_model(self.spec, self._classifier):  # else one read saved per check
+            with db:
+                to_fail = [
+                    r
+                    for r in queue.expired_claims(db, claimed_before, node)
+                    if r["attempts"] >= self.settings.max_attempts
+                ]
         refiner = queue.prefetch_series(
             db,
             self.spec,
