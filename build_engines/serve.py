@@ -319,6 +319,11 @@ class EmbeddedTriton:
         return self.settings.grpc_url
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (its backend stubs are its children)."""
+        return self._process.pid if self.running else None
+
+    @property
     def running(self) -> bool:
         """Whether the server process is alive."""
         return self._process is not None and self._process.poll() is None

@@ -67,8 +67,9 @@ def triton_server():
     """The embedded tritonserver with the ONNX Runtime models and the series models, on free ports.
 
     The OpenVINO entries serve the same graphs and have their own server in
-    ``tests/integration/test_triton_openvino.py``: all ten models took this server
-    from 1.0-1.5 s to 3.8-5.8 s to start and from 660 to 1,720 MiB of memory.
+    ``tests/integration/test_triton_openvino.py``: loading every model here takes
+    about 2.5 times the start time and 2.2 times the memory
+    (``benchmarks/results/triton_start.md``).
     """
     from benchmarks.stack import triton_on_free_ports
     from build_engines.serve import missing_model_files
