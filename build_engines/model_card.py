@@ -66,7 +66,9 @@ _STATIC_LIMITS = """
 - `ct_ich_dev` frames are lossy JPEG exports of scanner video; only 16 bleeding
   patients, so series-level intervals are wide.
 - Thresholds are chosen on out-of-fold data of these hospitals; a new site should
-  re-check sensitivity on its own series before relying on the ordering.
+  re-check sensitivity on its own series before relying on the ordering (the
+  console's Accuracy page gives the series operating point on the site's reviewed
+  series, and `HEMOTRIAGE_SERIES_THRESHOLD` sets a threshold the site validated).
 - No patient or hospital outside `../shared` was available: generalization to
   other scanners is untested here.
 - The served series rule is the best-ranked of the servable ones (maximum slice,

@@ -26,7 +26,7 @@ from client.classify import (
 from client.cli_gradcam import add_gradcam_command
 from client.cli_health import add_health_command
 from client.errors import HemoTriageError
-from client.registry import ModelSpec, get_model, list_models
+from client.registry import ModelSpec, get_model, list_models, parse_series_threshold
 
 
 def _add_classify(subparsers) -> None:
@@ -46,6 +46,12 @@ def _add_classify(subparsers) -> None:
         help="decide series by this recorded rule of the model (max_slice, neighbour_pair,"
         " series_model) instead of its default",
     )
+    parser.add_argument(
+        "--series-threshold",
+        type=_series_threshold,
+        help="decide series at this threshold on the rule's score, one a site validated on"
+        " its own reviewed series, instead of the recorded one",
+    )
     parser.add_argument("--csv", type=Path, help="write results as CSV to this file")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=30.0, help="Triton request timeout")
@@ -53,16 +59,27 @@ def _add_classify(subparsers) -> None:
     parser.set_defaults(run=_run_classify)
 
 
+def _series_threshold(text: str) -> float:
+    """``--series-threshold`` as a number, or argparse's one-line error."""
+    try:
+        return parse_series_threshold(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _make_classifier(args: argparse.Namespace, spec: ModelSpec) -> Classifier:
     if args.local:
-        return LocalClassifier(get_model(spec.weights_name or spec.name, spec.series_rule_override))
+        base = spec.weights_name or spec.name
+        return LocalClassifier(
+            get_model(base, spec.series_rule_override, spec.series_threshold_override)
+        )
     from client.triton_client import TritonClassifier
 
     return TritonClassifier(spec, url=args.url, protocol=args.protocol, timeout_s=args.timeout_s)
 
 
 def _run_classify(args: argparse.Namespace) -> int:
-    spec = get_model(args.model, args.series_rule)
+    spec = get_model(args.model, args.series_rule, args.series_threshold)
     classifier = _make_classifier(args, spec)
     run = _run_series if args.series else _run_slices
     return run(args, spec, classifier)

@@ -13,6 +13,7 @@ writes. Client, build_engines, console, benchmarks and tests all read this.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -84,6 +85,8 @@ class ModelSpec:
             same ``model.onnx`` as their ONNX Runtime twin, through a symlink.
         series_rule_override: A series rule a site chose instead of the recorded
             default (one of :attr:`series_thresholds`); empty: the default.
+        series_threshold_override: A series threshold a site validated on its own
+            reviewed series instead of the recorded one; None: the recorded one.
     """
 
     name: str
@@ -99,6 +102,7 @@ class ModelSpec:
     weights_name: str = ""
     runtime: str = "onnxruntime"
     series_rule_override: str = ""
+    series_threshold_override: float | None = None
 
     @property
     def weights_path(self) -> Path:
@@ -148,6 +152,8 @@ class ModelSpec:
     @property
     def series_threshold(self) -> float:
         """Series-level operating threshold on the score of :attr:`series_rule`."""
+        if self.series_threshold_override is not None:
+            return self.series_threshold_override
         thresholds = self.series_thresholds
         return thresholds[self.series_rule] if thresholds else self.trained.series_threshold
 
@@ -254,22 +260,46 @@ _MODELS: dict[str, ModelSpec] = {
 }
 
 
-def get_model(name: str, series_rule: str | None = None) -> ModelSpec:
+def parse_series_threshold(value: object) -> float | None:
+    """A site's series threshold: None when empty, else a number in (0, 1].
+
+    Raises:
+        ValueError: anything else (a setting or a flag names itself around the message).
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        threshold = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not 0 < threshold <= 1:
+        raise ValueError(f"a series threshold is a number in (0, 1], not {value!r}")
+    return threshold
+
+
+def get_model(
+    name: str, series_rule: str | None = None, series_threshold: float | None = None
+) -> ModelSpec:
     """Return the spec registered under ``name``, deciding series by ``series_rule`` if given.
 
     A site that validated another series rule on its own series than the one
-    cross-validation chose may serve it; its threshold is the one recorded for it.
+    cross-validation chose may serve it; its threshold is the one recorded for it,
+    or ``series_threshold`` where the site validated its own (on the rule's score).
 
     Raises:
         UnknownModelError: ``name`` is not registered, or ``series_rule`` has no
             recorded threshold for it.
+        ValueError: ``series_threshold`` is not in (0, 1].
     """
+    series_threshold = parse_series_threshold(series_threshold)
     try:
         spec = _MODELS[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; choose one of {', '.join(_MODELS)}"
         ) from None
+    if series_threshold is not None:
+        spec = replace(spec, series_threshold_override=float(series_threshold))
     if not series_rule:
         return spec
     if series_rule not in spec.series_thresholds:

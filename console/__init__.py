@@ -26,7 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from client.constants import DEFAULT_DICOM_PORT, DEFAULT_GRPC_PORT, REPO_ROOT
 from client.errors import HemoTriageError
-from client.registry import get_model
+from client.registry import get_model, parse_series_threshold
 from client.triton_client import PROTOCOLS
 from console.errors import STORAGE_ERRORS, storage_error
 from console.shadow import parse_shadow_mode
@@ -97,6 +97,10 @@ DEFAULTS = {
     # of the model's recorded rules on its own series (neighbour_pair, max_slice,
     # series_model) may set it. series_model needs <base>_series on the Triton server.
     "SERIES_RULE": "",
+    # The series threshold on the rule's score: empty for the recorded one; a site that
+    # checked its own reviewed series on the Accuracy page ("Series operating point on this
+    # site") may set the threshold it validated there, a number in (0, 1].
+    "SERIES_THRESHOLD": "",
     # Queue worker: slices per predict call, idle poll, backoff while Triton is down.
     "BATCH_SIZE": 16,
     # Threads that decode and preprocess a batch (while Triton computes the one before).
@@ -221,7 +225,11 @@ def _resolve_paths(app: Flask) -> None:
         )
     if config["TRITON_PROTOCOL"] not in PROTOCOLS:
         raise ValueError(f"HEMOTRIAGE_TRITON_PROTOCOL must be one of {PROTOCOLS}")
-    get_model(config["MODEL_NAME"], config["SERIES_RULE"])
+    try:
+        config["SERIES_THRESHOLD"] = parse_series_threshold(config["SERIES_THRESHOLD"])
+    except ValueError as e:
+        raise ValueError(f"HEMOTRIAGE_SERIES_THRESHOLD: {e}") from None
+    get_model(config["MODEL_NAME"], config["SERIES_RULE"], config["SERIES_THRESHOLD"])
     config["SHADOW_MODE"] = parse_shadow_mode(config["SHADOW_MODE"])
     storage_dir = Path(config["STORAGE_DIR"] or app.instance_path)
     storage_dir.mkdir(parents=True, exist_ok=True)

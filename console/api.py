@@ -27,7 +27,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from client.constants import PRIORITY_ROUTINE, PRIORITY_URGENT
 from console import alerts, feedback
-from console.accuracy import accuracy_by_version, parse_window
+from console.accuracy import accuracy_by_version, parse_window, series_operating_points
 from console.auth import role_required
 from console.db import get_db
 from console.errors import InvalidRequestError, UploadError
@@ -129,10 +129,14 @@ def post_feedback(study_id: int):
 
 @bp.get("/accuracy")
 def accuracy():
-    """PPV, false-positive rate and confirmed misses per model version (``?days=7|30|all``)."""
+    """Per model version (``?days=7|30|all``): accuracy, and the series operating point."""
     days = parse_window(request.args.get("days"))
-    rows = accuracy_by_version(get_db(), days, time.time())
-    return jsonify(days=days, versions=[asdict(r) for r in rows])
+    db, now = get_db(), time.time()
+    return jsonify(
+        days=days,
+        versions=[asdict(r) for r in accuracy_by_version(db, days, now)],
+        series_operating_points=[asdict(p) for p in series_operating_points(db, days, now)],
+    )
 
 
 @bp.post("/studies/<int:study_id>/acknowledge")

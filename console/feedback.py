@@ -11,7 +11,8 @@ audit row: marks can be changed, the last one counts, the history stays.
 Routes:
 
     POST /studies/<id>/feedback    (form: verdict=confirmed|false, note, csrf_token)
-    GET  /accuracy?days=7|30|all   PPV, false-positive rate and misses per model version
+    GET  /accuracy?days=7|30|all   PPV, false-positive rate and misses per model version,
+                                   and the series operating point on this site's reviewed series
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from typing import Any
 
 from flask import Blueprint, flash, g, redirect, render_template, request, url_for
 
-from console.accuracy import WINDOWS, accuracy_by_version, parse_window
+from console.accuracy import (
+    MIN_REVIEWED_BLEEDS,
+    WINDOWS,
+    accuracy_by_version,
+    parse_window,
+    series_operating_points,
+)
 from console.db import Connection, Row, audit, begin_write, get_db
 from console.errors import ConflictError, InvalidRequestError
 from console.shadow import require_results_visible
@@ -61,8 +68,15 @@ def feedback_form(study_id: int):
 def accuracy():
     """The model's live accuracy on this site's reviewed studies, per version."""
     days = parse_window(request.args.get("days"))
-    rows = accuracy_by_version(get_db(), days, time.time())
-    return render_template("feedback/accuracy.html", rows=rows, days=days, windows=WINDOWS)
+    db, now = get_db(), time.time()
+    return render_template(
+        "feedback/accuracy.html",
+        rows=accuracy_by_version(db, days, now),
+        operating_points=series_operating_points(db, days, now),
+        min_bleeds=MIN_REVIEWED_BLEEDS,
+        days=days,
+        windows=WINDOWS,
+    )
 
 
 def model_decision(study: Mapping[str, Any]) -> str | None:

@@ -92,7 +92,7 @@ class Services:
         broker = EventBroker(alerts=not shadow_mode, database=database)
         metrics = ConsoleMetrics(database)
         services = cls(
-            spec=get_model(config["MODEL_NAME"], config["SERIES_RULE"]),
+            spec=get_model(config["MODEL_NAME"], config["SERIES_RULE"], config["SERIES_THRESHOLD"]),
             storage_dir=Path(config["STORAGE_DIR"]),
             database=database,
             limits=IngestLimits(

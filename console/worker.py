@@ -90,6 +90,7 @@ class WorkerSettings:
     lease_check_s: float
     node_id: str = ""
     series_rule: str = ""
+    series_threshold: float | None = None
 
     @classmethod
     def from_config(cls, config: dict) -> WorkerSettings:
@@ -113,6 +114,7 @@ class WorkerSettings:
             lease_check_s=float(config["LEASE_CHECK_S"]),
             node_id=str(config["NODE_ID"]),
             series_rule=str(config["SERIES_RULE"] or ""),
+            series_threshold=config["SERIES_THRESHOLD"],
         )
 
 
@@ -124,7 +126,7 @@ def build_classifier(settings: WorkerSettings) -> Classifier:
         UnknownModelError: ``model_name`` is not registered.
         ValueError: an unknown classifier kind.
     """
-    spec = get_model(settings.model_name, settings.series_rule)
+    spec = get_model(settings.model_name, settings.series_rule, settings.series_threshold)
     if settings.classifier == "triton":
         from client.triton_client import TritonClassifier
 
@@ -193,7 +195,9 @@ class QueueWorker:
         classifier_factory: Callable[[WorkerSettings], Classifier] = build_classifier,
     ):
         self.settings = settings
-        self.spec: ModelSpec = get_model(settings.model_name, settings.series_rule)
+        self.spec: ModelSpec = get_model(
+            settings.model_name, settings.series_rule, settings.series_threshold
+        )
         self.state = WorkerState()
         self._broker = broker
         self._metrics = metrics

@@ -5,10 +5,12 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.registry import get_model
 from console.accuracy import wilson_interval
 from console.auth import create_token
 from console.db import connect
-from tests.console.conftest import NURSE
+from console.services import EXTENSION_KEY
+from tests.console.conftest import ADMIN, NURSE, api_client_of
 
 HEMORRHAGE, NORMAL = "000.png", "150.png"  # kaggle: p = 0.94 and 0.07 with MobileNetV2
 
@@ -232,3 +234,111 @@ def test_metrics_report_the_same_accuracy_per_model_version_and_window(client, c
             low, high = wilson_interval(tp, tp + fp)
             assert value("ppv", window, version, bound="low") == pytest.approx(low)
             assert value("ppv", window, version, bound="high") == pytest.approx(high)
+
+
+def _constructed_series(db, version: str, threshold: float, score: float, slices: int) -> int:
+    """A finished study of ``slices`` classified slices, decided at ``threshold``."""
+    received = time.time() - 3600
+    flagged = score >= threshold
+    study_id = db.execute(
+        "INSERT INTO studies (study_key, label, source, priority, status, score, threshold, "
+        "model_name, model_version, received_at, finished_at, flagged_at, flag_score, updated_at)"
+        " VALUES (?, 'constructed', 'api', 2, ?, ?, ?, 'mobilenet_v2', ?, ?, ?, ?, ?, ?)"
+        " RETURNING id",
+        (
+            f"series:{version}:{score}:{time.monotonic_ns()}",
+            "flagged" if flagged else "negative",
+            score,
+            threshold,
+            version,
+            received,
+            received + 1,
+            received + 1 if flagged else None,
+            score if flagged else None,
+            received + 1,
+        ),
+    ).fetchone()["id"]
+    for n in range(slices):
+        db.execute(
+            "INSERT INTO slices (study_id, filename, stored_path, sha256, status, priority, "
+            "queued_at, probability, head_fraction) "
+            "VALUES (?, ?, '', ?, 'classified', 2, ?, ?, 0.5)",
+            (study_id, f"{n}.dcm", f"{study_id}-{n}", received, score),
+        )
+    return study_id
+
+
+#: (version, threshold, score, slices, verdict): the reader's truth is a bleed where a flag
+#: is confirmed or a negative is marked false.
+SERIES = [
+    (VERSION_A, 0.5, 0.9, 30, "confirmed"),  # bleed, flagged
+    (VERSION_A, 0.5, 0.62345, 30, "confirmed"),  # bleed, flagged
+    (VERSION_A, 0.5, 0.412345, 30, "false"),  # bleed, missed: the lowest bleed score
+    (VERSION_A, 0.5, 0.8, 30, "false"),  # normal, flagged
+    (VERSION_A, 0.5, 0.45, 30, "confirmed"),  # normal below 0.5 but above 0.4123
+    (VERSION_A, 0.5, 0.2, 30, "confirmed"),
+    (VERSION_A, 0.5, 0.39, 2, "confirmed"),
+    (VERSION_A, 0.5, 0.05, 1, "false"),  # a lone image: decided at the slice threshold
+    (VERSION_A, 0.5, 0.7, 30, None),  # not reviewed
+    (VERSION_A, 0.7, 0.98765, 30, "confirmed"),  # the same version at a site's threshold
+    (VERSION_A, 0.7, 0.95, 30, "false"),
+]
+
+
+def test_the_series_operating_point_on_this_sites_reviewed_series(app, api, logged_in):
+    db = connect(app.config["DATABASE"])
+    with db:
+        ids = [_constructed_series(db, v, t, s, n) for v, t, s, n, _ in SERIES]
+    db.close()
+    for study_id, (*_, verdict) in zip(ids, SERIES, strict=True):
+        if verdict:
+            assert _verdict(api, study_id, verdict).status_code == 201
+
+    points = api.get("/api/accuracy?days=all").get_json()["series_operating_points"]
+    assert [(p["model_version"], p["threshold"]) for p in points] == [
+        (VERSION_A, 0.5),
+        (VERSION_A, 0.7),
+    ]
+    recorded, site = points
+    assert (recorded["bleeds"], recorded["normals"]) == (3, 4)  # the lone image left out
+    assert recorded["sensitivity"]["successes"] == 2 and recorded["sensitivity"]["total"] == 3
+    assert recorded["specificity"]["successes"] == 3 and recorded["specificity"]["total"] == 4
+    assert recorded["lowest_bleed_score"] == 0.412345
+    # Rounded down, so the value copied into the setting still flags that bleed.
+    assert recorded["site_threshold"] == 0.4123
+    # At 0.4123 only the normals at 0.2 and 0.39 stay quiet; 0.45 and 0.8 would alarm.
+    assert (recorded["site_specificity"]["successes"], recorded["site_specificity"]["total"]) == (
+        2,
+        4,
+    )
+    assert recorded["enough_bleeds"] is False
+    assert (site["bleeds"], site["normals"], site["site_threshold"]) == (1, 1, 0.9876)
+    assert site["site_specificity"]["estimate"] == 1.0
+
+    page = logged_in.get("/accuracy?days=all").get_data(as_text=True)
+    table = page.split('id="operating-points"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 3  # header and two rows
+    assert "0.4123" in table and "0.9876" in table
+    assert "only 3 reviewed" in table and "HEMOTRIAGE_SERIES_THRESHOLD" in page
+
+
+def test_a_site_threshold_decides_its_series_and_its_check_shows_the_missed_bleed(
+    app_factory, storage, token_for, logged_in_as, upload, drain, cq500_series
+):
+    """The CQ500 bleed at a threshold set too high: missed, reported, and the check says so."""
+    app = app_factory(storage, SERIES_THRESHOLD="0.95")
+    api = api_client_of(app, token_for)
+    study_id = upload(api, [(p.name, p.read_bytes()) for p in cq500_series]).get_json()["study_id"]
+    drain(app.extensions[EXTENSION_KEY])
+    detail = api.get(f"/api/studies/{study_id}").get_json()
+    assert detail["threshold"] == 0.95
+    recorded = get_model("mobilenet_v2").series_threshold
+    assert recorded <= detail["score"] < 0.95  # flagged at the recorded threshold, not here
+    assert detail["status"] == "negative"
+    page = logged_in_as(*ADMIN, on=app).get(f"/studies/{study_id}").get_data(as_text=True)
+    assert "validated on this site" in page
+    assert _verdict(api, study_id, "false").get_json()["outcome"] == "false_negative"
+    (point,) = api.get("/api/accuracy?days=all").get_json()["series_operating_points"]
+    assert point["threshold"] == 0.95 and point["sensitivity"]["estimate"] == 0.0
+    assert point["lowest_bleed_score"] == pytest.approx(detail["score"])
+    assert point["site_threshold"] <= detail["score"] < point["site_threshold"] + 1e-4

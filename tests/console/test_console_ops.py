@@ -73,7 +73,15 @@ def test_consoles_starting_together_on_one_storage_folder_share_one_session_key(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".secret_key")] == []
 
 
-@pytest.mark.parametrize(("key", "value"), [("CLASSIFIER", "cloud"), ("TRITON_PROTOCOL", "udp")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CLASSIFIER", "cloud"),
+        ("TRITON_PROTOCOL", "udp"),
+        ("SERIES_THRESHOLD", "1.5"),
+        ("SERIES_THRESHOLD", "high"),
+    ],
+)
 def test_invalid_settings_fail_at_start(tmp_path, key, value):
     from console import create_app
 

@@ -78,6 +78,23 @@ def test_classify_refuses_a_series_rule_the_model_has_no_threshold_for(tmp_path,
     assert "no threshold for series rule 'mean'" in capsys.readouterr().err
 
 
+def test_classify_series_at_a_site_threshold_decides_by_it(
+    data_dir: Path, tmp_path, capsys, weights_present
+):
+    series = data_dir / "cq500_ct1" / "series_thin_every8"
+    base = ["classify", "--local", "--model", "mobilenet_v2", "--series", str(series)]
+    rows = {}
+    for chosen in ([], ["--series-threshold", "0.99"]):
+        out = tmp_path / f"{len(chosen)}.csv"
+        assert main([*base, *chosen, "--csv", str(out)]) == 0
+        (rows[len(chosen)],) = list(csv.DictReader(out.open()))
+    assert rows[0]["score"] == rows[2]["score"] and float(rows[2]["score"]) < 0.99
+    assert (rows[0]["label"], rows[2]["label"]) == ("hemorrhage", "normal")
+    with pytest.raises(SystemExit):
+        main([*base, "--series-threshold", "1.5"])
+    assert "a series threshold is a number in (0, 1], not '1.5'" in capsys.readouterr().err
+
+
 def test_classify_unknown_model_is_refused_by_the_parser():
     with pytest.raises(SystemExit):
         main(["classify", "--local", "--model", "vgg16", "x.png"])

@@ -160,3 +160,20 @@ def test_a_site_may_choose_any_recorded_series_rule_at_its_own_threshold():
         assert (chosen.name, chosen.threshold) == (default.name, default.threshold)
     with pytest.raises(UnknownModelError, match="no threshold for series rule 'mean'"):
         get_model("mobilenet_v2", series_rule="mean")
+
+
+def test_a_site_may_set_the_series_threshold_it_validated_and_nothing_outside_0_to_1():
+    recorded = get_model("mobilenet_v2", series_rule="neighbour_pair")
+    site = get_model("mobilenet_v2", series_rule="neighbour_pair", series_threshold=0.62)
+    assert (site.series_rule, site.series_threshold) == ("neighbour_pair", 0.62)
+    assert site.threshold == recorded.threshold  # lone images keep the slice threshold
+    probabilities, head = [0.1, 0.6, 0.61, 0.1], [0.5] * 4
+    assert recorded.series_threshold <= 0.6  # the pair (0.6, 0.61) flags at the recorded one
+    assert decide_series(recorded, probabilities, head).flagged
+    assert not decide_series(site, probabilities, head).flagged
+    assert get_model("mobilenet_v2", series_threshold="").series_threshold == (
+        get_model("mobilenet_v2").series_threshold
+    )
+    for wrong in (0, 1.5, -0.1, "high", True):
+        with pytest.raises(ValueError, match=r"a series threshold is a number in \(0, 1\]"):
+            get_model("mobilenet_v2", series_threshold=wrong)
