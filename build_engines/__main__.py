@@ -104,6 +104,8 @@ def _ablation(args: argparse.Namespace) -> int:
     if baseline is None:
         training = json.loads((report_dir / "training.json").read_text())
         baseline = REPO_ROOT / training["fold_results"]
+        if not baseline.is_dir():  # trained on another machine: its committed oof.csv
+            baseline = report_dir / "oof.csv"
     comparison = compare_runs(
         spec, data_dir_from_env(), baseline, args.candidate_run, mirror=args.mirror
     )
@@ -244,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         "--candidate-run", type=Path, required=True, help="the changed run's .cache/runs folder"
     )
     ablation.add_argument(
-        "--baseline-run", type=Path, help="default: the run of the report's training.json"
+        "--baseline-run",
+        type=Path,
+        help="a run folder or its oof.csv; default: the run of the report's training.json,"
+        " else the report's oof.csv",
     )
     ablation.add_argument(
         "--mirror",

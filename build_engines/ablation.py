@@ -2,7 +2,8 @@
 
 Issue 9 keeps a change to the slice model only if it wins on the same folds.
 This reads two runs' saved fold results (``.cache/runs/<run>/fold{k}.npz``:
-held-out slices and their out-of-fold probabilities), checks that each fold
+held-out slices and their out-of-fold probabilities; or a run's ``oof.csv``, as the
+served run's is committed in its reports), checks that each fold
 held out the same slices in both, and compares them on the folds both have
 finished (a run still training is compared on its finished folds' patients):
 
@@ -27,6 +28,7 @@ inference change measured on the same models, where the candidate is the served 
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from build_engines.crossval import oof_key
 from build_engines.data import Dataset, SliceRecord, load_dataset
 from build_engines.error_analysis import (
     ct_ich_labels,
@@ -77,11 +80,45 @@ class MirrorAverage(torch.nn.Module):
 
 
 def finished_folds(run_dir: Path) -> list[int]:
-    """Folds 0, 1, ... whose results are saved, up to the first missing one."""
+    """Folds 0, 1, ... whose results are saved, up to the first missing one.
+
+    A run's ``oof.csv`` in place of its folder holds every fold it finished.
+    """
+    if run_dir.suffix == ".csv":
+        with run_dir.open() as f:
+            return sorted({int(r["fold"]) for r in csv.DictReader(f) if int(r["fold"]) >= 0})
     folds = []
     while (run_dir / f"fold{len(folds)}.npz").exists():
         folds.append(len(folds))
     return folds
+
+
+def load_folds(run: Path, folds: list[int], dataset: Dataset) -> list:
+    """A run's saved fold results (``fold{k}.npz``), or rebuilt from its ``oof.csv``.
+
+    The run folders under ``.cache/runs`` stay on the machine that trained; the served
+    run's ``oof.csv`` is committed with its reports, so a later checkout compares a new
+    run with it. Rebuilt folds hold the plain view's probabilities and no embeddings,
+    all that the comparison reads.
+    """
+    if run.suffix != ".csv":
+        return [np.load(run / f"fold{k}.npz") for k in folds]
+    with run.open() as f:
+        saved = {r["path"]: (int(r["fold"]), float(r["probability"])) for r in csv.DictReader(f)}
+    fold_of, probabilities = np.array(
+        [saved.get(oof_key(r), (-1, np.nan)) for r in dataset.records]
+    ).T
+    rebuilt = []
+    for k in folds:
+        test_idx = np.flatnonzero(fold_of == k)
+        rebuilt.append(
+            {
+                "test_idx": test_idx,
+                "probabilities": probabilities[test_idx][None].astype(np.float32),
+                "embeddings": np.zeros((1, len(test_idx), 0), np.float16),
+            }
+        )
+    return rebuilt
 
 
 def compare_runs(
@@ -106,8 +143,8 @@ def compare_runs(
     if len(folds) < 2:
         raise ValueError(f"{len(folds)} fold(s) finished in both runs; the comparison needs 2")
     dataset = load_dataset(data_dir, spec, records)
-    baseline = [np.load(baseline_run / f"fold{k}.npz") for k in folds]
-    candidate = [np.load(candidate_run / f"fold{k}.npz") for k in folds]
+    baseline = load_folds(baseline_run, folds, dataset)
+    candidate = load_folds(candidate_run, folds, dataset)
     for k, base, changed in zip(folds, baseline, candidate, strict=True):
         if not np.array_equal(base["test_idx"], changed["test_idx"]):
             raise ValueError(f"fold {k} held out other slices in the two runs")

@@ -253,14 +253,16 @@ def run_directory(
     return path
 
 
+def oof_key(record: SliceRecord) -> str:
+    """A slice's ``path`` in ``oof.csv``, relative to the data folder: ``<source>/<dir>/<file>``."""
+    return str(record.path.relative_to(record.path.parents[2]))
+
+
 def read_difficulty(oof_csv: Path, dataset: Dataset) -> np.ndarray:
     """Per-slice out-of-fold probability from an earlier run's ``oof.csv`` (0 where absent)."""
     with oof_csv.open() as f:
         earlier = {r["path"]: float(r["probability"]) for r in csv.DictReader(f)}
-    return np.array(
-        [earlier.get(str(r.path.relative_to(r.path.parents[2])), 0.0) for r in dataset.records],
-        dtype=np.float32,
-    )
+    return np.array([earlier.get(oof_key(r), 0.0) for r in dataset.records], dtype=np.float32)
 
 
 def _run_fold(
@@ -315,7 +317,7 @@ def _write_oof(path: Path, dataset: Dataset, fold_of: np.ndarray, oof: np.ndarra
         ):
             writer.writerow(
                 [
-                    record.path.relative_to(record.path.parents[2]),
+                    oof_key(record),
                     record.source,
                     record.patient,
                     record.order,

@@ -117,3 +117,24 @@ def test_the_mirror_ablation_rescores_only_the_candidate(runs, data_dir: Path):
     same = {json.dumps(m) for m in (plain["candidate"], plain["baseline"], mirrored["baseline"])}
     assert len(same) == 1  # as JSON: a subtype without slices has sensitivity NaN
     assert mirrored["candidate"]["threshold"] != mirrored["baseline"]["threshold"]
+
+
+def test_a_run_compares_with_the_committed_oof_csv_as_with_its_folder(runs, data_dir: Path):
+    """The served run's folder stays where it trained; its reports' oof.csv travels."""
+    tmp, subset = runs
+    spec, served = get_model("mobilenet_v2"), _run_dir(tmp, "2d")
+    oof_csv = tmp / "2d" / "report" / "oof.csv"
+    assert finished_folds(oof_csv) == finished_folds(served) == [0, 1]
+    from_folder = compare_runs(spec, data_dir, served, _run_dir(tmp, "strip"), subset)
+    from_csv = compare_runs(spec, data_dir, oof_csv, _run_dir(tmp, "strip"), subset)
+    assert json.dumps(from_csv["candidate"]) == json.dumps(from_folder["candidate"])  # NaN
+    # oof.csv keeps 6 decimals of each probability: the same measures, to that rounding.
+    baseline, rebuilt = from_folder["baseline"], from_csv["baseline"]
+    assert rebuilt["threshold"] == pytest.approx(baseline["threshold"], abs=1e-6)
+    assert rebuilt["pooled_roc_auc"]["value"] == pytest.approx(
+        baseline["pooled_roc_auc"]["value"], abs=1e-3
+    )
+    for rule in ("max_slice", "neighbour_pair"):
+        assert rebuilt["series"][rule]["roc_auc"]["value"] == pytest.approx(
+            baseline["series"][rule]["roc_auc"]["value"], abs=1e-3
+        )
