@@ -243,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ablation.add_argument("--model", required=True, choices=base_models)
     ablation.add_argument("--name", required=True, help="the change, as the model card names it")
     ablation.add_argument(
-        "--candidate-run", type=Path, required=True, help="the changed run's .cache/runs folder"
+        "--candidate-run",
+        type=Path,
+        required=True,
+        action="append",
+        help="the changed run's .cache/runs folder (or oof.csv); given more than once, the"
+        " candidate is the runs' ensemble (logits averaged)",
     )
     ablation.add_argument(
         "--baseline-run",

@@ -24,6 +24,13 @@ change's name, and the model card shows it.
 With ``mirror`` the candidate's fold models are scored again on every held-out
 slice and its mirror image (:class:`MirrorAverage`): an
 inference change measured on the same models, where the candidate is the served run.
+
+Several candidate runs make one candidate, their ensemble (:func:`ensemble_folds`):
+each held-out slice's logits averaged over the runs' fold models, as one served
+graph holding every member would score it.
+
+    python -m build_engines ablation --model mobilenet_v2 --name "ensemble" \
+        --candidate-run build_engines/reports/mobilenet_v2/oof.csv --candidate-run RUN
 """
 
 from __future__ import annotations
@@ -111,46 +118,56 @@ def load_folds(run: Path, folds: list[int], dataset: Dataset) -> list:
     rebuilt = []
     for k in folds:
         test_idx = np.flatnonzero(fold_of == k)
-        rebuilt.append(
-            {
-                "test_idx": test_idx,
-                "probabilities": probabilities[test_idx][None].astype(np.float32),
-                "embeddings": np.zeros((1, len(test_idx), 0), np.float16),
-            }
-        )
+        rebuilt.append(_plain_view_fold(test_idx, probabilities[test_idx]))
     return rebuilt
+
+
+def _plain_view_fold(test_idx: np.ndarray, probabilities: np.ndarray) -> dict:
+    """A fold result with the plain view's probabilities only, no embeddings."""
+    return {
+        "test_idx": test_idx,
+        "probabilities": probabilities[None].astype(np.float32),
+        "embeddings": np.zeros((1, len(test_idx), 0), np.float16),
+    }
 
 
 def compare_runs(
     spec: ModelSpec,
     data_dir: Path,
     baseline_run: Path,
-    candidate_run: Path,
+    candidate_run: Path | list[Path],
     records: list[SliceRecord] | None = None,
     mirror: bool = False,
 ) -> dict:
     """Both runs' measures on the patients of the folds both have finished.
 
+    ``candidate_run`` is one run, or several whose ensemble is the candidate.
     ``records`` are the slices both runs trained on (default: every labelled slice).
     ``mirror`` scores the candidate's (single-slice) fold models on each slice and its
     mirror image instead of reading the probabilities its folds saved.
 
     Raises:
         ValueError: fewer than two common folds (the nested series evaluation
-            needs an inner fold), or a fold that held out other slices.
+            needs an inner fold), a fold that held out other slices, or ``mirror``
+            with an ensemble.
     """
-    folds = sorted(set(finished_folds(baseline_run)) & set(finished_folds(candidate_run)))
+    members = [candidate_run] if isinstance(candidate_run, Path) else list(candidate_run)
+    if mirror and len(members) > 1:
+        raise ValueError("the mirror average rescores one run's fold models, not an ensemble")
+    folds = sorted(set(finished_folds(baseline_run)).intersection(*map(finished_folds, members)))
     if len(folds) < 2:
         raise ValueError(f"{len(folds)} fold(s) finished in both runs; the comparison needs 2")
     dataset = load_dataset(data_dir, spec, records)
     baseline = load_folds(baseline_run, folds, dataset)
-    candidate = load_folds(candidate_run, folds, dataset)
-    for k, base, changed in zip(folds, baseline, candidate, strict=True):
-        if not np.array_equal(base["test_idx"], changed["test_idx"]):
-            raise ValueError(f"fold {k} held out other slices in the two runs")
+    member_folds = [load_folds(member, folds, dataset) for member in members]
+    for changed in member_folds:
+        for k, base, fold in zip(folds, baseline, changed, strict=True):
+            if not np.array_equal(base["test_idx"], fold["test_idx"]):
+                raise ValueError(f"fold {k} held out other slices in the two runs")
+    candidate = member_folds[0] if len(members) == 1 else ensemble_folds(member_folds)
     if mirror:
         candidate = [
-            _mirrored(spec, dataset, candidate_run / f"fold{k}.safetensors", fold)
+            _mirrored(spec, dataset, members[0] / f"fold{k}.safetensors", fold)
             for k, fold in zip(folds, candidate, strict=True)
         ]
     held_out = np.concatenate([f["test_idx"] for f in baseline])
@@ -161,10 +178,24 @@ def compare_runs(
         "slices": len(held_out),
         "patients": len(np.unique(dataset.patients[held_out])),
         "baseline_run": _display(baseline_run),
-        "candidate_run": _display(candidate_run),
+        "candidate_run": " + ".join(map(_display, members)),
         "baseline": _measures(dataset, baseline, subtypes),
         "candidate": _measures(dataset, candidate, subtypes),
     }
+
+
+def ensemble_folds(member_folds: list[list]) -> list[dict]:
+    """The folds of an ensemble: each held-out slice's plain-view logit averaged over members.
+
+    Averaging logits (not probabilities) is what one graph holding every member
+    computes before its softmax. Members must hold out the same slices in each fold.
+    """
+    ensemble = []
+    for folds in zip(*member_folds, strict=True):
+        probabilities = np.clip([f["probabilities"][0] for f in folds], 1e-7, 1 - 1e-7)
+        logit = np.log(probabilities / (1 - probabilities)).mean(0)
+        ensemble.append(_plain_view_fold(folds[0]["test_idx"], 1 / (1 + np.exp(-logit))))
+    return ensemble
 
 
 def _mirrored(spec: ModelSpec, dataset: Dataset, weights: Path, fold) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.ablation import compare_runs, finished_folds
+from build_engines.ablation import compare_runs, ensemble_folds, finished_folds
 from build_engines.crossval import run_training
 from build_engines.data import index_records
 from build_engines.error_analysis import SUBTYPES
@@ -138,3 +138,28 @@ def test_a_run_compares_with_the_committed_oof_csv_as_with_its_folder(runs, data
         assert rebuilt["series"][rule]["roc_auc"]["value"] == pytest.approx(
             baseline["series"][rule]["roc_auc"]["value"], abs=1e-3
         )
+
+
+def test_an_ensemble_candidate_averages_its_members_logits(runs, data_dir: Path, tmp_path):
+    tmp, subset = runs
+    spec, served, strip = get_model("mobilenet_v2"), _run_dir(tmp, "2d"), _run_dir(tmp, "strip")
+    alone = compare_runs(spec, data_dir, served, [strip], subset)
+    doubled = compare_runs(spec, data_dir, served, [strip, strip], subset)
+    assert doubled["candidate_run"] == f"{alone['candidate_run']} + {alone['candidate_run']}"
+    assert doubled["candidate"]["threshold"] == pytest.approx(
+        alone["candidate"]["threshold"], abs=1e-5
+    )
+    # Odds 1 and 9 average, as logits, to odds 3: probability 0.75, not (0.5 + 0.9) / 2.
+    idx = np.array([3, 1])
+    members = [[{"test_idx": idx, "probabilities": np.array([[p, 0.2]])}] for p in (0.5, 0.9)]
+    (fold,) = ensemble_folds(members)
+    np.testing.assert_array_equal(fold["test_idx"], idx)
+    np.testing.assert_allclose(fold["probabilities"], [[0.75, 0.2]], rtol=1e-5)
+    with pytest.raises(ValueError, match="not an ensemble"):
+        compare_runs(spec, data_dir, served, [served, strip], subset, mirror=True)
+    other = shutil.copytree(strip, tmp_path / "other")
+    fold = dict(np.load(other / "fold0.npz"))
+    fold["test_idx"] = fold["test_idx"][::-1]
+    np.savez(other / "fold0.npz", **fold)
+    with pytest.raises(ValueError, match="fold 0 held out other slices"):
+        compare_runs(spec, data_dir, served, [strip, other], subset)
