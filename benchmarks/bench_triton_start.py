@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1: a median needs one start")
     load = os.getloadavg()[0]
     results = {name: measure(MODEL_SETS[name], args.repeats) for name in args.set}
     text = "\n".join(

@@ -91,8 +91,9 @@ class Services:
         shadow_mode = bool(config["SHADOW_MODE"])
         broker = EventBroker(alerts=not shadow_mode, database=database)
         metrics = ConsoleMetrics(database)
+        worker_settings = WorkerSettings.from_config(config)
         services = cls(
-            spec=get_model(config["MODEL_NAME"], config["SERIES_RULE"], config["SERIES_THRESHOLD"]),
+            spec=worker_settings.spec,
             storage_dir=Path(config["STORAGE_DIR"]),
             database=database,
             limits=IngestLimits(
@@ -101,7 +102,7 @@ class Services:
             rule=PriorityRule.from_config(config),
             broker=broker,
             metrics=metrics,
-            worker=QueueWorker(WorkerSettings.from_config(config), broker, metrics),
+            worker=QueueWorker(worker_settings, broker, metrics),
             inbox=None,
             dicom=None,
             results=None,

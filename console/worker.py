@@ -117,6 +117,11 @@ class WorkerSettings:
             series_threshold=config["SERIES_THRESHOLD"],
         )
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The served model, deciding series by the site's rule and threshold where set."""
+        return get_model(self.model_name, self.series_rule, self.series_threshold)
+
 
 def build_classifier(settings: WorkerSettings) -> Classifier:
     """The configured classifier: Triton (``url`` + ``protocol``) or in-process torch.
@@ -126,7 +131,7 @@ def build_classifier(settings: WorkerSettings) -> Classifier:
         UnknownModelError: ``model_name`` is not registered.
         ValueError: an unknown classifier kind.
     """
-    spec = get_model(settings.model_name, settings.series_rule, settings.series_threshold)
+    spec = settings.spec
     if settings.classifier == "triton":
         from client.triton_client import TritonClassifier
 
@@ -195,9 +200,7 @@ class QueueWorker:
         classifier_factory: Callable[[WorkerSettings], Classifier] = build_classifier,
     ):
         self.settings = settings
-        self.spec: ModelSpec = get_model(
-            settings.model_name, settings.series_rule, settings.series_threshold
-        )
+        self.spec: ModelSpec = settings.spec
         self.state = WorkerState()
         self._broker = broker
         self._metrics = metrics

@@ -25,3 +25,11 @@ def test_report_gives_seconds_to_ready_and_memory_of_server_and_stubs(tmp_path, 
         assert 0 < start["pss_mib"] <= start["rss_mib"]
     assert "| console_default |" in (tmp_path / "triton_start.md").read_text()
     assert "console_default" in capsys.readouterr().out
+
+
+def test_zero_repeats_is_refused_before_any_server_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--repeats", "0", "--results-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
