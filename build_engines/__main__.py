@@ -1,9 +1,11 @@
-"""Command line for everything that builds models and engines.
+r"""Command line for everything that builds models and engines.
 
 python -m build_engines train --model resnet18          # CV + final weights + figures
 python -m build_engines evaluate --model resnet18       # figures again, no training
 python -m build_engines series --model mobilenet_v2     # series model from the folds' outputs
 python -m build_engines ablation --model mobilenet_v2 --name "2.5D input" --candidate-run RUN
+python -m build_engines soup --model mobilenet_v2 --member REPORTS WEIGHTS --member ... \
+    --report-dir OUT/reports/mobilenet_v2 --weights-dir OUT/weights
 """
 
 from __future__ import annotations
@@ -112,6 +114,19 @@ def _ablation(args: argparse.Namespace) -> int:
     path = record_ablation(report_dir, args.name, comparison)
     logging.getLogger(__name__).info(
         "%s on folds %s: written to %s", args.name, comparison["folds"], path
+    )
+    return 0
+
+
+def _soup(args: argparse.Namespace) -> int:
+    from build_engines.data import data_dir_from_env
+    from build_engines.soup import Member, make_soup
+
+    spec = get_model(args.model)
+    members = [Member.from_dirs(spec, Path(r), Path(w)) for r, w in args.member]
+    report = make_soup(spec, members, data_dir_from_env(), args.report_dir, args.weights_dir)
+    logging.getLogger(__name__).info(
+        "soup of %d runs: pooled ROC-AUC %.4f", len(members), report["pooled"]["roc_auc"]["value"]
     )
     return 0
 
@@ -265,6 +280,22 @@ def main(argv: list[str] | None = None) -> int:
         "--report-dir", type=Path, help="whose training.json and ablations.json; default served"
     )
     ablation.set_defaults(run=_ablation)
+
+    soup = sub.add_parser(
+        "soup", help="one network averaging runs' weights, fold by fold: a run of its own"
+    )
+    soup.add_argument("--model", required=True, choices=base_models)
+    soup.add_argument(
+        "--member",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("REPORT_DIR", "WEIGHTS_DIR"),
+        help="a finished run, as train's --report-dir and --weights-dir; give two or more",
+    )
+    soup.add_argument("--report-dir", type=Path, required=True)
+    soup.add_argument("--weights-dir", type=Path, required=True)
+    soup.set_defaults(run=_soup)
 
     card = sub.add_parser("model-card", help="render MODEL_CARD.md from the reports")
     card.set_defaults(run=_model_card)

@@ -1,4 +1,4 @@
-"""One training change against the served run, on the same folds: a row of the ablation table.
+r"""One training change against the served run, on the same folds: a row of the ablation table.
 
 Issue 9 keeps a change to the slice model only if it wins on the same folds.
 This reads two runs' saved fold results (``.cache/runs/<run>/fold{k}.npz``:
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from build_engines.crossval import oof_key
+from build_engines.crossval import oof_key, repo_relative
 from build_engines.data import Dataset, SliceRecord, load_dataset
 from build_engines.error_analysis import (
     ct_ich_labels,
@@ -60,7 +60,6 @@ from build_engines.series_model import (
 )
 from build_engines.series_stage import summarize_nested
 from build_engines.train import predict_views
-from client.constants import REPO_ROOT
 from client.registry import ModelSpec
 from client.torch_models import load_weights_file
 
@@ -177,8 +176,8 @@ def compare_runs(
         "folds": folds,
         "slices": len(held_out),
         "patients": len(np.unique(dataset.patients[held_out])),
-        "baseline_run": _display(baseline_run),
-        "candidate_run": " + ".join(map(_display, members)),
+        "baseline_run": repo_relative(baseline_run),
+        "candidate_run": " + ".join(map(repo_relative, members)),
         "baseline": _measures(dataset, baseline, subtypes),
         "candidate": _measures(dataset, candidate, subtypes),
     }
@@ -256,9 +255,3 @@ def _measures(dataset: Dataset, folds: list, subtypes: dict[Path, dict[str, str]
             for g in by_subtype
         ],
     }
-
-
-def _display(run_dir: Path) -> str:
-    """The run folder relative to the repository when inside it."""
-    run_dir = run_dir.absolute()  # not resolved: .cache may be a link out of the checkout
-    return str(run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir)

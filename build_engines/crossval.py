@@ -161,36 +161,76 @@ def run_training(
         fold_of[test_idx] = fold
         histories.append(json.loads(str(stored["history"])))
         best_epochs.append(int(stored["best_epoch"]))
-    _write_oof(report_dir / "oof.csv", dataset, fold_of, oof)
-
     final_epochs = max(1, int(np.median(best_epochs)))
-    all_idx = np.arange(len(dataset.records))
     final = train_model(
         spec,
         dataset,
-        all_idx,
+        np.arange(len(dataset.records)),
         None,
         config,
         desc=f"{spec.name} final",
         teacher=None if teacher is None else load_weights_file(teacher.spec, teacher.final_weights),
         stop_after=final_epochs,
     )
-    weights_path = weights_dir / f"{spec.name}.safetensors"
-    sha256 = save_weights(final.model, weights_path)
-
-    training = {
-        "config": asdict(config),
+    run = {
         "folds": n_folds,
-        "fold_results": str(
-            run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
-        ),
         "best_epochs": best_epochs,
         "final_epochs": final_epochs,
         "histories": histories,
         "final_history": final.history,
+    }
+    return write_run(
+        spec,
+        config,
+        dataset,
+        run_dir,
+        (fold_of, oof),
+        final.model,
+        run,
+        (data_dir, report_dir, weights_dir),
+        None if teacher is None else teacher.spec.name,
+    )
+
+
+def write_run(
+    spec: ModelSpec,
+    config: TrainConfig,
+    dataset: Dataset,
+    run_dir: Path,
+    out_of_fold: tuple[np.ndarray, np.ndarray],
+    final_model: torch.nn.Module,
+    run: dict,
+    dirs: tuple[Path, Path, Path],
+    teacher: str | None = None,
+) -> dict:
+    """Write a finished run: ``oof.csv``, final weights, ``training.json``, report and sidecar.
+
+    Args:
+        spec: the model trained.
+        config: the training settings, recorded in ``training.json``.
+        dataset: every slice of the run, in ``out_of_fold``'s order.
+        run_dir: the run's fold results (``fold{k}.npz``).
+        out_of_fold: each slice's fold and out-of-fold probability.
+        final_model: the model trained on every patient, saved as the weights.
+        run: what ``training.json`` records of how the run went (folds, epochs, histories).
+        dirs: the data, report and weights folders.
+        teacher: the registry name of the model it was distilled from.
+
+    Returns:
+        The evaluation report (also written to ``report_dir / "metrics.json"``).
+    """
+    data_dir, report_dir, weights_dir = dirs
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _write_oof(report_dir / "oof.csv", dataset, *out_of_fold)
+    weights_path = weights_dir / f"{spec.name}.safetensors"
+    sha256 = save_weights(final_model, weights_path)
+    training = {
+        "config": asdict(config),
+        "fold_results": repo_relative(run_dir),
+        **run,
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "cpu_inference_ms_per_image": _cpu_latency_ms(final.model, spec),
+        "cpu_inference_ms_per_image": _cpu_latency_ms(final_model, spec),
     }
     (report_dir / "training.json").write_text(json.dumps(training, indent=1))
     report = write_report(spec, report_dir)
@@ -201,7 +241,7 @@ def run_training(
         "preprocessing_version": PREPROCESSING_VERSION,
         "trained_at": training["trained_at"],
         "pretrained": config.pretrained,
-        "teacher": None if teacher is None else teacher.spec.name,
+        "teacher": teacher,
         "context": config.context,
         "scalp": config.scalp,
         # The reference files go through the client's single-file path, which
@@ -212,6 +252,12 @@ def run_training(
     }
     (weights_dir / f"{spec.name}.json").write_text(json.dumps(facts, indent=1) + "\n")
     return report
+
+
+def repo_relative(run_dir: Path) -> str:
+    """A run folder as reports name it: relative to the repository when inside it."""
+    run_dir = run_dir.absolute()  # not resolved: .cache may be a link out of the checkout
+    return str(run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir)
 
 
 def run_directory(
@@ -287,9 +333,39 @@ def _run_fold(
         desc=f"{spec.name} fold {fold + 1}/{n_folds}",
         teacher=teacher,
     )
-    save_weights(result.model, saved.with_suffix(".safetensors"))
-    probabilities, embeddings = embed_views(
+    save_fold(
+        saved,
         result.model,
+        spec,
+        dataset,
+        test_idx,
+        config,
+        fold,
+        result.history,
+        result.best_epoch,
+    )
+    logger.info("fold %d best epoch %d", fold + 1, result.best_epoch)
+
+
+def save_fold(
+    saved: Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    dataset: Dataset,
+    test_idx: np.ndarray,
+    config: TrainConfig,
+    fold: int,
+    history: list[dict],
+    best_epoch: int = 0,
+) -> None:
+    """Save a fold's model and its held-out slices' probabilities and embeddings.
+
+    ``saved`` is the fold's ``fold{k}.npz``; the model goes beside it as
+    ``fold{k}.safetensors``, written first, so a fold counts as done only once both are whole.
+    """
+    save_weights(model, saved.with_suffix(".safetensors"))
+    probabilities, embeddings = embed_views(
+        model,
         dataset.inputs(test_idx, config.context),
         spec,
         EMBEDDING_AUGMENTED_VIEWS,
@@ -301,11 +377,10 @@ def _run_fold(
         test_idx=test_idx,
         probabilities=probabilities,
         embeddings=embeddings.astype(np.float16),
-        history=json.dumps(result.history),
-        best_epoch=result.best_epoch,
+        history=json.dumps(history),
+        best_epoch=best_epoch,
     )
-    partial.replace(saved)  # a fold counts as done only once it is whole
-    logger.info("fold %d best epoch %d", fold + 1, result.best_epoch)
+    partial.replace(saved)
 
 
 def _write_oof(path: Path, dataset: Dataset, fold_of: np.ndarray, oof: np.ndarray) -> None:

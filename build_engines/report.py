@@ -134,7 +134,8 @@ def write_report(spec: ModelSpec, report_dir: Path, n_boot: int = 1000) -> dict:
         "config": training["config"],
     }
     (report_dir / "metrics.json").write_text(json.dumps(report, indent=1))
-    _plot_curves(training["histories"], report_dir / "curves.png", spec.name)
+    if training["histories"]:  # a weight soup trained nothing: no curves
+        _plot_curves(training["histories"], report_dir / "curves.png", spec.name)
     _plot_roc(oof, report_dir / "roc.png", spec.name)
     _plot_confusion(
         y,

@@ -6,53 +6,17 @@ import numpy as np
 import pytest
 
 from build_engines.ablation import compare_runs, ensemble_folds, finished_folds
-from build_engines.crossval import run_training
-from build_engines.data import index_records
 from build_engines.error_analysis import SUBTYPES
-from build_engines.train import TrainConfig
 from client.registry import get_model
 
-#: Two bleeding and two normal trauma series, so every fold can set a series threshold.
-_TRAUMA = {"ct_ich_dev/085", "ct_ich_dev/050", "ct_ich_dev/122", "ct_ich_dev/128"}
 
-
-#: The tiny run's variants: as served, with 2.5D input, with the scalp stripped.
-_VARIANTS = {"2d": {}, "2.5d": {"context": "2.5d"}, "strip": {"scalp": "strip"}}
-
-
-@pytest.fixture(scope="module")
-def runs(data_dir: Path, tmp_path_factory):
-    """The same tiny 2-fold run in each of :data:`_VARIANTS`."""
-    tmp = tmp_path_factory.mktemp("ablation")
-    records = index_records(data_dir)
-    kaggle = [r for r in records if r.source == "kaggle_head_ct"]
-    subset = kaggle[:6] + kaggle[-6:] + [r for r in records if r.patient in _TRAUMA]
-    config = TrainConfig(epochs=1, low_res=64, samples_per_epoch=16, batch_size=8)
-    for variant, change in _VARIANTS.items():
-        run_training(
-            get_model("mobilenet_v2"),
-            TrainConfig(**(vars(config) | change)),
-            data_dir,
-            tmp / variant / "report",
-            tmp / variant / "weights",
-            n_folds=2,
-            records=subset,
-            runs_dir=tmp / variant / "runs",
-        )
-    return tmp, subset
-
-
-def _run_dir(tmp: Path, variant: str) -> Path:
-    (run_dir,) = (tmp / variant / "runs").iterdir()
-    return run_dir
-
-
-def test_each_run_records_its_input_where_serving_would_read_it(runs):
-    tmp, _ = runs
-    assert len({_run_dir(tmp, variant).name for variant in _VARIANTS}) == len(_VARIANTS)
-    for variant, change in _VARIANTS.items():
-        training = json.loads((tmp / variant / "report" / "training.json").read_text())
-        facts = json.loads((tmp / variant / "weights" / "mobilenet_v2.json").read_text())
+def test_each_run_records_its_input_where_serving_would_read_it(tiny_runs):
+    assert len({tiny_runs.run_dir(variant).name for variant in tiny_runs.variants}) == len(
+        tiny_runs.variants
+    )
+    for variant, change in tiny_runs.variants.items():
+        training = json.loads((tiny_runs.report_dir(variant) / "training.json").read_text())
+        facts = json.loads((tiny_runs.weights_dir(variant) / "mobilenet_v2.json").read_text())
         expected = {"context": "2d", "scalp": "keep"} | change
         for key, value in expected.items():
             assert training["config"][key] == facts[key] == value
@@ -61,13 +25,15 @@ def test_each_run_records_its_input_where_serving_would_read_it(runs):
         assert bool(facts["reference_predictions"]) == (variant == "2d")
 
 
-def test_the_ablation_compares_both_runs_on_the_same_held_out_patients(runs, data_dir: Path):
-    tmp, subset = runs
+def test_the_ablation_compares_both_runs_on_the_same_held_out_patients(tiny_runs, data_dir: Path):
+    subset = tiny_runs.subset
     spec = get_model("mobilenet_v2")
-    result = compare_runs(spec, data_dir, _run_dir(tmp, "2d"), _run_dir(tmp, "strip"), subset)
+    result = compare_runs(
+        spec, data_dir, tiny_runs.run_dir("2d"), tiny_runs.run_dir("strip"), subset
+    )
     assert result["folds"] == [0, 1]
     assert result["slices"] == len(subset)
-    assert result["patients"] == 12 + len(_TRAUMA)
+    assert result["patients"] == len({r.patient for r in subset})
     for role in ("baseline", "candidate"):
         measures = result[role]
         assert 0.0 <= measures["pooled_roc_auc"]["value"] <= 1.0
@@ -80,18 +46,18 @@ def test_the_ablation_compares_both_runs_on_the_same_held_out_patients(runs, dat
         assert seen and all(0 <= g["sensitivity"] <= 1 for g in seen)
 
 
-def test_the_ablation_refuses_runs_whose_folds_held_out_other_slices(runs, data_dir, tmp_path):
-    tmp, subset = runs
-    other = shutil.copytree(_run_dir(tmp, "2.5d"), tmp_path / "other")
+def test_the_ablation_refuses_runs_whose_folds_held_out_other_slices(tiny_runs, data_dir, tmp_path):
+    subset = tiny_runs.subset
+    other = shutil.copytree(tiny_runs.run_dir("2.5d"), tmp_path / "other")
     fold = dict(np.load(other / "fold1.npz"))
     fold["test_idx"] = fold["test_idx"][::-1]
     np.savez(other / "fold1.npz", **fold)
     with pytest.raises(ValueError, match="fold 1 held out other slices"):
-        compare_runs(get_model("mobilenet_v2"), data_dir, _run_dir(tmp, "2d"), other, subset)
+        compare_runs(get_model("mobilenet_v2"), data_dir, tiny_runs.run_dir("2d"), other, subset)
     (other / "fold1.npz").unlink()
     assert finished_folds(other) == [0]
     with pytest.raises(ValueError, match="needs 2"):
-        compare_runs(get_model("mobilenet_v2"), data_dir, _run_dir(tmp, "2d"), other, subset)
+        compare_runs(get_model("mobilenet_v2"), data_dir, tiny_runs.run_dir("2d"), other, subset)
 
 
 def test_the_mirror_average_scores_a_slice_and_its_mirror_image_alike():
@@ -109,9 +75,9 @@ def test_the_mirror_average_scores_a_slice_and_its_mirror_image_alike():
         assert not torch.allclose(averaged, model(x))
 
 
-def test_the_mirror_ablation_rescores_only_the_candidate(runs, data_dir: Path):
-    tmp, subset = runs
-    spec, served = get_model("mobilenet_v2"), _run_dir(tmp, "2d")
+def test_the_mirror_ablation_rescores_only_the_candidate(tiny_runs, data_dir: Path):
+    subset = tiny_runs.subset
+    spec, served = get_model("mobilenet_v2"), tiny_runs.run_dir("2d")
     plain = compare_runs(spec, data_dir, served, served, subset)
     mirrored = compare_runs(spec, data_dir, served, served, subset, mirror=True)
     same = {json.dumps(m) for m in (plain["candidate"], plain["baseline"], mirrored["baseline"])}
@@ -119,14 +85,14 @@ def test_the_mirror_ablation_rescores_only_the_candidate(runs, data_dir: Path):
     assert mirrored["candidate"]["threshold"] != mirrored["baseline"]["threshold"]
 
 
-def test_a_run_compares_with_the_committed_oof_csv_as_with_its_folder(runs, data_dir: Path):
+def test_a_run_compares_with_the_committed_oof_csv_as_with_its_folder(tiny_runs, data_dir: Path):
     """The served run's folder stays where it trained; its reports' oof.csv travels."""
-    tmp, subset = runs
-    spec, served = get_model("mobilenet_v2"), _run_dir(tmp, "2d")
-    oof_csv = tmp / "2d" / "report" / "oof.csv"
+    subset = tiny_runs.subset
+    spec, served = get_model("mobilenet_v2"), tiny_runs.run_dir("2d")
+    oof_csv = tiny_runs.report_dir("2d") / "oof.csv"
     assert finished_folds(oof_csv) == finished_folds(served) == [0, 1]
-    from_folder = compare_runs(spec, data_dir, served, _run_dir(tmp, "strip"), subset)
-    from_csv = compare_runs(spec, data_dir, oof_csv, _run_dir(tmp, "strip"), subset)
+    from_folder = compare_runs(spec, data_dir, served, tiny_runs.run_dir("strip"), subset)
+    from_csv = compare_runs(spec, data_dir, oof_csv, tiny_runs.run_dir("strip"), subset)
     assert json.dumps(from_csv["candidate"]) == json.dumps(from_folder["candidate"])  # NaN
     # oof.csv keeps 6 decimals of each probability: the same measures, to that rounding.
     baseline, rebuilt = from_folder["baseline"], from_csv["baseline"]
@@ -140,9 +106,13 @@ def test_a_run_compares_with_the_committed_oof_csv_as_with_its_folder(runs, data
         )
 
 
-def test_an_ensemble_candidate_averages_its_members_logits(runs, data_dir: Path, tmp_path):
-    tmp, subset = runs
-    spec, served, strip = get_model("mobilenet_v2"), _run_dir(tmp, "2d"), _run_dir(tmp, "strip")
+def test_an_ensemble_candidate_averages_its_members_logits(tiny_runs, data_dir: Path, tmp_path):
+    subset = tiny_runs.subset
+    spec, served, strip = (
+        get_model("mobilenet_v2"),
+        tiny_runs.run_dir("2d"),
+        tiny_runs.run_dir("strip"),
+    )
     alone = compare_runs(spec, data_dir, served, [strip], subset)
     doubled = compare_runs(spec, data_dir, served, [strip, strip], subset)
     assert doubled["candidate_run"] == f"{alone['candidate_run']} + {alone['candidate_run']}"
